@@ -1,0 +1,90 @@
+"""trio-ingress runtime: the transport-independent core that inference workers embed.
+
+Register endpoints on a ``Worker``, serve them over transports with ``Worker.serve``/``Worker.run``
+or ``open_worker``; see docs/architecture.md for how the pieces fit.
+"""
+
+from ._admission import Admission as Admission
+from ._admission import AdmissionStatistics as AdmissionStatistics
+from ._admission import Rejected as Rejected
+from ._config import EXIT_DRAIN_FORCED as EXIT_DRAIN_FORCED
+from ._config import EXIT_FAILURE as EXIT_FAILURE
+from ._config import EXIT_OK as EXIT_OK
+from ._config import EXIT_USAGE as EXIT_USAGE
+from ._config import EndpointOptions as EndpointOptions
+from ._config import WorkerConfig as WorkerConfig
+from ._context import KillReason as KillReason
+from ._context import RequestContext as RequestContext
+from ._context import RuntimeContext as RuntimeContext
+from ._dispatch import answer_error as answer_error
+from ._dispatch import dispatch as dispatch
+from ._endpoint import CallerGone as CallerGone
+from ._endpoint import Endpoint as Endpoint
+from ._endpoint import EndpointBinding as EndpointBinding
+from ._endpoint import ResponseSink as ResponseSink
+from ._endpoint import TransportBinding as TransportBinding
+from ._errors import BadRequest as BadRequest
+from ._errors import Cancelled as Cancelled
+from ._errors import DeadlineExceeded as DeadlineExceeded
+from ._errors import ErrorCode as ErrorCode
+from ._errors import IngressError as IngressError
+from ._errors import InternalError as InternalError
+from ._errors import NotFound as NotFound
+from ._errors import Overloaded as Overloaded
+from ._errors import RemoteError as RemoteError
+from ._errors import ShuttingDown as ShuttingDown
+from ._errors import Unavailable as Unavailable
+from ._inflight import GlobalInFlight as GlobalInFlight
+from ._inflight import InFlight as InFlight
+from ._inflight import InFlightStatistics as InFlightStatistics
+from ._logging import configure_logging as configure_logging
+from ._metrics import Metrics as Metrics
+from ._shutdown import ShutdownCoordinator as ShutdownCoordinator
+from ._shutdown import ShutdownResult as ShutdownResult
+from ._worker import Transport as Transport
+from ._worker import Worker as Worker
+from ._worker import WorkerHandle as WorkerHandle
+from ._worker import open_worker as open_worker
+
+__all__ = [
+    "EXIT_DRAIN_FORCED",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "Admission",
+    "AdmissionStatistics",
+    "BadRequest",
+    "CallerGone",
+    "Cancelled",
+    "DeadlineExceeded",
+    "Endpoint",
+    "EndpointBinding",
+    "EndpointOptions",
+    "ErrorCode",
+    "GlobalInFlight",
+    "InFlight",
+    "InFlightStatistics",
+    "IngressError",
+    "InternalError",
+    "KillReason",
+    "Metrics",
+    "NotFound",
+    "Overloaded",
+    "Rejected",
+    "RemoteError",
+    "RequestContext",
+    "ResponseSink",
+    "RuntimeContext",
+    "ShutdownCoordinator",
+    "ShutdownResult",
+    "ShuttingDown",
+    "Transport",
+    "TransportBinding",
+    "Unavailable",
+    "Worker",
+    "WorkerHandle",
+    "answer_error",
+    "configure_logging",
+    "dispatch",
+    "open_worker",
+]

@@ -1,0 +1,141 @@
+"""The ``ingress`` command (also ``python -m runtime``): ``serve`` a worker, ``call`` an endpoint.
+
+This is the composition root: the only place that picks transports from flags, configures logging and
+turns outcomes into exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ._config import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, WorkerConfig
+from ._errors import IngressError
+from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
+from ._worker import Transport, Worker
+
+DEFAULT_APP = "runtime.mocker:worker"
+DEFAULT_TCP = ("127.0.0.1", 9000)
+_DEFAULTS = WorkerConfig()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except _UsageError as exc:
+        print(f"ingress: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ingress", description="Serve inference endpoints over TCP (more soon).")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve a worker until SIGTERM/SIGINT")
+    serve.add_argument("app", nargs="?", default=DEFAULT_APP, help=f"module:attribute naming a Worker (default {DEFAULT_APP})")
+    serve.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="serve the TCP protocol here (default 127.0.0.1:9000)")
+    serve.add_argument("--metrics", type=_address, metavar="HOST:PORT", help="serve /metrics, /health and /ready here")
+    serve.add_argument("--drain-timeout", type=_seconds, default=_DEFAULTS.drain_timeout, metavar="S")
+    serve.add_argument("--shutdown-delay", type=_seconds, default=_DEFAULTS.shutdown_delay, metavar="S")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    serve.set_defaults(run=_serve)
+
+    call = commands.add_parser("call", help="call an endpoint; prints each chunk as a JSON line")
+    call.add_argument("endpoint")
+    call.add_argument("request", nargs="?", default="{}", help="the request as JSON (default {})")
+    call.add_argument("--tcp", type=_address, metavar="HOST:PORT", default=DEFAULT_TCP)
+    call.add_argument("--timeout", type=_seconds, metavar="S", help="deadline for the whole call")
+    call.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    call.set_defaults(run=_call)
+    return parser
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:9000), got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of seconds, got {text!r}")
+    return value
+
+
+def load_app(spec: str) -> Worker:
+    """Import ``module:attribute`` and check that it names a Worker."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise _UsageError(f"APP must look like module:attribute, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _UsageError(f"cannot import {module_name!r}: {exc}") from exc
+    app = getattr(module, attribute, None)
+    if not isinstance(app, Worker):
+        raise _UsageError(f"{spec!r} is {type(app).__name__}, not a runtime.Worker")
+    return app
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from transports.tcp import TcpTransport  # the composition root picks transports; runtime does not
+
+    configure_logging(args.log_format, args.log_level)
+    worker = load_app(args.app)
+    transports: list[Transport] = [TcpTransport(*(args.tcp or DEFAULT_TCP))]
+    config = WorkerConfig(drain_timeout=args.drain_timeout, shutdown_delay=args.shutdown_delay)
+    return worker.run(transports, config, metrics_address=args.metrics)
+
+
+def _call(args: argparse.Namespace) -> int:
+    try:
+        request = json.loads(args.request)
+    except ValueError as exc:
+        raise _UsageError(f"the request is not valid JSON: {exc}") from exc
+    metadata = dict(_pair(item) for item in args.metadata)
+    configure_logging("console", "warning", sys.stderr)
+    return trio.run(_call_async, args, request, metadata)
+
+
+def _pair(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise _UsageError(f"--metadata takes KEY=VALUE, got {item!r}")
+    return key, value
+
+
+async def _call_async(args: argparse.Namespace, request: Any, metadata: dict[str, str]) -> int:
+    from transports.tcp import TcpClient
+
+    try:
+        with trio.fail_after(args.timeout if args.timeout is not None else float("inf")):
+            async with TcpClient.connect(*args.tcp) as client:
+                async for chunk in client.stream(args.endpoint, request, metadata=metadata):
+                    sys.stdout.write(json.dumps(chunk) + "\n")
+                    sys.stdout.flush()
+    except IngressError as exc:
+        print(f"error: {exc.code.name}: {exc.message} (retryable: {str(exc.retryable).lower()})", file=sys.stderr)
+        return EXIT_FAILURE
+    except trio.TooSlowError:
+        print(f"error: DEADLINE_EXCEEDED: no answer within {args.timeout:g} s (--timeout)", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK

@@ -1,0 +1,54 @@
+"""Worker settings. Every timeout the runtime applies is a named field here, never an ad hoc argument."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Exit codes. FORCED is deliberately not 1 (generic failure), 137 (SIGKILL) or 143 (SIGTERM default):
+# an operator must be able to tell "drained, but had to kill requests" from a crash or an OOM kill.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_DRAIN_FORCED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """Process-wide settings, fixed for the worker's lifetime (they live in the RuntimeContext)."""
+
+    # Upper bound on the whole drain, fixed when the first signal arrives (phases 0-2 together).
+    drain_timeout: float = 30.0
+    # Phase 0: keep serving with readiness false so load balancers stop routing here first.
+    shutdown_delay: float = 0.0
+    # After a forced drain kills the stragglers: time for their error frames to reach callers
+    # before phase 3 closes every connection.
+    kill_grace: float = 1.0
+    # How often the drain logs a progress line (design: at least once a second).
+    progress_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("drain_timeout", "shutdown_delay", "kill_grace", "progress_interval"):
+            value = getattr(self, name)
+            if not (value >= 0 and not math.isnan(value)):
+                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+        if self.progress_interval == 0:
+            raise ValueError("progress_interval must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointOptions:
+    """Per-endpoint limits, set where the endpoint is registered."""
+
+    max_concurrency: float = math.inf
+    max_queue: int = 0
+    # Kill a stream that yields nothing for this long (seconds); None turns the check off.
+    inactivity_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must not be negative")
+        if self.inactivity_timeout is not None and not self.inactivity_timeout > 0:
+            raise ValueError("inactivity_timeout must be positive seconds or None")

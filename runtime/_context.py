@@ -1,0 +1,90 @@
+"""Per-request and per-process contexts.
+
+``RuntimeContext`` is built once per worker and never changes: config, metrics, logger. Anything that
+belongs to one request lives in its ``RequestContext``, never in the shared one.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ._errors import Cancelled, IngressError
+
+if TYPE_CHECKING:
+    from ._config import WorkerConfig
+    from ._metrics import Metrics
+
+
+class KillReason(enum.Enum):
+    """Why a request's scope was cancelled; decides its outcome and what (if anything) the caller hears."""
+
+    CALLER_KILL = "cancelled"  # the caller asked (kill frame, cancel message)
+    DISCONNECTED = "disconnected"  # the caller went away; nobody to tell
+    SHUTDOWN = "shutdown"  # the drain deadline passed or a second signal forced it
+    INACTIVITY = "inactivity"  # the stream produced nothing for inactivity_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeContext:
+    """Shared by every request of a worker for the process lifetime."""
+
+    worker_name: str
+    config: WorkerConfig
+    metrics: Metrics
+    logger: Any  # a structlog BoundLogger; typed loosely because structlog's types are protocols
+
+
+@dataclass(eq=False)
+class RequestContext:
+    """What a handler knows about, and can do to, its own request.
+
+    ``deadline`` is in ``trio.current_time()`` terms (``math.inf`` when the caller set none); the
+    dispatcher enforces it with the request's cancel scope.
+    """
+
+    id: str
+    endpoint: str
+    transport: str
+    runtime: RuntimeContext
+    peer: str | None = None
+    deadline: float = math.inf
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    _scope: trio.CancelScope = field(default_factory=trio.CancelScope, repr=False)
+    _stopped: bool = field(default=False, repr=False)
+    _kill_reason: KillReason | None = field(default=None, repr=False)
+    _kill_error: IngressError | None = field(default=None, repr=False)
+
+    def stop_generating(self) -> None:
+        """Ask a streaming handler to finish early; it should check ``is_stopped`` between chunks."""
+        self._stopped = True
+
+    def kill(
+        self, reason: KillReason = KillReason.CALLER_KILL, error: IngressError | None = None
+    ) -> None:
+        """Cancel the handler now. ``error`` is what the caller is told (unless it is gone)."""
+        if self._kill_reason is None:
+            self._kill_reason = reason
+            self._kill_error = error or Cancelled("request cancelled by the caller")
+        self._scope.cancel(reason=reason.value)
+
+    @property
+    def is_stopped(self) -> bool:
+        return self._stopped or self._kill_reason is not None
+
+    @property
+    def is_killed(self) -> bool:
+        return self._kill_reason is not None
+
+    @property
+    def kill_reason(self) -> KillReason | None:
+        return self._kill_reason
+
+    def time_remaining(self) -> float:
+        """Seconds until the deadline (``inf`` without one); handlers pass it on to their own calls."""
+        return self.deadline - trio.current_time()

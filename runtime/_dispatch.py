@@ -1,0 +1,196 @@
+"""Runs one request, the same way for every transport.
+
+``dispatch`` counts the request in flight, passes admission, runs the handler inside the request's
+cancel scope (which carries the caller's deadline and answers ``ctx.kill()``), streams chunks to the
+transport's sink, turns every way a request can end into exactly one outcome, and writes the metrics
+and the canonical log line. Transports only decode requests and encode responses.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import aclosing
+from typing import Any
+
+import trio
+
+from ._admission import Rejected
+from ._context import KillReason, RequestContext
+from ._endpoint import CallerGone, EndpointBinding, ResponseSink
+from ._errors import DeadlineExceeded, IngressError, InternalError
+
+# How each kill reason is recorded in ingress_requests_total{outcome}.
+_KILL_OUTCOMES = {
+    KillReason.CALLER_KILL: "cancelled",
+    KillReason.DISCONNECTED: "disconnected",
+    KillReason.SHUTDOWN: "shutdown",
+    KillReason.INACTIVITY: "error",
+}
+
+
+async def dispatch(binding: EndpointBinding, ctx: RequestContext, request: Any, sink: ResponseSink) -> str:
+    """Run ``request`` on ``binding``'s endpoint and answer through ``sink``; returns the outcome."""
+    run = _Run(binding, ctx, sink)
+    with binding.tracker.track(ctx):
+        binding.metrics.inflight.inc()
+        try:
+            await run.execute(request)
+        finally:
+            binding.metrics.inflight.dec()
+            run.record()
+    return run.outcome
+
+
+async def answer_error(binding: EndpointBinding, ctx: RequestContext, sink: ResponseSink, error: IngressError) -> None:
+    """Answer a request that never reached its handler (say, undecodable input) with full accounting."""
+    run = _Run(binding, ctx, sink)
+    with binding.tracker.track(ctx):
+        try:
+            await run._fail("error", error)
+        finally:
+            run.record()
+
+
+class _Run:
+    """The mutable state of one request while it runs (kept off the RequestContext on purpose)."""
+
+    __slots__ = ("binding", "chunks", "code", "ctx", "ended", "outcome", "sink", "started")
+
+    def __init__(self, binding: EndpointBinding, ctx: RequestContext, sink: ResponseSink) -> None:
+        self.binding = binding
+        self.ctx = ctx
+        self.sink = sink
+        self.chunks = 0
+        self.ended = False
+        self.outcome = ""
+        self.code: str | None = None
+        self.started = trio.current_time()
+
+    async def execute(self, request: Any) -> None:
+        ctx = self.ctx
+        try:
+            if ctx.deadline <= self.started:
+                # A request that sat in a client buffer (e.g. during a NATS outage) must not start late.
+                raise Rejected("deadline", DeadlineExceeded("deadline had already passed on arrival"))
+            # The scope covers the admission queue too, so a kill or a disconnect while queued leaves
+            # the queue at once.
+            with ctx._scope:
+                ctx._scope.deadline = ctx.deadline
+                async with self.binding.admission.slot(ctx.deadline):
+                    await self._run_handler(request)
+            await self._after_handler()
+        except CallerGone:
+            self._caller_gone()
+        except Rejected as rejected:
+            self.binding.metrics.rejection(rejected.reason)
+            await self._fail("rejected", rejected.error)
+        except IngressError as error:
+            await self._fail("error", error)
+        except Exception as exc:
+            await self._fail_unexpected(exc)
+        except BaseException:
+            # Cancelled from outside the request (its connection or the whole worker is going away).
+            if not self.outcome:
+                reason = ctx.kill_reason
+                self.outcome = _KILL_OUTCOMES[reason] if reason is not None else "cancelled"
+            raise
+
+    async def _run_handler(self, request: Any) -> None:
+        endpoint = self.binding.endpoint
+        if not endpoint.streaming:
+            result = await endpoint.handler(request, self.ctx)
+            await self._send_chunk(result)
+        else:
+            await self._stream(endpoint.handler(request, self.ctx))
+        await self.sink.send_end()
+        self.ended = True
+
+    async def _stream(self, agen: Any) -> None:
+        ctx = self.ctx
+        idle_limit = self.binding.endpoint.options.inactivity_timeout
+        async with aclosing(agen):
+            if idle_limit is None:
+                async for chunk in agen:
+                    await self._send_chunk(chunk)
+                    if ctx._stopped:
+                        return
+                return
+            # One scope for the whole stream; its deadline is armed only while waiting on the handler,
+            # so a caller that reads slowly (back-pressure in send) is not mistaken for a stalled stream.
+            with trio.CancelScope() as idle_watch:
+                while True:
+                    idle_watch.deadline = trio.current_time() + idle_limit
+                    try:
+                        chunk = await agen.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    idle_watch.deadline = math.inf
+                    await self._send_chunk(chunk)
+                    if ctx._stopped:
+                        return
+            message = f"stream produced nothing for {idle_limit:g} s (inactivity_timeout)"
+            ctx.kill(KillReason.INACTIVITY, DeadlineExceeded(message))
+
+    async def _send_chunk(self, chunk: Any) -> None:
+        if self.chunks == 0:
+            self.binding.metrics.ttfc.observe(trio.current_time() - self.started)
+        self.chunks += 1
+        await self.sink.send_chunk(chunk)
+
+    async def _after_handler(self) -> None:
+        ctx = self.ctx
+        if self.ended:
+            self.outcome = "ok"
+        elif ctx.kill_reason is KillReason.DISCONNECTED:
+            self._caller_gone()
+        elif ctx.kill_reason is not None:
+            assert ctx._kill_error is not None
+            await self._fail(_KILL_OUTCOMES[ctx.kill_reason], ctx._kill_error)
+        else:
+            # The scope fired on its own: only the caller's deadline sets it.
+            await self._fail("error", DeadlineExceeded("deadline exceeded while running"))
+
+    def _caller_gone(self) -> None:
+        self.outcome = "disconnected"
+        self.ctx.kill(KillReason.DISCONNECTED)
+
+    async def _fail(self, outcome: str, error: IngressError) -> None:
+        self.outcome = outcome
+        self.code = error.code.name
+        if self.ctx.kill_reason is KillReason.DISCONNECTED:
+            return
+        try:
+            await self.sink.send_error(error, error.resolve_retryable(chunks_sent=self.chunks))
+        except CallerGone:
+            self.outcome = "disconnected"
+
+    async def _fail_unexpected(self, exc: Exception) -> None:
+        error = _single_ingress_error(exc)
+        if error is not None:
+            await self._fail("error", error)
+            return
+        self.binding.logger.error("handler.failed", request_id=self.ctx.id, exc_info=exc)
+        # The message is deliberately generic: exception text can carry secrets or prompt content.
+        await self._fail("error", InternalError(f"internal error in endpoint {self.binding.name!r}"))
+
+    def record(self) -> None:
+        metrics = self.binding.metrics
+        elapsed = trio.current_time() - self.started
+        metrics.outcomes[self.outcome or "cancelled"].inc()
+        metrics.duration.observe(elapsed)
+        self.binding.logger.info(
+            "request",
+            request_id=self.ctx.id,
+            outcome=self.outcome or "cancelled",
+            code=self.code,
+            chunks=self.chunks,
+            duration_ms=round(elapsed * 1000, 3),
+            peer=self.ctx.peer,
+        )
+
+
+def _single_ingress_error(exc: BaseException) -> IngressError | None:
+    """A handler that used a nursery raises its IngressError wrapped in a group: unwrap a lone one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, IngressError) else None

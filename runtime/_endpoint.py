@@ -1,0 +1,148 @@
+"""Endpoints, and their bindings to transports: the seam between the core and every transport.
+
+A worker registers ``Endpoint``s. When it starts serving, each transport gets a ``TransportBinding``
+holding one ``EndpointBinding`` per endpoint: that pair's endpoint scope, in-flight tracker and metric
+children. The shutdown coordinator closes and waits on bindings; transports look endpoints up in them
+and hand each request to the dispatcher with a ``ResponseSink`` that knows the wire format.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from ._admission import Admission
+from ._config import EndpointOptions
+from ._context import RequestContext, RuntimeContext
+from ._errors import IngressError, NotFound
+from ._inflight import GlobalInFlight, InFlight, InFlightStatistics
+from ._metrics import BindingMetrics
+
+Handler = Callable[[Any, RequestContext], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A registered handler: an async generator function streams, a coroutine function answers once."""
+
+    name: str
+    handler: Handler
+    options: EndpointOptions
+
+    @property
+    def streaming(self) -> bool:
+        return inspect.isasyncgenfunction(self.handler)
+
+    @classmethod
+    def create(cls, name: str, handler: Handler, options: EndpointOptions) -> Endpoint:
+        if not (inspect.isasyncgenfunction(handler) or inspect.iscoroutinefunction(handler)):
+            raise TypeError(
+                f"endpoint {name!r}: handler must be an 'async def' function or an async generator, "
+                f"got {handler!r}"
+            )
+        return cls(name, handler, options)
+
+
+class CallerGone(Exception):  # noqa: N818 -- a condition, not a failure of ours
+    """Raised by a sink when the caller can no longer be reached; the dispatcher records a disconnect."""
+
+
+class ResponseSink(Protocol):
+    """How the dispatcher answers a caller; each transport implements it for its wire format.
+
+    Every request ends with exactly one ``send_end`` or ``send_error`` unless the caller is gone.
+    ``send_chunk`` applies back-pressure: it blocks while the caller is behind.
+    """
+
+    async def send_chunk(self, chunk: Any) -> None: ...
+
+    async def send_end(self) -> None: ...
+
+    async def send_error(self, error: IngressError, retryable: bool) -> None: ...
+
+
+class EndpointBinding:
+    """One endpoint served on one transport."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        transport: str,
+        admission: Admission,
+        tracker: InFlight[RequestContext],
+        metrics: BindingMetrics,
+        logger: Any,
+    ) -> None:
+        self.endpoint = endpoint
+        self.transport = transport
+        self.admission = admission
+        self.tracker = tracker
+        self.metrics = metrics
+        self.logger = logger.bind(endpoint=endpoint.name, transport=transport)
+        # The endpoint scope: a transport with a per-endpoint intake (a subscription) runs it inside
+        # this scope; a transport with a shared listener checks ``accepting`` before each request.
+        self.scope = trio.CancelScope()
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    @property
+    def accepting(self) -> bool:
+        return not self.scope.cancel_called
+
+    def close(self) -> None:
+        """Stop taking new requests on this endpoint (phase 1); those in flight go on."""
+        self.scope.cancel(reason="shutdown: endpoint closed")
+
+    def statistics(self) -> InFlightStatistics:
+        return self.tracker.statistics()
+
+
+class TransportBinding:
+    """Everything one transport needs from the core: the runtime, its endpoint bindings, intake state."""
+
+    def __init__(self, name: str, runtime: RuntimeContext, endpoints: Mapping[str, EndpointBinding]) -> None:
+        self.name = name
+        self.runtime = runtime
+        self.endpoints = dict(endpoints)
+        # Set once every endpoint of this transport is closed: shared listeners stop on it.
+        self.intake_closed = trio.Event()
+
+    def lookup(self, endpoint: str) -> EndpointBinding:
+        try:
+            return self.endpoints[endpoint]
+        except KeyError:
+            known = ", ".join(sorted(self.endpoints)) or "none"
+            raise NotFound(f"no endpoint named {endpoint!r} (this worker serves: {known})") from None
+
+    def close_intake(self) -> None:
+        for binding in self.endpoints.values():
+            binding.close()
+        self.intake_closed.set()
+
+
+def bind_transport(
+    name: str,
+    runtime: RuntimeContext,
+    endpoints: Mapping[str, Endpoint],
+    admissions: Mapping[str, Admission],
+    global_inflight: GlobalInFlight,
+) -> TransportBinding:
+    """Build the bindings of ``endpoints`` on transport ``name``."""
+    bindings = {
+        ep.name: EndpointBinding(
+            ep,
+            name,
+            admissions[ep.name],
+            InFlight(global_inflight),
+            runtime.metrics.for_binding(ep.name, name),
+            runtime.logger,
+        )
+        for ep in endpoints.values()
+    }
+    return TransportBinding(name, runtime, bindings)

@@ -1,0 +1,102 @@
+"""The error vocabulary shared by every transport.
+
+A handler raises one of these to choose what its caller sees; the dispatcher turns anything else into
+INTERNAL. Each transport maps an ``ErrorCode`` to its native form (TCP error frame code, HTTP status,
+NATS header) in one place, so the meaning is the same whichever way a caller arrived.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    """Wire-stable codes: the integer values are part of the TCP protocol and must never change."""
+
+    BAD_REQUEST = 1
+    NOT_FOUND = 2
+    UNAVAILABLE = 3  # retryable: nothing was processed
+    OVERLOADED = 4  # retryable: admission rejected
+    DEADLINE_EXCEEDED = 5
+    CANCELLED = 6
+    SHUTTING_DOWN = 7
+    INTERNAL = 8
+
+
+# Codes whose meaning is "this worker did not start the work": a retry elsewhere is always safe.
+ALWAYS_RETRYABLE = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.OVERLOADED})
+
+
+class IngressError(Exception):
+    """Root of every error the runtime reports to a caller.
+
+    ``retryable`` tells the caller whether sending the same request to another worker is safe. ``None``
+    means "decide from the code and from whether any chunk was already sent" (see ``resolve_retryable``).
+    """
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+    def resolve_retryable(self, *, chunks_sent: int) -> bool:
+        """Whether the caller may retry: explicit choice first, then the code, then "nothing sent yet"."""
+        if self.retryable is not None:
+            return self.retryable
+        if self.code in ALWAYS_RETRYABLE:
+            return True
+        # A worker that was killed by shutdown before it produced output can be retried without the
+        # caller seeing duplicated tokens.
+        return self.code is ErrorCode.SHUTTING_DOWN and chunks_sent == 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, retryable={self.retryable!r})"
+
+
+class BadRequest(IngressError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class NotFound(IngressError):
+    code = ErrorCode.NOT_FOUND
+
+
+class Unavailable(IngressError):
+    code = ErrorCode.UNAVAILABLE
+
+
+class Overloaded(IngressError):
+    code = ErrorCode.OVERLOADED
+
+
+class DeadlineExceeded(IngressError):
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(IngressError):
+    code = ErrorCode.CANCELLED
+
+
+class ShuttingDown(IngressError):
+    code = ErrorCode.SHUTTING_DOWN
+
+
+class InternalError(IngressError):
+    code = ErrorCode.INTERNAL
+
+
+class RemoteError(IngressError):
+    """Raised by a client when the worker answered with an error.
+
+    ``code`` is an instance attribute here (the remote chose it) and ``retryable`` is always decided.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, *, retryable: bool) -> None:
+        super().__init__(message, retryable=retryable)
+        self.code = code
+
+    def __str__(self) -> str:
+        hint = "retryable" if self.retryable else "not retryable"
+        return f"{self.code.name}: {self.message} ({hint})"

@@ -1,0 +1,184 @@
+"""The worker: an endpoint registry plus the primary scope that runs every transport.
+
+``Worker.serve`` is the one place the scope tree is built: the primary nursery holds the signal watcher,
+the ops listener and one task per transport (each with its own nursery and endpoint scopes); the
+shutdown coordinator runs phases 0-2 and ``serve`` performs phase 3 by cancelling the primary scope.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from ._admission import Admission
+from ._config import EXIT_DRAIN_FORCED, EXIT_OK, EndpointOptions, WorkerConfig
+from ._context import RuntimeContext
+from ._endpoint import Endpoint, Handler, TransportBinding, bind_transport
+from ._inflight import GlobalInFlight, InFlightStatistics
+from ._logging import get_logger
+from ._metrics import Metrics
+from ._nursery import open_background_nursery
+from ._ops_server import OpsProbes, serve_ops
+from ._shutdown import ShutdownCoordinator, ShutdownResult
+from ._signals import watch_signals
+
+
+class Transport(Protocol):
+    """An ingress transport. ``serve`` runs until cancelled and reports its bound address once listening."""
+
+    name: str
+
+    async def serve(
+        self, binding: TransportBinding, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None: ...
+
+
+@dataclass
+class WorkerHandle:
+    """Given to whoever started the worker: addresses, readiness, statistics and a way to stop it."""
+
+    runtime: RuntimeContext
+    addresses: dict[str, Any]
+    _coordinator: ShutdownCoordinator
+    _global: GlobalInFlight
+    _bindings: list[TransportBinding]
+    result: ShutdownResult | None = field(default=None)
+
+    @property
+    def ready(self) -> bool:
+        return self._coordinator.ready
+
+    def shutdown(self, reason: str = "requested") -> None:
+        """Start the graceful shutdown; calling it again skips the drain (like a second signal)."""
+        self._coordinator.request(reason)
+
+    def statistics(self) -> InFlightStatistics:
+        return self._global.statistics()
+
+    def binding(self, transport: str, endpoint: str) -> Any:
+        return next(b for b in self._bindings if b.name == transport).lookup(endpoint)
+
+    @property
+    def exit_code(self) -> int | None:
+        if self.result is None:
+            return None
+        return EXIT_DRAIN_FORCED if self.result.forced else EXIT_OK
+
+
+class Worker:
+    """A set of named endpoints, served over any number of transports by ``serve`` or ``run``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._endpoints: dict[str, Endpoint] = {}
+
+    @property
+    def endpoints(self) -> dict[str, Endpoint]:
+        return dict(self._endpoints)
+
+    def endpoint(
+        self,
+        name: str | None = None,
+        *,
+        max_concurrency: float = math.inf,
+        max_queue: int = 0,
+        inactivity_timeout: float | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Decorator registering an endpoint; the name defaults to the function's."""
+        options = EndpointOptions(max_concurrency, max_queue, inactivity_timeout)
+
+        def register(handler: Handler) -> Handler:
+            self.add_endpoint(name or handler.__name__, handler, options)
+            return handler
+
+        return register
+
+    def add_endpoint(self, name: str, handler: Handler, options: EndpointOptions | None = None) -> None:
+        if not name or "/" in name or any(c.isspace() for c in name):
+            raise ValueError(f"endpoint name {name!r} must be non-empty, with no '/' or white space")
+        if name in self._endpoints:
+            raise ValueError(f"endpoint {name!r} is already registered on worker {self.name!r}")
+        self._endpoints[name] = Endpoint.create(name, handler, options or EndpointOptions())
+
+    async def serve(
+        self,
+        transports: Sequence[Transport],
+        config: WorkerConfig | None = None,
+        *,
+        metrics_address: tuple[str, int] | None = None,
+        handle_signals: bool = True,
+        task_status: trio.TaskStatus[WorkerHandle] = trio.TASK_STATUS_IGNORED,
+    ) -> int:
+        """Serve until shut down; returns the exit code (EXIT_OK, or EXIT_DRAIN_FORCED)."""
+        if not self._endpoints:
+            raise ValueError(f"worker {self.name!r} has no endpoints to serve")
+        names = [t.name for t in transports]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each transport may be given once, got {names}")
+        runtime = RuntimeContext(self.name, config or WorkerConfig(), Metrics(), get_logger(worker=self.name))
+        global_inflight = GlobalInFlight()
+        admissions = {
+            ep.name: Admission(ep.options.max_concurrency, ep.options.max_queue) for ep in self._endpoints.values()
+        }
+        bindings = [bind_transport(t.name, runtime, self._endpoints, admissions, global_inflight) for t in transports]
+        coordinator = ShutdownCoordinator(runtime, bindings, global_inflight, admissions.values())
+        handle = WorkerHandle(runtime, {}, coordinator, global_inflight, bindings)
+        async with trio.open_nursery() as primary:
+            if handle_signals:
+                await primary.start(watch_signals, coordinator)
+            if metrics_address is not None:
+                probes = OpsProbes(lambda: coordinator.ready, runtime.metrics.render)
+                handle.addresses["metrics"] = await primary.start(serve_ops, *metrics_address, probes)
+            for transport, binding in zip(transports, bindings, strict=True):
+                handle.addresses[transport.name] = await primary.start(transport.serve, binding)
+            coordinator.mark_ready()
+            runtime.logger.info("worker.ready", addresses=_printable(handle.addresses), endpoints=sorted(self._endpoints))
+            task_status.started(handle)
+            handle.result = await coordinator.run()
+            primary.cancel_scope.cancel(reason="shutdown phase 3")
+        runtime.logger.info("worker.stopped", forced=handle.result.forced, exit_code=handle.exit_code)
+        assert handle.exit_code is not None
+        return handle.exit_code
+
+    def run(self, transports: Sequence[Transport], config: WorkerConfig | None = None, **kwargs: Any) -> int:
+        """Serve from plain (non-async) code; returns the process exit code."""
+        return trio.run(lambda: self.serve(transports, config, **kwargs))
+
+
+@asynccontextmanager
+async def open_worker(
+    worker: Worker,
+    transports: Sequence[Transport],
+    config: WorkerConfig | None = None,
+    *,
+    metrics_address: tuple[str, int] | None = None,
+    handle_signals: bool = False,
+) -> AsyncIterator[WorkerHandle]:
+    """Run ``worker`` in the background of the caller's Trio run; leaving the block shuts it down.
+
+    Signals are left to the embedding program unless ``handle_signals`` is set.
+    """
+    async with open_background_nursery() as nursery:
+        handle: WorkerHandle = await nursery.start(
+            lambda task_status: worker.serve(
+                transports,
+                config,
+                metrics_address=metrics_address,
+                handle_signals=handle_signals,
+                task_status=task_status,
+            )
+        )
+        try:
+            yield handle
+        finally:
+            if not handle._coordinator.shutdown_requested:
+                handle.shutdown("open_worker block exited")
+
+
+def _printable(addresses: dict[str, Any]) -> dict[str, str]:
+    return {name: f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr) for name, addr in addresses.items()}

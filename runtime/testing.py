@@ -1,0 +1,92 @@
+"""Helpers for testing endpoints and transports with pytest-trio, importable by users' own suites.
+
+``RecordingSink`` is an in-memory ResponseSink; ``bind_for_test`` binds a worker's endpoints to a fake
+transport so a test can call ``dispatch`` directly, with no sockets, on the mock clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ._admission import Admission
+from ._config import WorkerConfig
+from ._context import RequestContext, RuntimeContext
+from ._endpoint import CallerGone, EndpointBinding, TransportBinding, bind_transport
+from ._errors import IngressError
+from ._inflight import GlobalInFlight
+from ._logging import get_logger
+from ._metrics import Metrics
+from ._worker import Worker
+
+
+@dataclass
+class RecordingSink:
+    """Records what the dispatcher sends. ``gate`` (if set) must be set before each chunk goes out,
+    which is how a test plays a slow reader; ``gone`` makes every send raise CallerGone."""
+
+    chunks: list[Any] = field(default_factory=list)
+    ended: bool = False
+    error: IngressError | None = None
+    retryable: bool | None = None
+    gate: trio.Event | None = None
+    gone: bool = False
+    chunk_sent: trio.Event = field(default_factory=trio.Event)
+
+    async def send_chunk(self, chunk: Any) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        self._check()
+        self.chunks.append(chunk)
+        self.chunk_sent.set()
+        await trio.lowlevel.checkpoint()
+
+    async def send_end(self) -> None:
+        self._check()
+        self.ended = True
+
+    async def send_error(self, error: IngressError, retryable: bool) -> None:
+        self._check()
+        self.error, self.retryable = error, retryable
+
+    def _check(self) -> None:
+        if self.gone:
+            raise CallerGone
+
+
+@dataclass
+class TestBinding:
+    """A worker bound to a fake transport named ``test``."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    transport: TransportBinding
+    global_inflight: GlobalInFlight
+    admissions: dict[str, Admission]
+
+    @property
+    def runtime(self) -> RuntimeContext:
+        return self.transport.runtime
+
+    def endpoint(self, name: str) -> EndpointBinding:
+        return self.transport.lookup(name)
+
+    def context(self, endpoint: str, *, deadline: float = float("inf"), request_id: str = "test") -> RequestContext:
+        return RequestContext(request_id, endpoint, "test", self.runtime, deadline=deadline)
+
+
+def bind_for_test(worker: Worker, config: WorkerConfig | None = None) -> TestBinding:
+    runtime = RuntimeContext(worker.name, config or WorkerConfig(), Metrics(), get_logger(worker=worker.name))
+    global_inflight = GlobalInFlight()
+    endpoints = worker.endpoints
+    admissions = {n: Admission(e.options.max_concurrency, e.options.max_queue) for n, e in endpoints.items()}
+    transport = bind_transport("test", runtime, endpoints, admissions, global_inflight)
+    return TestBinding(transport, global_inflight, admissions)
+
+
+def sample(runtime: RuntimeContext, name: str, **labels: str) -> float:
+    """The current value of one metric sample (0 when it has not been observed)."""
+    value = runtime.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else float(value)

@@ -1,0 +1,295 @@
+"""The TCP client (egress side): many concurrent streams share one connection.
+
+    async with TcpClient.connect(host, port) as client:
+        async for chunk in client.stream("generate", {"max_tokens": 8}):
+            ...
+        result = await client.call("echo", {"x": 1})
+
+A remote error raises ``RemoteError`` with ``.code`` and ``.retryable``. The deadline sent to the worker
+is the caller's own: the enclosing cancel scope's (``trio.current_effective_deadline()``) unless one is
+given. Leaving a stream early (break, exception, cancellation, or dropping the iterator) sends KILL at
+once, so the worker stops generating for nobody.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from runtime import ErrorCode, IngressError, RemoteError, Unavailable
+from runtime._nursery import open_background_nursery
+
+from . import _codec as codec
+from ._writer import FrameWriter, WriterClosed
+
+RECEIVE_SIZE = 65536
+# Chunks buffered per stream before the connection's reader waits for that stream's consumer.
+STREAM_BUFFER = 256
+_END = object()
+
+
+class TcpClient:
+    """One connection to a worker. Build it with ``TcpClient.connect``."""
+
+    def __init__(self, stream: trio.SocketStream, *, max_frame_size: int, write_high_water: int) -> None:
+        self._stream = stream
+        self._codec = codec.Connection(codec.Role.CLIENT, max_frame_size=max_frame_size)
+        self._writer = FrameWriter(stream, write_high_water)
+        self._ids = itertools.count(1)
+        self._streams: dict[int, trio.MemorySendChannel[Any]] = {}
+        self._slots: trio.Semaphore | None = None
+        self._lost: IngressError | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        max_frame_size: int = codec.DEFAULT_MAX_FRAME_SIZE,
+        write_high_water: int = 256 * 1024,
+    ) -> AsyncIterator[TcpClient]:
+        """Connect, handshake, and serve the connection for the duration of the block."""
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise Unavailable(f"cannot connect to {host}:{port}: {exc.strerror or exc}", retryable=True) from exc
+        client = cls(stream, max_frame_size=max_frame_size, write_high_water=write_high_water)
+        try:
+            async with open_background_nursery() as nursery:
+                nursery.start_soon(client._writer.run, lambda: client._connection_lost("connection reset"))
+                await client._handshake()
+                nursery.start_soon(client._read_loop)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel(reason="client closed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    @property
+    def max_streams(self) -> int:
+        assert self._codec.peer_hello is not None
+        return self._codec.peer_hello.max_streams
+
+    def stream(
+        self,
+        endpoint: str,
+        request: Any = None,
+        *,
+        deadline: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> ClientStream:
+        """Open a stream (lazily, on first iteration); ``deadline`` is in ``trio.current_time()`` terms."""
+        payload = json.dumps(request, separators=(",", ":")).encode()
+        return ClientStream(self, endpoint, payload, deadline, dict(metadata or {}), request_id or uuid.uuid4().hex)
+
+    async def call(self, endpoint: str, request: Any = None, **options: Any) -> Any:
+        """Call a unary endpoint and return its one answer."""
+        async with self.stream(endpoint, request, **options) as stream:
+            chunks = [chunk async for chunk in stream]
+        if len(chunks) != 1:
+            raise IngressError(f"endpoint {endpoint!r} sent {len(chunks)} chunks; use stream() for streaming endpoints")
+        return chunks[0]
+
+    # ---- connection internals -------------------------------------------------------------------------
+
+    async def _handshake(self) -> None:
+        self._writer.write_nowait(self._codec.send(self._codec.local_hello))
+        while self._codec.peer_hello is None:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+            self._codec.receive_data(data)
+            event = self._codec.next_event()
+            if isinstance(event, codec.Error):
+                raise RemoteError(ErrorCode(event.code), event.message, retryable=event.retryable)
+        self._slots = trio.Semaphore(self._codec.peer_hello.max_streams)
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+                self._codec.receive_data(data)
+                if await self._deliver_events():
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._connection_lost("connection reset by the worker")
+        except codec.RemoteProtocolError as exc:
+            self._connection_lost(f"protocol error from the worker: {exc}")
+
+    async def _deliver_events(self) -> bool:
+        while True:
+            event = self._codec.next_event()
+            if event is codec.NEED_DATA:
+                return False
+            if isinstance(event, codec.Data | codec.End | codec.Error) and event.stream_id:
+                await self._deliver(event)
+            elif isinstance(event, codec.Error):
+                self._connection_lost(f"worker closed the connection: {event.message}")
+                return True
+            elif isinstance(event, codec.ConnectionClosed):
+                self._connection_lost("worker closed the connection")
+                return True
+
+    async def _deliver(self, event: codec.Data | codec.End | codec.Error) -> None:
+        channel = self._streams.get(event.stream_id)
+        if channel is None:
+            return  # the consumer left (KILL sent); frames still in flight are dropped
+        if isinstance(event, codec.Data):
+            item: Any = event.payload
+        elif isinstance(event, codec.End):
+            item = _END
+        else:
+            item = RemoteError(ErrorCode(event.code), event.message, retryable=event.retryable)
+        try:
+            await channel.send(item)
+        except trio.BrokenResourceError:
+            pass  # the consumer closed its end between our lookup and the send
+
+    def _connection_lost(self, why: str) -> None:
+        if self._lost is None:
+            self._lost = Unavailable(why)
+        for channel in self._streams.values():
+            channel.close()
+
+    # ---- used by ClientStream -------------------------------------------------------------------------
+
+    async def _open(self, stream: ClientStream) -> trio.MemoryReceiveChannel[Any]:
+        assert self._slots is not None
+        self._raise_if_unusable()
+        await self._slots.acquire()
+        stream_id = next(self._ids)
+        send, receive = trio.open_memory_channel[Any](STREAM_BUFFER)
+        self._streams[stream_id] = send
+        stream._stream_id = stream_id
+        request = codec.Request(
+            stream_id, stream.endpoint, stream.request_id, stream.timeout_ms(), tuple(stream.metadata.items()), stream.payload
+        )
+        try:
+            await self._writer.write(self._codec.send(request))
+        except WriterClosed:
+            self._close_stream(stream_id)
+            self._raise_if_unusable()
+        return receive
+
+    def _raise_if_unusable(self) -> None:
+        if self._lost is not None:
+            raise Unavailable(self._lost.message, retryable=True)
+        if self._codec.goaway_received is not None:
+            raise Unavailable(f"worker is draining: {self._codec.goaway_received.message}", retryable=True)
+
+    def _close_stream(self, stream_id: int, kill: bool = False) -> None:
+        channel = self._streams.pop(stream_id, None)
+        if channel is None:
+            return
+        channel.close()
+        assert self._slots is not None
+        self._slots.release()
+        if kill and not self._writer.closed:
+            frame = self._codec.send(codec.Kill(stream_id))
+            if frame:
+                self._writer.write_nowait(frame)
+
+    def _send_control(self, event: codec.Stop) -> None:
+        if event.stream_id in self._streams and not self._writer.closed:
+            frame = self._codec.send(event)
+            if frame:
+                self._writer.write_nowait(frame)
+
+    def _lost_error(self, chunks: int) -> RemoteError:
+        message = self._lost.message if self._lost else "connection lost"
+        return RemoteError(ErrorCode.UNAVAILABLE, message, retryable=chunks == 0)
+
+
+class ClientStream:
+    """The chunks of one request. Iterate it; ``stop()`` asks the worker to finish early."""
+
+    def __init__(
+        self,
+        client: TcpClient,
+        endpoint: str,
+        payload: bytes,
+        deadline: float | None,
+        metadata: dict[str, str],
+        request_id: str,
+    ) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.payload = payload
+        self.metadata = metadata
+        self.request_id = request_id
+        self._deadline = deadline
+        self._stream_id = 0
+        self._receive: trio.MemoryReceiveChannel[Any] | None = None
+        self._chunks = 0
+        self._finished = False
+
+    def timeout_ms(self) -> int:
+        """The remaining budget to send: the explicit deadline, else the caller's cancel scope."""
+        deadline = self._deadline if self._deadline is not None else trio.current_effective_deadline()
+        if math.isinf(deadline):
+            return 0
+        return min(max(1, math.ceil((deadline - trio.current_time()) * 1000)), 0xFFFFFFFF)
+
+    def __aiter__(self) -> ClientStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            if self._receive is None:
+                self._receive = await self.client._open(self)
+            item = await self._receive.receive()
+        except trio.EndOfChannel:
+            self._finish(kill=False)
+            raise self.client._lost_error(self._chunks) from None
+        except BaseException:
+            self._finish(kill=True)
+            raise
+        if isinstance(item, bytes):
+            self._chunks += 1
+            return json.loads(item)
+        self._finish(kill=False)
+        if item is _END:
+            raise StopAsyncIteration
+        raise item
+
+    def stop(self) -> None:
+        """Ask the worker to end this stream gracefully; the chunks already sent still arrive, then END."""
+        if self._stream_id and not self._finished:
+            self.client._send_control(codec.Stop(self._stream_id))
+
+    async def aclose(self) -> None:
+        """Stop reading: the worker is told to kill the request if it is still running."""
+        self._finish(kill=True)
+        await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> ClientStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _finish(self, *, kill: bool) -> None:
+        if not self._finished:
+            self._finished = True
+            if self._stream_id:
+                self.client._close_stream(self._stream_id, kill=kill)
+
+    def __del__(self) -> None:
+        # A plain `async for ... break` drops the iterator without closing it; CPython frees it at
+        # once, so this is where the worker learns the caller left. write_nowait never blocks.
+        if not self._finished and self._stream_id:
+            try:
+                self._finish(kill=True)
+            except Exception:
+                pass  # interpreter shutdown or a closed connection: nothing left to tell

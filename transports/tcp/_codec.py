@@ -1,0 +1,457 @@
+"""The trio-ingress TCP wire protocol, sans-IO: bytes in, events out; events in, bytes out.
+
+No sockets and no trio here (h11 and h2 are the model): ``Connection.receive_data(bytes)`` feeds it,
+``next_event()`` returns the next event or ``NEED_DATA``, ``send(event)`` returns the bytes to write.
+The full specification is docs/protocol-tcp.md; in short:
+
+    preface   = b"TINGRESS" then a HELLO frame, sent by each side first
+    frame     = u32 payload_length | u8 type | u32 stream_id | payload      (big endian)
+
+Streams are opened by the client's REQUEST with strictly increasing ids and closed by the server's END
+or ERROR; the allowed (frame, stream state) pairs are the transition table ``_TRANSITIONS``. Frames for
+an already closed stream are dropped, because STOP/KILL and END legitimately cross on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+MAGIC: Final = b"TINGRESS"
+PROTOCOL_VERSION: Final = 1
+HEADER: Final = struct.Struct("!IBI")
+DEFAULT_MAX_FRAME_SIZE: Final = 1024 * 1024
+DEFAULT_MAX_STREAMS: Final = 128
+# The smallest frame limit a peer may announce: a REQUEST with long names and metadata must fit.
+MIN_MAX_FRAME_SIZE: Final = 1024
+_MAX_STREAM_ID: Final = 2**32 - 1
+_HELLO = struct.Struct("!HII")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_ERROR_HEAD = struct.Struct("!HB")
+
+
+class ProtocolError(Exception):
+    """Root of the codec's errors. The connection cannot continue after one."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something this protocol does not allow (malformed, oversized, out of order)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something this protocol does not allow: a bug in the caller of ``send``."""
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 0
+    REQUEST = 1
+    DATA = 2
+    END = 3
+    ERROR = 4
+    STOP = 5
+    KILL = 6
+    GOAWAY = 7
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    max_frame_size: int
+    max_streams: int
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    stream_id: int
+    endpoint: str
+    request_id: str
+    timeout_ms: int  # 0 means "no deadline"
+    metadata: tuple[tuple[str, str], ...]
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    stream_id: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """A stream's error (stream_id > 0) or the connection's last word before closing (stream_id 0)."""
+
+    stream_id: int
+    code: int
+    retryable: bool
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class GoAway:
+    """No stream above ``last_stream_id`` will be served on this connection: open them elsewhere."""
+
+    last_stream_id: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed the connection cleanly, between frames."""
+
+
+Event = Hello | Request | Data | End | Error | Stop | Kill | GoAway | ConnectionClosed
+
+
+class _Stream(enum.Enum):
+    NEW = "new"  # an id above every id seen so far
+    OPEN = "open"
+    CLOSED = "closed"  # an id at or below the highest seen, not open
+
+
+# (frame type, stream state) -> state after. Pairs not listed are protocol errors, except frames on
+# CLOSED streams, which are dropped (see the module docstring).
+_TRANSITIONS: Final = {
+    (FrameType.REQUEST, _Stream.NEW): _Stream.OPEN,
+    (FrameType.DATA, _Stream.OPEN): _Stream.OPEN,
+    (FrameType.STOP, _Stream.OPEN): _Stream.OPEN,
+    (FrameType.KILL, _Stream.OPEN): _Stream.OPEN,
+    (FrameType.END, _Stream.OPEN): _Stream.CLOSED,
+    (FrameType.ERROR, _Stream.OPEN): _Stream.CLOSED,
+}
+_SENT_BY: Final = {
+    FrameType.REQUEST: Role.CLIENT,
+    FrameType.STOP: Role.CLIENT,
+    FrameType.KILL: Role.CLIENT,
+    FrameType.DATA: Role.SERVER,
+    FrameType.END: Role.SERVER,
+    FrameType.ERROR: Role.SERVER,  # on a stream; either side may send ERROR on stream 0
+    FrameType.GOAWAY: Role.SERVER,
+}
+
+
+class Connection:
+    """One side of one connection. ``max_frame_size`` and ``max_streams`` are what *we* accept."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+    ) -> None:
+        if max_frame_size < MIN_MAX_FRAME_SIZE:
+            raise ValueError(f"max_frame_size must be at least {MIN_MAX_FRAME_SIZE}")
+        self.role = role
+        self.peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
+        self.local_hello = Hello(PROTOCOL_VERSION, max_frame_size, max_streams)
+        self.peer_hello: Hello | None = None
+        self.open_streams: set[int] = set()
+        self.highest_stream_id = 0
+        self.goaway_received: GoAway | None = None
+        self._buffer = bytearray()
+        self._offset = 0
+        self._eof = False
+        self._preface_seen = False
+        self._hello_sent = False
+
+    # ---- receiving ----------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the socket; ``b""`` means the peer closed its side."""
+        if self._eof and data:
+            raise LocalProtocolError("received data after end of stream")
+        if not data:
+            self._eof = True
+        self._buffer += data
+
+    def next_event(self) -> Event | _NeedData:
+        """The next complete event, or NEED_DATA. Raises RemoteProtocolError on malformed input."""
+        while True:
+            if not self._preface_seen and not self._take_preface():
+                return self._need_data()
+            available = len(self._buffer) - self._offset
+            if available < HEADER.size:
+                return self._need_data()
+            length, raw_type, stream_id = HEADER.unpack_from(self._buffer, self._offset)
+            limit = self.local_hello.max_frame_size if self.peer_hello is not None else _HELLO.size
+            if length > limit:
+                raise RemoteProtocolError(f"frame of {length} bytes exceeds the limit of {limit} bytes")
+            if available < HEADER.size + length:
+                return self._need_data()
+            start = self._offset + HEADER.size
+            payload = bytes(self._buffer[start : start + length])
+            self._consume(HEADER.size + length)
+            event = self._decode(raw_type, stream_id, payload)
+            if event is not _DROPPED:
+                return event  # type: ignore[return-value]  # _DROPPED is the only non-Event
+
+    def _take_preface(self) -> bool:
+        have = bytes(self._buffer[: len(MAGIC)])
+        if not MAGIC.startswith(have):
+            raise RemoteProtocolError("bad preface: the peer does not speak the trio-ingress TCP protocol")
+        if len(have) < len(MAGIC):
+            return False
+        self._consume(len(MAGIC))
+        self._preface_seen = True
+        return True
+
+    def _need_data(self) -> Event | _NeedData:
+        if not self._eof:
+            return NEED_DATA
+        if len(self._buffer) > self._offset or not self._preface_seen:
+            raise RemoteProtocolError("connection closed in the middle of a frame")
+        return ConnectionClosed()
+
+    def _consume(self, count: int) -> None:
+        self._offset += count
+        # Compact rarely: deleting from the front of a bytearray copies what remains.
+        if self._offset > 65536 and self._offset * 2 > len(self._buffer):
+            del self._buffer[: self._offset]
+            self._offset = 0
+
+    def _decode(self, raw_type: int, stream_id: int, payload: bytes) -> Event:
+        try:
+            frame_type = FrameType(raw_type)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown frame type {raw_type}") from None
+        if self.peer_hello is None and frame_type is not FrameType.HELLO:
+            raise RemoteProtocolError(f"expected HELLO first, got {frame_type.name}")
+        if frame_type is FrameType.HELLO:
+            return self._receive_hello(stream_id, payload)
+        if stream_id == 0:
+            return self._receive_connection_frame(frame_type, payload)
+        sender = _SENT_BY.get(frame_type)
+        if sender is not None and sender is not self.peer_role:
+            raise RemoteProtocolError(f"a {self.peer_role.value} may not send {frame_type.name}")
+        event = _DECODERS[frame_type](stream_id, payload)
+        return event if self._advance(frame_type, stream_id, RemoteProtocolError) else _DROPPED
+
+    def _receive_hello(self, stream_id: int, payload: bytes) -> Hello:
+        if self.peer_hello is not None or stream_id != 0 or len(payload) != _HELLO.size:
+            raise RemoteProtocolError("HELLO must come once, first, on stream 0, with a 10-byte payload")
+        hello = Hello(*_HELLO.unpack(payload))
+        if hello.version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"unsupported protocol version {hello.version}; this side speaks version {PROTOCOL_VERSION}"
+            )
+        if hello.max_frame_size < MIN_MAX_FRAME_SIZE or hello.max_streams < 1:
+            raise RemoteProtocolError("HELLO announces a frame limit below 1024 bytes or no streams")
+        self.peer_hello = hello
+        return hello
+
+    def _receive_connection_frame(self, frame_type: FrameType, payload: bytes) -> Event:
+        if frame_type is FrameType.ERROR:
+            return _decode_error(0, payload)
+        if frame_type is FrameType.GOAWAY and self.peer_role is Role.SERVER:
+            (last,) = _unpack(_U32, payload, 0)
+            self.goaway_received = GoAway(last, _text(payload[_U32.size :]))
+            return self.goaway_received
+        raise RemoteProtocolError(f"{frame_type.name} is not allowed on stream 0")
+
+    def _advance(self, frame_type: FrameType, stream_id: int, error: type[ProtocolError]) -> bool:
+        """Apply the transition table; False means "closed stream, drop the frame"."""
+        if stream_id in self.open_streams:
+            state = _Stream.OPEN
+        elif stream_id > self.highest_stream_id:
+            state = _Stream.NEW
+        else:
+            state = _Stream.CLOSED
+        after = _TRANSITIONS.get((frame_type, state))
+        if after is None:
+            if state is _Stream.CLOSED and frame_type is not FrameType.REQUEST:
+                return False
+            raise error(f"{frame_type.name} is not allowed on a {state.value} stream ({stream_id})")
+        if after is _Stream.OPEN and state is _Stream.NEW:
+            self.open_streams.add(stream_id)
+            self.highest_stream_id = stream_id
+        elif after is _Stream.CLOSED:
+            self.open_streams.discard(stream_id)
+        return True
+
+    # ---- sending ------------------------------------------------------------------------------------
+
+    def send(self, event: Event) -> bytes:
+        """The bytes for ``event``; b"" for STOP/KILL on a stream that has already ended."""
+        if isinstance(event, Hello):
+            return self._send_hello()
+        if self.peer_hello is None:
+            raise LocalProtocolError("send HELLO and receive the peer's HELLO before anything else")
+        if isinstance(event, Data):  # the hot path, first
+            return self.send_data(event.stream_id, event.payload)
+        frame_type, stream_id, payload = _encode(event)
+        if stream_id == 0:
+            if frame_type not in (FrameType.ERROR, FrameType.GOAWAY) or (
+                frame_type is FrameType.GOAWAY and self.role is not Role.SERVER
+            ):
+                raise LocalProtocolError(f"a {self.role.value} may not send {frame_type.name} on stream 0")
+        else:
+            self._check_sender(frame_type)
+            if not self._advance(frame_type, stream_id, LocalProtocolError):
+                if frame_type in (FrameType.STOP, FrameType.KILL):
+                    return b""
+                raise LocalProtocolError(f"{frame_type.name} on stream {stream_id}, which has ended")
+        return self._frame(frame_type, stream_id, payload)
+
+    def send_data(self, stream_id: int, payload: bytes) -> bytes:
+        """``send(Data(...))`` without building the event: the per-chunk path."""
+        if stream_id not in self.open_streams or self.role is not Role.SERVER:
+            raise LocalProtocolError(f"DATA on stream {stream_id}, which is not open on the server side")
+        return self._frame(FrameType.DATA, stream_id, payload)
+
+    def _send_hello(self) -> bytes:
+        if self._hello_sent:
+            raise LocalProtocolError("HELLO was already sent")
+        self._hello_sent = True
+        return MAGIC + self._frame(FrameType.HELLO, 0, _HELLO.pack(*_hello_fields(self.local_hello)))
+
+    def _check_sender(self, frame_type: FrameType) -> None:
+        sender = _SENT_BY.get(frame_type)
+        if sender is not None and sender is not self.role:
+            raise LocalProtocolError(f"a {self.role.value} may not send {frame_type.name}")
+
+    def _frame(self, frame_type: FrameType, stream_id: int, payload: bytes) -> bytes:
+        limit = self.peer_hello.max_frame_size if self.peer_hello is not None else _HELLO.size
+        if len(payload) > limit:
+            raise LocalProtocolError(f"frame of {len(payload)} bytes exceeds the peer's limit of {limit} bytes")
+        return HEADER.pack(len(payload), frame_type, stream_id) + payload
+
+
+class _Dropped:
+    """Marker for a frame on a closed stream; ``next_event`` callers never see it (see below)."""
+
+
+_DROPPED: Final = _Dropped()
+
+
+def _hello_fields(hello: Hello) -> tuple[int, int, int]:
+    return hello.version, hello.max_frame_size, hello.max_streams
+
+
+# ---- payload encoding ----------------------------------------------------------------------------
+
+
+def _unpack(fmt: struct.Struct, payload: bytes, offset: int) -> tuple[int, ...]:
+    if len(payload) < offset + fmt.size:
+        raise RemoteProtocolError("frame payload is truncated")
+    return fmt.unpack_from(payload, offset)
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("text field is not valid UTF-8") from None
+
+
+def _read_str(payload: bytes, offset: int) -> tuple[str, int]:
+    (length,) = _unpack(_U16, payload, offset)
+    start = offset + _U16.size
+    if len(payload) < start + length:
+        raise RemoteProtocolError("string field runs past the end of the frame")
+    return _text(payload[start : start + length]), start + length
+
+
+def _write_str(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    if len(raw) > 0xFFFF:
+        raise LocalProtocolError("string field longer than 65535 bytes")
+    return _U16.pack(len(raw)) + raw
+
+
+def _decode_request(stream_id: int, payload: bytes) -> Request:
+    endpoint, offset = _read_str(payload, 0)
+    request_id, offset = _read_str(payload, offset)
+    (timeout_ms,) = _unpack(_U32, payload, offset)
+    (count,) = _unpack(_U16, payload, offset + _U32.size)
+    offset += _U32.size + _U16.size
+    metadata = []
+    for _ in range(count):
+        key, offset = _read_str(payload, offset)
+        value, offset = _read_str(payload, offset)
+        metadata.append((key, value))
+    return Request(stream_id, endpoint, request_id, timeout_ms, tuple(metadata), payload[offset:])
+
+
+def _encode_request(event: Request) -> bytes:
+    if len(event.metadata) > 0xFFFF:
+        raise LocalProtocolError("more than 65535 metadata entries")
+    if not 0 <= event.timeout_ms <= 0xFFFFFFFF:
+        raise LocalProtocolError("timeout_ms must fit in 32 bits")
+    parts = [_write_str(event.endpoint), _write_str(event.request_id)]
+    parts.append(_U32.pack(event.timeout_ms) + _U16.pack(len(event.metadata)))
+    parts.extend(_write_str(k) + _write_str(v) for k, v in event.metadata)
+    parts.append(event.payload)
+    return b"".join(parts)
+
+
+def _decode_error(stream_id: int, payload: bytes) -> Error:
+    code, flags = _unpack(_ERROR_HEAD, payload, 0)
+    return Error(stream_id, code, bool(flags & 1), _text(payload[_ERROR_HEAD.size :]))
+
+
+def _decode_empty(frame_type: type[End | Stop | Kill]) -> object:
+    def decode(stream_id: int, payload: bytes) -> End | Stop | Kill:
+        if payload:
+            raise RemoteProtocolError(f"{frame_type.__name__.upper()} frames carry no payload")
+        return frame_type(stream_id)
+
+    return decode
+
+
+_DECODERS: Final = {
+    FrameType.REQUEST: _decode_request,
+    FrameType.DATA: Data,
+    FrameType.END: _decode_empty(End),
+    FrameType.ERROR: _decode_error,
+    FrameType.STOP: _decode_empty(Stop),
+    FrameType.KILL: _decode_empty(Kill),
+}
+
+
+def _encode(event: Event) -> tuple[FrameType, int, bytes]:
+    if isinstance(event, Request):
+        if not 0 < event.stream_id <= _MAX_STREAM_ID:
+            raise LocalProtocolError("stream ids run from 1 to 2**32-1")
+        return FrameType.REQUEST, event.stream_id, _encode_request(event)
+    if isinstance(event, End):
+        return FrameType.END, event.stream_id, b""
+    if isinstance(event, Error):
+        return FrameType.ERROR, event.stream_id, _ERROR_HEAD.pack(event.code, int(event.retryable)) + event.message.encode()
+    if isinstance(event, Stop):
+        return FrameType.STOP, event.stream_id, b""
+    if isinstance(event, Kill):
+        return FrameType.KILL, event.stream_id, b""
+    if isinstance(event, GoAway):
+        return FrameType.GOAWAY, 0, _U32.pack(event.last_stream_id) + event.message.encode()
+    raise LocalProtocolError(f"cannot send {event!r}")

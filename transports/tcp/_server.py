@@ -1,0 +1,287 @@
+"""The TCP ingress: one listener for every endpoint, many streams multiplexed on each connection.
+
+Scopes: the transport nursery holds one task per connection; each connection's nursery holds its
+writer and one task per stream (the request task, which runs the dispatcher). Closing or resetting a
+connection kills every stream on it (counted as disconnects, by reason) before its nursery is
+cancelled. Phase 1 of shutdown closes the listener (new connections are refused at once, which a client
+can safely retry elsewhere), sends GOAWAY on open connections and answers any new stream with a
+retryable UNAVAILABLE, while streams in flight run to the end; phase 3 closes the connections.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from runtime import (
+    BadRequest,
+    CallerGone,
+    EndpointBinding,
+    IngressError,
+    InternalError,
+    KillReason,
+    NotFound,
+    Overloaded,
+    RequestContext,
+    TransportBinding,
+    Unavailable,
+    answer_error,
+    dispatch,
+)
+
+from . import _codec as codec
+from ._writer import FrameWriter, WriterClosed
+
+# One read takes what the kernel has, up to this much: large enough to take many frames per syscall.
+RECEIVE_SIZE = 65536
+# Error messages travel in a frame; keep them readable and well under any frame limit.
+MAX_ERROR_MESSAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TcpTransport:
+    """Serve a worker's endpoints with the trio-ingress TCP protocol (docs/protocol-tcp.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9000
+    max_frame_size: int = codec.DEFAULT_MAX_FRAME_SIZE
+    max_streams_per_connection: int = codec.DEFAULT_MAX_STREAMS
+    # Per-connection bound on queued outgoing bytes before handlers feel back-pressure.
+    write_high_water: int = 256 * 1024
+    # A connection that has not completed the handshake by then is closed (half-open or not ours).
+    handshake_timeout: float = 10.0
+    # After a protocol error: how long the connection's last ERROR frame may take to go out.
+    close_timeout: float = 1.0
+    name: str = "tcp"
+
+    async def serve(
+        self,
+        binding: TransportBinding,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen until cancelled; reports the bound (host, port)."""
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        address = listeners[0].socket.getsockname()[:2]
+        binding.runtime.logger.info("tcp.listening", address=f"{address[0]}:{address[1]}")
+        async with trio.open_nursery() as connections:
+            task_status.started(address)
+            with trio.CancelScope() as accept_scope:
+                connections.start_soon(_cancel_on, binding.intake_closed, accept_scope)
+                await trio.serve_listeners(
+                    lambda stream: self._serve_connection(binding, stream), listeners, handler_nursery=connections
+                )
+            # Intake closed (phase 1): refuse new connections now, keep the open ones until phase 3.
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def _serve_connection(self, binding: TransportBinding, stream: trio.SocketStream) -> None:
+        try:
+            await _ServerConnection(self, binding, stream).run()
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel(reason="intake closed")
+
+
+class _ServerConnection:
+    """One client connection: the reader runs in ``run``; writer and request tasks in its nursery."""
+
+    def __init__(self, transport: TcpTransport, binding: TransportBinding, stream: trio.SocketStream) -> None:
+        self.transport = transport
+        self.binding = binding
+        self.stream = stream
+        self.codec = codec.Connection(
+            codec.Role.SERVER,
+            max_frame_size=transport.max_frame_size,
+            max_streams=transport.max_streams_per_connection,
+        )
+        self.writer = FrameWriter(stream, transport.write_high_water)
+        self.streams: dict[int, tuple[EndpointBinding, RequestContext]] = {}
+        self.peer = _peer_name(stream)
+        self.log = binding.runtime.logger.bind(transport="tcp", peer=self.peer)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.writer.run, lambda: self._writer_broken(nursery.cancel_scope))
+            reason = await self._read_until_closed(nursery)
+            self._drop_streams(reason)
+            if reason == "protocol_error":
+                with trio.move_on_after(self.transport.close_timeout):
+                    await self.writer.done.wait()
+            nursery.cancel_scope.cancel(reason=f"connection {reason}")
+
+    async def _read_until_closed(self, nursery: trio.Nursery) -> str:
+        """Serve frames until the peer leaves; returns why: closed, reset or protocol_error."""
+        try:
+            with trio.fail_after(self.transport.handshake_timeout):
+                await self._handshake()
+            nursery.start_soon(self._announce_goaway)
+            while True:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                self.codec.receive_data(data)
+                if await self._handle_events(nursery):
+                    return "closed"
+        except trio.TooSlowError:
+            return self._protocol_error("handshake not completed in time")
+        except codec.RemoteProtocolError as exc:
+            return self._protocol_error(str(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, WriterClosed):
+            return "reset"
+
+    async def _handshake(self) -> None:
+        while True:
+            event = self.codec.next_event()
+            if isinstance(event, codec.Hello):
+                await self.writer.write(self.codec.send(self.codec.local_hello))
+                return
+            if isinstance(event, codec.ConnectionClosed):
+                raise trio.BrokenResourceError("closed before the handshake")
+            self.codec.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+
+    async def _handle_events(self, nursery: trio.Nursery) -> bool:
+        """Act on every complete frame received so far; True once the peer has closed."""
+        while True:
+            event = self.codec.next_event()
+            if event is codec.NEED_DATA:
+                return False
+            if isinstance(event, codec.Request):
+                await self._open_stream(event, nursery)
+            elif isinstance(event, codec.Kill | codec.Stop):
+                self._signal_stream(event)
+            elif isinstance(event, codec.ConnectionClosed):
+                return True
+            elif isinstance(event, codec.Error):
+                self.log.info("tcp.peer_error", code=event.code, message=event.message)
+                return True
+
+    async def _open_stream(self, request: codec.Request, nursery: trio.Nursery) -> None:
+        try:
+            binding = self.binding.lookup(request.endpoint)
+        except NotFound as exc:
+            await self._refuse(request.stream_id, exc)
+            return
+        if not binding.accepting:
+            binding.metrics.rejection("unavailable")
+            await self._refuse(request.stream_id, Unavailable("worker is draining; send new requests elsewhere"))
+            return
+        if len(self.streams) >= self.transport.max_streams_per_connection:
+            binding.metrics.rejection("stream_limit")
+            limit = self.transport.max_streams_per_connection
+            await self._refuse(request.stream_id, Overloaded(f"more than {limit} concurrent streams on one connection"))
+            return
+        ctx = RequestContext(
+            id=request.request_id or uuid.uuid4().hex,
+            endpoint=binding.name,
+            transport="tcp",
+            runtime=self.binding.runtime,
+            peer=self.peer,
+            deadline=trio.current_time() + request.timeout_ms / 1000 if request.timeout_ms else float("inf"),
+            metadata=dict(request.metadata),
+        )
+        self.streams[request.stream_id] = (binding, ctx)
+        nursery.start_soon(self._run_stream, request.stream_id, binding, ctx, request.payload)
+
+    async def _run_stream(self, stream_id: int, binding: EndpointBinding, ctx: RequestContext, payload: bytes) -> None:
+        sink = _StreamSink(self, stream_id)
+        try:
+            try:
+                body = json.loads(payload) if payload else None
+            except ValueError as exc:
+                await answer_error(binding, ctx, sink, BadRequest(f"request payload is not valid JSON: {exc}"))
+                return
+            await dispatch(binding, ctx, body, sink)
+        finally:
+            del self.streams[stream_id]
+
+    def _signal_stream(self, event: codec.Stop | codec.Kill) -> None:
+        entry = self.streams.get(event.stream_id)
+        if entry is None:
+            return  # finished already: the END crossed this frame on the wire
+        _, ctx = entry
+        if isinstance(event, codec.Kill):
+            ctx.kill(KillReason.CALLER_KILL)
+        else:
+            ctx.stop_generating()
+
+    async def _refuse(self, stream_id: int, error: IngressError) -> None:
+        await self.writer.write(self.codec.send(_error_event(stream_id, error, error.resolve_retryable(chunks_sent=0))))
+
+    async def _announce_goaway(self) -> None:
+        await self.binding.intake_closed.wait()
+        goaway = codec.GoAway(self.codec.highest_stream_id, "worker is draining; open new streams elsewhere")
+        if not self.writer.closed:
+            self.writer.write_nowait(self.codec.send(goaway))
+
+    def _writer_broken(self, scope: trio.CancelScope) -> None:
+        # Runs inside the writer task, before any stream can see the cancellation: counted as resets.
+        self._drop_streams("reset")
+        scope.cancel(reason="connection reset while writing")
+
+    def _drop_streams(self, reason: str) -> None:
+        """The caller is gone: kill every stream of this connection and count it, once per stream."""
+        for binding, ctx in self.streams.values():
+            if not ctx.is_killed:
+                binding.metrics.disconnect(reason)
+                ctx.kill(KillReason.DISCONNECTED)
+
+    def _protocol_error(self, message: str) -> str:
+        self.log.warning("tcp.protocol_error", message=message)
+        self.binding.runtime.metrics.protocol_errors.labels("tcp").inc()
+        error = codec.Error(0, BadRequest.code, False, f"protocol error: {message}"[:MAX_ERROR_MESSAGE])
+        if not self.writer.closed and self.codec.peer_hello is not None:
+            self.writer.write_nowait(self.codec.send(error))
+        self.writer.finish()
+        return "protocol_error"
+
+
+class _StreamSink:
+    """The dispatcher's view of one stream: JSON chunks as DATA frames, then END or ERROR."""
+
+    __slots__ = ("conn", "stream_id")
+
+    def __init__(self, conn: _ServerConnection, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+
+    async def send_chunk(self, chunk: Any) -> None:
+        payload = json.dumps(chunk, separators=(",", ":")).encode()
+        try:
+            frame = self.conn.codec.send_data(self.stream_id, payload)
+        except codec.LocalProtocolError:
+            raise InternalError(
+                f"a chunk of {len(payload)} bytes exceeds the caller's frame limit "
+                f"({self.conn.codec.peer_hello.max_frame_size if self.conn.codec.peer_hello else 0} bytes)"
+            ) from None
+        await self._write(frame)
+
+    async def send_end(self) -> None:
+        await self._write(self.conn.codec.send(codec.End(self.stream_id)))
+
+    async def send_error(self, error: IngressError, retryable: bool) -> None:
+        await self._write(self.conn.codec.send(_error_event(self.stream_id, error, retryable)))
+
+    async def _write(self, frame: bytes) -> None:
+        try:
+            await self.conn.writer.write(frame)
+        except WriterClosed:
+            raise CallerGone from None
+
+
+def _error_event(stream_id: int, error: IngressError, retryable: bool) -> codec.Error:
+    return codec.Error(stream_id, int(error.code), retryable, error.message[:MAX_ERROR_MESSAGE])
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "unknown"
+    return f"{host}:{port}"
