@@ -27,7 +27,6 @@ class KillReason(enum.Enum):
     CALLER_KILL = "cancelled"  # the caller asked (kill frame, cancel message)
     DISCONNECTED = "disconnected"  # the caller went away; nobody to tell
     SHUTDOWN = "shutdown"  # the drain deadline passed or a second signal forced it
-    INACTIVITY = "inactivity"  # the stream produced nothing for inactivity_timeout
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,6 @@ _KILL_OUTCOMES = {
     KillReason.CALLER_KILL: "cancelled",
     KillReason.DISCONNECTED: "disconnected",
     KillReason.SHUTDOWN: "shutdown",
-    KillReason.INACTIVITY: "error",
 }
 
 
@@ -128,8 +127,8 @@ class _Run:
                     await self._send_chunk(chunk)
                     if ctx._stopped:
                         return
-            message = f"stream produced nothing for {idle_limit:g} s (inactivity_timeout)"
-            ctx.kill(KillReason.INACTIVITY, DeadlineExceeded(message))
+            self.binding.metrics.inactivity.inc()
+            raise DeadlineExceeded(f"stream produced nothing for {idle_limit:g} s (inactivity_timeout)")
 
     async def _send_chunk(self, chunk: Any) -> None:
         if self.chunks == 0:

@@ -40,6 +40,10 @@ class Metrics:
         self.rejections = Counter(
             "ingress_rejections", "Requests turned away before running.", (*labels, "reason"), registry=r
         )
+        self.inactivity = Counter(
+            "ingress_inactivity_timeouts", "Streams killed for yielding nothing within inactivity_timeout.", labels,
+            registry=r,
+        )
         self.protocol_errors = Counter(
             "ingress_protocol_errors", "Connections closed for malformed input.", ("transport",), registry=r
         )
@@ -60,6 +64,7 @@ class Metrics:
             inflight=self.inflight.labels(endpoint, transport),
             duration=self.duration.labels(endpoint, transport),
             ttfc=self.ttfc.labels(endpoint, transport),
+            inactivity=self.inactivity.labels(endpoint, transport),
             outcomes={o: self.requests.labels(endpoint, transport, o) for o in OUTCOMES},
             _metrics=self,
             _labels=(endpoint, transport),
@@ -77,6 +82,7 @@ class BindingMetrics:
     inflight: Gauge
     duration: Histogram
     ttfc: Histogram
+    inactivity: Counter
     outcomes: dict[str, Counter]
     _metrics: Metrics
     _labels: tuple[str, str]
