@@ -48,6 +48,7 @@ class WorkerHandle:
     _global: GlobalInFlight
     _bindings: list[TransportBinding]
     result: ShutdownResult | None = field(default=None)
+    _drained: trio.Event = field(default_factory=trio.Event)
 
     @property
     def ready(self) -> bool:
@@ -56,6 +57,12 @@ class WorkerHandle:
     def shutdown(self, reason: str = "requested") -> None:
         """Start the graceful shutdown; calling it again skips the drain (like a second signal)."""
         self._coordinator.request(reason)
+
+    async def wait_drained(self) -> ShutdownResult:
+        """Wait until phases 0-2 are over (phase 3 follows at once); returns how the drain went."""
+        await self._drained.wait()
+        assert self.result is not None
+        return self.result
 
     def statistics(self) -> InFlightStatistics:
         return self._global.statistics()
@@ -140,6 +147,7 @@ class Worker:
             runtime.logger.info("worker.ready", addresses=_printable(handle.addresses), endpoints=sorted(self._endpoints))
             task_status.started(handle)
             handle.result = await coordinator.run()
+            handle._drained.set()
             primary.cancel_scope.cancel(reason="shutdown phase 3")
         runtime.logger.info("worker.stopped", forced=handle.result.forced, exit_code=handle.exit_code)
         assert handle.exit_code is not None

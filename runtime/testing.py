@@ -90,3 +90,36 @@ def sample(runtime: RuntimeContext, name: str, **labels: str) -> float:
     """The current value of one metric sample (0 when it has not been observed)."""
     value = runtime.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else float(value)
+
+
+class MemoryTransport:
+    """A transport with no wire: ``start_request`` runs a request through the dispatcher in the
+    transport's own nursery, answering into a RecordingSink, exactly as a real transport would."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._binding: TransportBinding | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(self, binding: TransportBinding, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        self._binding = binding
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started("memory")
+            await trio.sleep_forever()
+
+    def start_request(self, endpoint: str, request: Any, *, deadline: float = float("inf")) -> tuple[RequestContext, RecordingSink]:
+        """Accept a request now (or refuse it, UNAVAILABLE, once intake is closed)."""
+        from ._dispatch import dispatch
+        from ._errors import Unavailable
+
+        assert self._binding is not None and self._nursery is not None, "transport is not serving"
+        binding = self._binding.lookup(endpoint)
+        ctx = RequestContext(f"mem-{id(request)}", endpoint, self.name, self._binding.runtime, deadline=deadline)
+        sink = RecordingSink()
+        if not binding.accepting:
+            sink.error, sink.retryable = Unavailable("draining"), True
+        else:
+            self._nursery.start_soon(dispatch, binding, ctx, request, sink)
+        return ctx, sink
