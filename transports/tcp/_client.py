@@ -46,6 +46,7 @@ class TcpClient:
         self._streams: dict[int, trio.MemorySendChannel[Any]] = {}
         self._slots: trio.Semaphore | None = None
         self._lost: IngressError | None = None
+        self._goaway = trio.Event()
 
     @classmethod
     @asynccontextmanager
@@ -79,6 +80,12 @@ class TcpClient:
     def max_streams(self) -> int:
         assert self._codec.peer_hello is not None
         return self._codec.peer_hello.max_streams
+
+    async def wait_goaway(self) -> codec.GoAway:
+        """Wait until the worker says it is draining; a router reconnects elsewhere for new streams."""
+        await self._goaway.wait()
+        assert self._codec.goaway_received is not None
+        return self._codec.goaway_received
 
     def stream(
         self,
@@ -132,6 +139,8 @@ class TcpClient:
                 return False
             if isinstance(event, codec.Data | codec.End | codec.Error) and event.stream_id:
                 await self._deliver(event)
+            elif isinstance(event, codec.GoAway):
+                self._goaway.set()
             elif isinstance(event, codec.Error):
                 self._connection_lost(f"worker closed the connection: {event.message}")
                 return True
