@@ -37,13 +37,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ingress", description="Serve inference endpoints over TCP (more soon).")
+    parser = argparse.ArgumentParser(
+        prog="ingress", description="Serve inference endpoints over TCP (more soon)."
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="serve a worker until SIGTERM/SIGINT")
-    serve.add_argument("app", nargs="?", default=DEFAULT_APP, help=f"module:attribute naming a Worker (default {DEFAULT_APP})")
-    serve.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="serve the TCP protocol here (default 127.0.0.1:9000)")
-    serve.add_argument("--metrics", type=_address, metavar="HOST:PORT", help="serve /metrics, /health and /ready here")
+    serve.add_argument(
+        "app",
+        nargs="?",
+        default=DEFAULT_APP,
+        help=f"module:attribute naming a Worker (default {DEFAULT_APP})",
+    )
+    serve.add_argument(
+        "--tcp",
+        type=_address,
+        metavar="HOST:PORT",
+        help="serve the TCP protocol here (default 127.0.0.1:9000)",
+    )
+    serve.add_argument(
+        "--metrics", type=_address, metavar="HOST:PORT", help="serve /metrics, /health and /ready here"
+    )
     serve.add_argument("--drain-timeout", type=_seconds, default=_DEFAULTS.drain_timeout, metavar="S")
     serve.add_argument("--shutdown-delay", type=_seconds, default=_DEFAULTS.shutdown_delay, metavar="S")
     serve.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
@@ -133,7 +147,10 @@ async def _call_async(args: argparse.Namespace, request: Any, metadata: dict[str
                     sys.stdout.write(json.dumps(chunk) + "\n")
                     sys.stdout.flush()
     except IngressError as exc:
-        print(f"error: {exc.code.name}: {exc.message} (retryable: {str(exc.retryable).lower()})", file=sys.stderr)
+        print(
+            f"error: {exc.code.name}: {exc.message} (retryable: {str(exc.retryable).lower()})",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     except trio.TooSlowError:
         print(f"error: DEADLINE_EXCEEDED: no answer within {args.timeout:g} s (--timeout)", file=sys.stderr)

@@ -63,9 +63,7 @@ class RequestContext:
         """Ask a streaming handler to finish early; it should check ``is_stopped`` between chunks."""
         self._stopped = True
 
-    def kill(
-        self, reason: KillReason = KillReason.CALLER_KILL, error: IngressError | None = None
-    ) -> None:
+    def kill(self, reason: KillReason = KillReason.CALLER_KILL, error: IngressError | None = None) -> None:
         """Cancel the handler now. ``error`` is what the caller is told (unless it is gone)."""
         if self._kill_reason is None:
             self._kill_reason = reason

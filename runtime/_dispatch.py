@@ -40,7 +40,9 @@ async def dispatch(binding: EndpointBinding, ctx: RequestContext, request: Any, 
     return run.outcome
 
 
-async def answer_error(binding: EndpointBinding, ctx: RequestContext, sink: ResponseSink, error: IngressError) -> None:
+async def answer_error(
+    binding: EndpointBinding, ctx: RequestContext, sink: ResponseSink, error: IngressError
+) -> None:
     """Answer a request that never reached its handler (say, undecodable input) with full accounting."""
     run = _Run(binding, ctx, sink)
     with binding.tracker.track(ctx):

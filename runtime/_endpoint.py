@@ -47,7 +47,7 @@ class Endpoint:
         return cls(name, handler, options)
 
 
-class CallerGone(Exception):  # noqa: N818 -- a condition, not a failure of ours
+class CallerGone(Exception):
     """Raised by a sink when the caller can no longer be reached; the dispatcher records a disconnect."""
 
 

@@ -26,22 +26,32 @@ class Metrics:
             "ingress_requests", "Requests finished, by outcome.", (*labels, "outcome"), registry=r
         )
         self.duration = Histogram(
-            "ingress_request_duration_seconds", "Time from accept to last byte.", labels,
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "ingress_request_duration_seconds",
+            "Time from accept to last byte.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttfc = Histogram(
-            "ingress_time_to_first_chunk_seconds", "Time from accept to the first chunk.", labels,
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "ingress_time_to_first_chunk_seconds",
+            "Time from accept to the first chunk.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.disconnects = Counter(
-            "ingress_client_disconnects", "Callers that went away mid-request.", (*labels, "reason"),
+            "ingress_client_disconnects",
+            "Callers that went away mid-request.",
+            (*labels, "reason"),
             registry=r,
         )
         self.rejections = Counter(
             "ingress_rejections", "Requests turned away before running.", (*labels, "reason"), registry=r
         )
         self.inactivity = Counter(
-            "ingress_inactivity_timeouts", "Streams killed for yielding nothing within inactivity_timeout.", labels,
+            "ingress_inactivity_timeouts",
+            "Streams killed for yielding nothing within inactivity_timeout.",
+            labels,
             registry=r,
         )
         self.protocol_errors = Counter(
@@ -51,7 +61,9 @@ class Metrics:
             "ingress_shutdown_phase_seconds", "How long each shutdown phase took.", ("phase",), registry=r
         )
         self.draining_inflight = Gauge(
-            "ingress_shutdown_inflight_requests", "In-flight requests when each phase ended.", ("phase",),
+            "ingress_shutdown_inflight_requests",
+            "In-flight requests when each phase ended.",
+            ("phase",),
             registry=r,
         )
         self.drain_forced = Gauge(
@@ -72,7 +84,7 @@ class Metrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this worker's registry."""
-        return generate_latest(self.registry)  # type: ignore[no-any-return]  # untyped library
+        return generate_latest(self.registry)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,11 @@ class OpsProbes:
 
 
 async def serve_ops(
-    host: str, port: int, probes: OpsProbes, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    host: str,
+    port: int,
+    probes: OpsProbes,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ops endpoints on ``host:port`` until cancelled; reports the bound address."""
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -56,7 +60,11 @@ async def _answer_one(probes: OpsProbes, stream: trio.SocketStream) -> None:
             continue
         if isinstance(event, h11.Request):
             status, content_type, body = _route(probes, event.method, event.target)
-            headers = [("content-type", content_type), ("content-length", str(len(body))), ("connection", "close")]
+            headers = [
+                ("content-type", content_type),
+                ("content-length", str(len(body))),
+                ("connection", "close"),
+            ]
             await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
             await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
         return

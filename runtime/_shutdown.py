@@ -168,7 +168,9 @@ class ShutdownCoordinator:
         for transport in self._transports:
             for binding in transport.endpoints.values():
                 for ctx in binding.tracker.active():
-                    ctx.kill(KillReason.SHUTDOWN, ShuttingDown("worker shut down before the request finished"))
+                    ctx.kill(
+                        KillReason.SHUTDOWN, ShuttingDown("worker shut down before the request finished")
+                    )
                     killed += 1
         why = "second request" if self._skipped else "drain_timeout expired"
         self._log.warning("shutdown.drain_forced", killed=killed, why=why)

@@ -31,7 +31,8 @@ from ._signals import watch_signals
 class Transport(Protocol):
     """An ingress transport. ``serve`` runs until cancelled and reports its bound address once listening."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     async def serve(
         self, binding: TransportBinding, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
@@ -57,6 +58,10 @@ class WorkerHandle:
     def shutdown(self, reason: str = "requested") -> None:
         """Start the graceful shutdown; calling it again skips the drain (like a second signal)."""
         self._coordinator.request(reason)
+
+    async def wait_shutdown_started(self) -> None:
+        """Wait for the first shutdown request (signal or ``shutdown()``): readiness is false from then."""
+        await self._coordinator.wait_requested()
 
     async def wait_drained(self) -> ShutdownResult:
         """Wait until phases 0-2 are over (phase 3 follows at once); returns how the drain went."""
@@ -130,9 +135,12 @@ class Worker:
         runtime = RuntimeContext(self.name, config or WorkerConfig(), Metrics(), get_logger(worker=self.name))
         global_inflight = GlobalInFlight()
         admissions = {
-            ep.name: Admission(ep.options.max_concurrency, ep.options.max_queue) for ep in self._endpoints.values()
+            ep.name: Admission(ep.options.max_concurrency, ep.options.max_queue)
+            for ep in self._endpoints.values()
         }
-        bindings = [bind_transport(t.name, runtime, self._endpoints, admissions, global_inflight) for t in transports]
+        bindings = [
+            bind_transport(t.name, runtime, self._endpoints, admissions, global_inflight) for t in transports
+        ]
         coordinator = ShutdownCoordinator(runtime, bindings, global_inflight, admissions.values())
         handle = WorkerHandle(runtime, {}, coordinator, global_inflight, bindings)
         async with trio.open_nursery() as primary:
@@ -144,7 +152,9 @@ class Worker:
             for transport, binding in zip(transports, bindings, strict=True):
                 handle.addresses[transport.name] = await primary.start(transport.serve, binding)
             coordinator.mark_ready()
-            runtime.logger.info("worker.ready", addresses=_printable(handle.addresses), endpoints=sorted(self._endpoints))
+            runtime.logger.info(
+                "worker.ready", addresses=_printable(handle.addresses), endpoints=sorted(self._endpoints)
+            )
             task_status.started(handle)
             handle.result = await coordinator.run()
             handle._drained.set()
@@ -189,4 +199,7 @@ async def open_worker(
 
 
 def _printable(addresses: dict[str, Any]) -> dict[str, str]:
-    return {name: f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr) for name, addr in addresses.items()}
+    return {
+        name: f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        for name, addr in addresses.items()
+    }

@@ -73,7 +73,9 @@ class TestBinding:
     def endpoint(self, name: str) -> EndpointBinding:
         return self.transport.lookup(name)
 
-    def context(self, endpoint: str, *, deadline: float = float("inf"), request_id: str = "test") -> RequestContext:
+    def context(
+        self, endpoint: str, *, deadline: float = float("inf"), request_id: str = "test"
+    ) -> RequestContext:
         return RequestContext(request_id, endpoint, "test", self.runtime, deadline=deadline)
 
 
@@ -102,21 +104,28 @@ class MemoryTransport:
         self._binding: TransportBinding | None = None
         self._nursery: trio.Nursery | None = None
 
-    async def serve(self, binding: TransportBinding, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, binding: TransportBinding, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         self._binding = binding
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started("memory")
             await trio.sleep_forever()
 
-    def start_request(self, endpoint: str, request: Any, *, deadline: float = float("inf")) -> tuple[RequestContext, RecordingSink]:
+    def start_request(
+        self, endpoint: str, request: Any, *, deadline: float = float("inf")
+    ) -> tuple[RequestContext, RecordingSink]:
         """Accept a request now (or refuse it, UNAVAILABLE, once intake is closed)."""
         from ._dispatch import dispatch
         from ._errors import Unavailable
 
-        assert self._binding is not None and self._nursery is not None, "transport is not serving"
+        assert self._binding is not None, "transport is not serving"
+        assert self._nursery is not None, "transport is not serving"
         binding = self._binding.lookup(endpoint)
-        ctx = RequestContext(f"mem-{id(request)}", endpoint, self.name, self._binding.runtime, deadline=deadline)
+        ctx = RequestContext(
+            f"mem-{id(request)}", endpoint, self.name, self._binding.runtime, deadline=deadline
+        )
         sink = RecordingSink()
         if not binding.accepting:
             sink.error, sink.retryable = Unavailable("draining"), True

@@ -7,7 +7,9 @@ import trio.testing
 from runtime import Admission, ErrorCode, Rejected
 
 
-async def _hold(admission: Admission, release: trio.Event, log: list[str], name: str, deadline: float = float("inf")) -> None:
+async def _hold(
+    admission: Admission, release: trio.Event, log: list[str], name: str, deadline: float = float("inf")
+) -> None:
     try:
         async with admission.slot(deadline):
             log.append(f"start {name}")

@@ -86,7 +86,7 @@ async def test_unexpected_exception_becomes_internal_without_leaking_its_text():
 
 async def test_lone_error_inside_a_handler_nursery_keeps_its_code():
     """An IngressError wrapped in an ExceptionGroup by the handler's nursery still keeps its code."""
-    outcome, sink, _ = await _run("nursery_error", None)
+    _, sink, _ = await _run("nursery_error", None)
     assert sink.error is not None and sink.error.code is ErrorCode.OVERLOADED and sink.retryable is True
 
 
@@ -103,7 +103,12 @@ async def test_expired_deadline_is_rejected_before_the_handler_runs(autojump_clo
     """A request whose deadline passed before it arrived never starts."""
     outcome, sink, bound = await _run("unary", 1, deadline=trio.current_time())
     assert outcome == "rejected" and sink.error is not None
-    assert sample(bound.runtime, "ingress_rejections_total", endpoint="unary", transport="test", reason="deadline") == 1
+    assert (
+        sample(
+            bound.runtime, "ingress_rejections_total", endpoint="unary", transport="test", reason="deadline"
+        )
+        == 1
+    )
 
 
 async def test_inactivity_timeout_kills_a_silent_stream(autojump_clock):
@@ -113,7 +118,9 @@ async def test_inactivity_timeout_kills_a_silent_stream(autojump_clock):
     assert trio.current_time() - start == pytest.approx(3)
     assert outcome == "error" and sink.error is not None
     assert sink.error.code is ErrorCode.DEADLINE_EXCEEDED and "inactivity_timeout" in sink.error.message
-    assert sample(bound.runtime, "ingress_inactivity_timeouts_total", endpoint="tokens", transport="test") == 1
+    assert (
+        sample(bound.runtime, "ingress_inactivity_timeouts_total", endpoint="tokens", transport="test") == 1
+    )
 
 
 async def test_slow_reader_is_not_mistaken_for_inactivity(autojump_clock):
@@ -212,6 +219,7 @@ def test_registering_a_plain_function_is_refused():
     worker = Worker("w")
     with pytest.raises(TypeError, match="async"):
         worker.add_endpoint("sync", lambda request, ctx: None)
+    handler = _worker().endpoints["unary"].handler
+    worker.endpoint("x")(handler)
     with pytest.raises(ValueError, match="already registered"):
-        worker.endpoint("x")(_worker().endpoints["unary"].handler)
-        worker.endpoint("x")(_worker().endpoints["unary"].handler)
+        worker.endpoint("x")(handler)

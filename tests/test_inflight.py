@@ -1,5 +1,7 @@
 """In-flight tracking: counts, the idle event, and the lost-wakeup race the Rust original had."""
 
+import random
+
 import trio
 import trio.testing
 
@@ -54,28 +56,30 @@ async def test_no_lost_wakeup_when_last_request_ends_before_waiter_parks():
     assert tracker.count == 0
 
 
-async def test_waiters_wake_across_many_interleavings(autojump_clock):
-    """Under many random interleavings of enter/exit, every waiter returns exactly when the count is zero."""
-    import random
+async def _one_interleaving(rng: random.Random) -> list[int]:
+    total = GlobalInFlight()
+    tracker = InFlight[int](total)
+    seen: list[int] = []
 
+    async def request(i: int, delay: float) -> None:
+        with tracker.track(i):
+            await trio.sleep(delay)
+
+    async def waiter(delay: float) -> None:
+        await trio.sleep(delay)
+        await total.wait_idle()
+        seen.append(total.count)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(rng.randint(1, 8)):
+            nursery.start_soon(request, i, rng.random() / 10)
+        for _ in range(3):
+            nursery.start_soon(waiter, rng.random() / 10)
+    return seen
+
+
+async def test_waiters_wake_across_many_interleavings(autojump_clock):
+    """Under many random interleavings of enter/exit, every waiter returns, only when the count is zero."""
     rng = random.Random(7)
     for _ in range(50):
-        total = GlobalInFlight()
-        tracker = InFlight[int](total)
-        seen_zero: list[int] = []
-
-        async def request(i: int, delay: float) -> None:
-            with tracker.track(i):
-                await trio.sleep(delay)
-
-        async def waiter() -> None:
-            await trio.sleep(rng.random() / 10)
-            await total.wait_idle()
-            seen_zero.append(total.count)
-
-        async with trio.open_nursery() as nursery:
-            for i in range(rng.randint(1, 8)):
-                nursery.start_soon(request, i, rng.random() / 10)
-            for _ in range(3):
-                nursery.start_soon(waiter)
-        assert seen_zero == [0, 0, 0]
+        assert await _one_interleaving(rng) == [0, 0, 0]

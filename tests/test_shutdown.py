@@ -5,6 +5,7 @@ import signal
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 from structlog.testing import capture_logs
 
@@ -32,7 +33,11 @@ def _worker() -> Worker:
 
 
 async def _serve(config: WorkerConfig, transport: MemoryTransport, nursery: trio.Nursery):
-    return await nursery.start(lambda task_status: _worker().serve([transport], config, handle_signals=False, task_status=task_status))
+    return await nursery.start(
+        lambda task_status: _worker().serve(
+            [transport], config, handle_signals=False, task_status=task_status
+        )
+    )
 
 
 async def test_clean_drain_finishes_streams_and_exits_zero(autojump_clock):
@@ -53,8 +58,14 @@ async def test_clean_drain_finishes_streams_and_exits_zero(autojump_clock):
     assert first.ended and second.ended
     assert handle.exit_code == EXIT_OK
     events = [entry["event"] for entry in logs]
-    for expected in ("shutdown.phase0.done", "shutdown.intake_closed", "shutdown.endpoint_drained",
-                     "shutdown.phase1.done", "shutdown.phase2.done", "shutdown.phase3.started"):
+    for expected in (
+        "shutdown.phase0.done",
+        "shutdown.intake_closed",
+        "shutdown.endpoint_drained",
+        "shutdown.phase1.done",
+        "shutdown.phase2.done",
+        "shutdown.phase3.started",
+    ):
         assert expected in events
     drained = [e for e in logs if e["event"] == "shutdown.endpoint_drained" and e["endpoint"] == "tokens"]
     assert drained[0]["transport"] == "memory" and drained[0]["elapsed"] == pytest.approx(4.5)
@@ -90,7 +101,16 @@ async def test_drain_timeout_kills_stragglers_tells_callers_and_exits_forced(aut
     assert quiet.ended
     assert handle.exit_code == EXIT_DRAIN_FORCED and handle.result.killed == 1
     assert sample(handle.runtime, "ingress_shutdown_drain_forced") == 1
-    assert sample(handle.runtime, "ingress_requests_total", endpoint="tokens", transport="memory", outcome="shutdown") == 1
+    assert (
+        sample(
+            handle.runtime,
+            "ingress_requests_total",
+            endpoint="tokens",
+            transport="memory",
+            outcome="shutdown",
+        )
+        == 1
+    )
 
 
 async def test_kill_before_first_chunk_is_retryable(autojump_clock):
@@ -156,7 +176,7 @@ async def test_kill_grace_bounds_a_handler_that_ignores_cancellation(autojump_cl
     async with trio.open_nursery() as nursery:
         handle = await _serve(WorkerConfig(drain_timeout=2, kill_grace=1), transport, nursery)
         transport.start_request("stubborn", {"hold": 100})
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         start = trio.current_time()
         handle.shutdown("test")
         await handle.wait_drained()
@@ -183,12 +203,14 @@ async def test_progress_is_logged_every_second_while_draining(autojump_clock):
 async def test_sigterm_then_sigint_drive_the_coordinator():
     """A real SIGTERM starts the drain and a following SIGINT forces it (signal handling end to end)."""
     transport = MemoryTransport()
-    async with open_worker(_worker(), [transport], WorkerConfig(drain_timeout=60), handle_signals=True) as handle:
+    async with open_worker(
+        _worker(), [transport], WorkerConfig(drain_timeout=60), handle_signals=True
+    ) as handle:
         _, sink = transport.start_request("tokens", {"n": 1000})
         os.kill(os.getpid(), signal.SIGTERM)
         with trio.fail_after(5):
-            while handle.ready:
-                await trio.sleep(0.01)
+            await handle.wait_shutdown_started()
+        assert not handle.ready
         os.kill(os.getpid(), signal.SIGINT)
         with trio.fail_after(5):
             await handle.wait_drained()

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from runtime import ErrorCode, IngressError, RemoteError, RequestContext, Worker, WorkerConfig, open_worker
+from runtime import ErrorCode, IngressError, RequestContext, Worker, WorkerConfig, open_worker
 from runtime.testing import sample
 from transports.tcp import TcpClient, TcpTransport
 from transports.tcp import _codec as codec
@@ -50,7 +50,12 @@ def _worker(probe: Probe) -> Worker:
 
     @worker.endpoint("context")
     async def context(request, ctx: RequestContext):
-        return {"remaining": ctx.time_remaining(), "metadata": dict(ctx.metadata), "peer": ctx.peer, "id": ctx.id}
+        return {
+            "remaining": ctx.time_remaining(),
+            "metadata": dict(ctx.metadata),
+            "peer": ctx.peer,
+            "id": ctx.id,
+        }
 
     return worker
 
@@ -63,7 +68,9 @@ async def serving(probe: Probe, **transport_options) -> AsyncIterator[tuple[obje
 
 
 @asynccontextmanager
-async def raw_connection(address: tuple[str, int]) -> AsyncIterator[tuple[trio.SocketStream, codec.Connection]]:
+async def raw_connection(
+    address: tuple[str, int],
+) -> AsyncIterator[tuple[trio.SocketStream, codec.Connection]]:
     """A hand-driven client connection, for sending exactly the frames a test needs."""
     async with await trio.open_tcp_stream(*address) as stream:
         conn = codec.Connection(codec.Role.CLIENT)
@@ -110,7 +117,9 @@ async def test_deadline_and_metadata_reach_the_handler():
     """The caller's cancel-scope deadline becomes ctx.deadline; metadata and a request id arrive intact."""
     async with serving(Probe()) as (_, address), TcpClient.connect(*address) as client:
         with trio.move_on_after(5):
-            answer = await client.call("context", {}, metadata={"authorization": "Bearer t"}, request_id="rid-1")
+            answer = await client.call(
+                "context", {}, metadata={"authorization": "Bearer t"}, request_id="rid-1"
+            )
     assert 4 < answer["remaining"] <= 5
     assert answer["metadata"] == {"authorization": "Bearer t"} and answer["id"] == "rid-1"
     assert answer["peer"].startswith("127.0.0.1:")
@@ -120,21 +129,22 @@ async def test_deadline_and_metadata_reach_the_handler():
 async def test_disconnect_cancels_the_handler_and_is_counted(how):
     """A connection closed or reset mid-stream cancels its handler promptly and counts the reason."""
     probe = Probe()
-    async with serving(probe) as (handle, address):
-        async with raw_connection(address) as (stream, conn):
-            await stream.send_all(conn.send(codec.Request(1, "tokens", "r", 0, (), b'{"n": 100000, "gap": 0.01}')))
-            await probe.started.wait()
-            if how == "reset":
-                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            stream.socket.close()
-            with trio.fail_after(5):
-                await probe.finished.wait()
-            assert probe.cancelled
-            binding = handle.binding("tcp", "tokens")
-            await binding.tracker.wait_idle()
-            labels = {"endpoint": "tokens", "transport": "tcp"}
-            assert sample(handle.runtime, "ingress_client_disconnects_total", **labels, reason=how) == 1
-            assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="disconnected") == 1
+    async with serving(probe) as (handle, address), raw_connection(address) as (stream, conn):
+        await stream.send_all(
+            conn.send(codec.Request(1, "tokens", "r", 0, (), b'{"n": 100000, "gap": 0.01}'))
+        )
+        await probe.started.wait()
+        if how == "reset":
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+        with trio.fail_after(5):
+            await probe.finished.wait()
+        assert probe.cancelled
+        binding = handle.binding("tcp", "tokens")
+        await binding.tracker.wait_idle()
+        labels = {"endpoint": "tokens", "transport": "tcp"}
+        assert sample(handle.runtime, "ingress_client_disconnects_total", **labels, reason=how) == 1
+        assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="disconnected") == 1
 
 
 async def test_leaving_the_loop_early_kills_the_stream():
@@ -148,7 +158,16 @@ async def test_leaving_the_loop_early_kills_the_stream():
             await probe.finished.wait()
         await handle.binding("tcp", "tokens").tracker.wait_idle()
         assert probe.cancelled
-        assert sample(handle.runtime, "ingress_requests_total", endpoint="tokens", transport="tcp", outcome="cancelled") == 1
+        assert (
+            sample(
+                handle.runtime,
+                "ingress_requests_total",
+                endpoint="tokens",
+                transport="tcp",
+                outcome="cancelled",
+            )
+            == 1
+        )
 
 
 async def test_stop_ends_the_stream_gracefully():
@@ -166,22 +185,24 @@ async def test_stop_ends_the_stream_gracefully():
 
 
 async def test_errors_reach_the_caller_without_disturbing_other_streams():
-    """Unknown endpoint, invalid JSON and bad fields each fail their own stream; a neighbour stream completes."""
-    async with serving(Probe()) as (_, address):
-        async with raw_connection(address) as (stream, conn):
-            frames = [
-                codec.Request(1, "tokens", "ok", 0, (), b'{"n": 3, "gap": 0.01}'),
-                codec.Request(2, "missing", "nf", 0, (), b"{}"),
-                codec.Request(3, "tokens", "bad", 0, (), b"{not json"),
-            ]
-            await stream.send_all(b"".join(conn.send(f) for f in frames))
-            events = []
-            while not any(isinstance(e, codec.End) for e in events) or len([e for e in events if isinstance(e, codec.Error)]) < 2:
-                events += await _raw_events(stream, conn, codec.Error | codec.End)
-            errors = {e.stream_id: e for e in events if isinstance(e, codec.Error)}
-            assert errors[2].code == ErrorCode.NOT_FOUND and "missing" in errors[2].message
-            assert errors[3].code == ErrorCode.BAD_REQUEST and "not valid JSON" in errors[3].message
-            assert [json.loads(e.payload)["i"] for e in events if isinstance(e, codec.Data)] == [0, 1, 2]
+    """Unknown endpoint and invalid JSON each fail their own stream; a neighbour stream completes."""
+    async with serving(Probe()) as (_, address), raw_connection(address) as (stream, conn):
+        frames = [
+            codec.Request(1, "tokens", "ok", 0, (), b'{"n": 3, "gap": 0.01}'),
+            codec.Request(2, "missing", "nf", 0, (), b"{}"),
+            codec.Request(3, "tokens", "bad", 0, (), b"{not json"),
+        ]
+        await stream.send_all(b"".join(conn.send(f) for f in frames))
+        events = []
+        while (
+            not any(isinstance(e, codec.End) for e in events)
+            or len([e for e in events if isinstance(e, codec.Error)]) < 2
+        ):
+            events += await _raw_events(stream, conn, codec.Error | codec.End)
+        errors = {e.stream_id: e for e in events if isinstance(e, codec.Error)}
+        assert errors[2].code == ErrorCode.NOT_FOUND and "missing" in errors[2].message
+        assert errors[3].code == ErrorCode.BAD_REQUEST and "not valid JSON" in errors[3].message
+        assert [json.loads(e.payload)["i"] for e in events if isinstance(e, codec.Data)] == [0, 1, 2]
 
 
 async def test_malformed_input_closes_only_that_connection():
@@ -201,38 +222,44 @@ async def test_malformed_input_closes_only_that_connection():
 
 async def test_stream_limit_refuses_extra_streams_as_retryable():
     """Past max_streams_per_connection a new stream is refused OVERLOADED (retryable); the rest go on."""
-    async with serving(Probe(), max_streams_per_connection=2) as (_, address):
-        async with raw_connection(address) as (stream, conn):
-            assert conn.peer_hello is not None and conn.peer_hello.max_streams == 2
-            requests = [codec.Request(i, "tokens", "", 0, (), b'{"n": 2, "gap": 0.05}') for i in (1, 2, 3)]
-            await stream.send_all(b"".join(conn.send(r) for r in requests))
-            events = await _raw_events(stream, conn, codec.Error)
-            refused = [e for e in events if isinstance(e, codec.Error)]
-            assert refused[0].stream_id == 3 and refused[0].code == ErrorCode.OVERLOADED and refused[0].retryable
+    async with (
+        serving(Probe(), max_streams_per_connection=2) as (_, address),
+        raw_connection(address) as (stream, conn),
+    ):
+        assert conn.peer_hello is not None and conn.peer_hello.max_streams == 2
+        requests = [codec.Request(i, "tokens", "", 0, (), b'{"n": 2, "gap": 0.05}') for i in (1, 2, 3)]
+        await stream.send_all(b"".join(conn.send(r) for r in requests))
+        events = await _raw_events(stream, conn, codec.Error)
+        refused = [e for e in events if isinstance(e, codec.Error)]
+        assert refused[0].stream_id == 3 and refused[0].code == ErrorCode.OVERLOADED and refused[0].retryable
 
 
 async def test_oversized_frame_is_a_protocol_error():
     """A frame larger than max_frame_size closes the connection with a protocol error that names the limit."""
-    async with serving(Probe(), max_frame_size=4096) as (_, address):
-        async with raw_connection(address) as (stream, conn):
-            await stream.send_all(struct.pack("!IBI", 100_000, codec.FrameType.REQUEST, 1))
-            events = await _raw_events(stream, conn, codec.Error)
-            assert "exceeds the limit of 4096" in events[-1].message
+    async with (
+        serving(Probe(), max_frame_size=4096) as (_, address),
+        raw_connection(address) as (stream, conn),
+    ):
+        await stream.send_all(struct.pack("!IBI", 100_000, codec.FrameType.REQUEST, 1))
+        events = await _raw_events(stream, conn, codec.Error)
+        assert "exceeds the limit of 4096" in events[-1].message
 
 
 async def test_slow_reader_gets_back_pressure_not_buffering():
     """A caller that stops reading stalls its own handler after a bounded amount; then gets everything."""
     probe = Probe()
-    async with serving(probe, write_high_water=64 * 1024) as (_, address):
-        async with raw_connection(address) as (stream, conn):
-            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            await stream.send_all(conn.send(codec.Request(1, "tokens", "", 0, (), b'{"n": 2000, "pad": 65536}')))
-            await probe.started.wait()
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-            stalled_at = probe.produced
-            # 2000 chunks of 64 KiB is 128 MiB; kernel buffers plus our high-water mark hold a few MiB.
-            assert stalled_at < 200
-            events = await _raw_events(stream, conn, codec.End)
+    async with (
+        serving(probe, write_high_water=64 * 1024) as (_, address),
+        raw_connection(address) as (stream, conn),
+    ):
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        await stream.send_all(conn.send(codec.Request(1, "tokens", "", 0, (), b'{"n": 2000, "pad": 65536}')))
+        await probe.started.wait()
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        stalled_at = probe.produced
+        # 2000 chunks of 64 KiB is 128 MiB; kernel buffers plus our high-water mark hold a few MiB.
+        assert stalled_at < 200
+        events = await _raw_events(stream, conn, codec.End)
     assert len([e for e in events if isinstance(e, codec.Data)]) == 2000
 
 
@@ -240,22 +267,26 @@ async def test_drain_refuses_new_streams_and_connections_but_finishes_running_on
     """In phase 1: GOAWAY, new streams get UNAVAILABLE (retryable), new connections are refused, and the
     stream in flight runs to the end."""
     probe = Probe()
-    async with serving(probe) as (handle, address):
-        async with raw_connection(address) as (stream, conn):
-            await stream.send_all(conn.send(codec.Request(1, "tokens", "", 0, (), b'{"n": 30, "gap": 0.02}')))
-            await probe.started.wait()
-            handle.shutdown("test")
-            goaway = await _raw_events(stream, conn, codec.GoAway)
-            await stream.send_all(conn.send(codec.Request(2, "tokens", "", 0, (), b"{}")))
-            events = goaway + await _raw_events(stream, conn, codec.End)
-            refused = [e for e in events if isinstance(e, codec.Error)]
-            assert refused and refused[0].stream_id == 2 and refused[0].code == ErrorCode.UNAVAILABLE and refused[0].retryable
-            assert len([e for e in events if isinstance(e, codec.Data) and e.stream_id == 1]) == 30
-            with pytest.raises(IngressError) as caught:
-                async with TcpClient.connect(*address):
-                    pass
-            assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retryable
-            result = await handle.wait_drained()
+    async with serving(probe) as (handle, address), raw_connection(address) as (stream, conn):
+        await stream.send_all(conn.send(codec.Request(1, "tokens", "", 0, (), b'{"n": 30, "gap": 0.02}')))
+        await probe.started.wait()
+        handle.shutdown("test")
+        goaway = await _raw_events(stream, conn, codec.GoAway)
+        await stream.send_all(conn.send(codec.Request(2, "tokens", "", 0, (), b"{}")))
+        events = goaway + await _raw_events(stream, conn, codec.End)
+        refused = [e for e in events if isinstance(e, codec.Error)]
+        assert (
+            refused
+            and refused[0].stream_id == 2
+            and refused[0].code == ErrorCode.UNAVAILABLE
+            and refused[0].retryable
+        )
+        assert len([e for e in events if isinstance(e, codec.Data) and e.stream_id == 1]) == 30
+        with pytest.raises(IngressError) as caught:
+            async with TcpClient.connect(*address):
+                pass
+        assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retryable
+        result = await handle.wait_drained()
     assert not result.forced
 
 

@@ -13,6 +13,7 @@ once, so the worker stops generating for nobody.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -62,7 +63,9 @@ class TcpClient:
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as exc:
-            raise Unavailable(f"cannot connect to {host}:{port}: {exc.strerror or exc}", retryable=True) from exc
+            raise Unavailable(
+                f"cannot connect to {host}:{port}: {exc.strerror or exc}", retryable=True
+            ) from exc
         client = cls(stream, max_frame_size=max_frame_size, write_high_water=write_high_water)
         try:
             async with open_background_nursery() as nursery:
@@ -98,14 +101,18 @@ class TcpClient:
     ) -> ClientStream:
         """Open a stream (lazily, on first iteration); ``deadline`` is in ``trio.current_time()`` terms."""
         payload = json.dumps(request, separators=(",", ":")).encode()
-        return ClientStream(self, endpoint, payload, deadline, dict(metadata or {}), request_id or uuid.uuid4().hex)
+        return ClientStream(
+            self, endpoint, payload, deadline, dict(metadata or {}), request_id or uuid.uuid4().hex
+        )
 
     async def call(self, endpoint: str, request: Any = None, **options: Any) -> Any:
         """Call a unary endpoint and return its one answer."""
         async with self.stream(endpoint, request, **options) as stream:
             chunks = [chunk async for chunk in stream]
         if len(chunks) != 1:
-            raise IngressError(f"endpoint {endpoint!r} sent {len(chunks)} chunks; use stream() for streaming endpoints")
+            raise IngressError(
+                f"endpoint {endpoint!r} sent {len(chunks)} chunks; use stream() for streaming endpoints"
+            )
         return chunks[0]
 
     # ---- connection internals -------------------------------------------------------------------------
@@ -158,10 +165,9 @@ class TcpClient:
             item = _END
         else:
             item = RemoteError(ErrorCode(event.code), event.message, retryable=event.retryable)
-        try:
+        # The consumer may close its end between our lookup and the send.
+        with contextlib.suppress(trio.BrokenResourceError):
             await channel.send(item)
-        except trio.BrokenResourceError:
-            pass  # the consumer closed its end between our lookup and the send
 
     def _connection_lost(self, why: str) -> None:
         if self._lost is None:
@@ -180,7 +186,12 @@ class TcpClient:
         self._streams[stream_id] = send
         stream._stream_id = stream_id
         request = codec.Request(
-            stream_id, stream.endpoint, stream.request_id, stream.timeout_ms(), tuple(stream.metadata.items()), stream.payload
+            stream_id,
+            stream.endpoint,
+            stream.request_id,
+            stream.timeout_ms(),
+            tuple(stream.metadata.items()),
+            stream.payload,
         )
         try:
             await self._writer.write(self._codec.send(request))
@@ -298,7 +309,6 @@ class ClientStream:
         # A plain `async for ... break` drops the iterator without closing it; CPython frees it at
         # once, so this is where the worker learns the caller left. write_nowait never blocks.
         if not self._finished and self._stream_id:
-            try:
+            # At interpreter shutdown or on a closed connection there is nobody left to tell.
+            with contextlib.suppress(Exception):
                 self._finish(kill=True)
-            except Exception:
-                pass  # interpreter shutdown or a closed connection: nothing left to tell

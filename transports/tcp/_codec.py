@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -213,8 +214,8 @@ class Connection:
             payload = bytes(self._buffer[start : start + length])
             self._consume(HEADER.size + length)
             event = self._decode(raw_type, stream_id, payload)
-            if event is not _DROPPED:
-                return event  # type: ignore[return-value]  # _DROPPED is the only non-Event
+            if not isinstance(event, _Dropped):
+                return event
 
     def _take_preface(self) -> bool:
         have = bytes(self._buffer[: len(MAGIC)])
@@ -240,7 +241,7 @@ class Connection:
             del self._buffer[: self._offset]
             self._offset = 0
 
-    def _decode(self, raw_type: int, stream_id: int, payload: bytes) -> Event:
+    def _decode(self, raw_type: int, stream_id: int, payload: bytes) -> Event | _Dropped:
         try:
             frame_type = FrameType(raw_type)
         except ValueError:
@@ -343,7 +344,9 @@ class Connection:
     def _frame(self, frame_type: FrameType, stream_id: int, payload: bytes) -> bytes:
         limit = self.peer_hello.max_frame_size if self.peer_hello is not None else _HELLO.size
         if len(payload) > limit:
-            raise LocalProtocolError(f"frame of {len(payload)} bytes exceeds the peer's limit of {limit} bytes")
+            raise LocalProtocolError(
+                f"frame of {len(payload)} bytes exceeds the peer's limit of {limit} bytes"
+            )
         return HEADER.pack(len(payload), frame_type, stream_id) + payload
 
 
@@ -420,7 +423,7 @@ def _decode_error(stream_id: int, payload: bytes) -> Error:
     return Error(stream_id, code, bool(flags & 1), _text(payload[_ERROR_HEAD.size :]))
 
 
-def _decode_empty(frame_type: type[End | Stop | Kill]) -> object:
+def _decode_empty(frame_type: type[End | Stop | Kill]) -> Callable[[int, bytes], Event]:
     def decode(stream_id: int, payload: bytes) -> End | Stop | Kill:
         if payload:
             raise RemoteProtocolError(f"{frame_type.__name__.upper()} frames carry no payload")
@@ -429,7 +432,7 @@ def _decode_empty(frame_type: type[End | Stop | Kill]) -> object:
     return decode
 
 
-_DECODERS: Final = {
+_DECODERS: Final[dict[FrameType, Callable[[int, bytes], Event]]] = {
     FrameType.REQUEST: _decode_request,
     FrameType.DATA: Data,
     FrameType.END: _decode_empty(End),
@@ -447,7 +450,11 @@ def _encode(event: Event) -> tuple[FrameType, int, bytes]:
     if isinstance(event, End):
         return FrameType.END, event.stream_id, b""
     if isinstance(event, Error):
-        return FrameType.ERROR, event.stream_id, _ERROR_HEAD.pack(event.code, int(event.retryable)) + event.message.encode()
+        return (
+            FrameType.ERROR,
+            event.stream_id,
+            _ERROR_HEAD.pack(event.code, int(event.retryable)) + event.message.encode(),
+        )
     if isinstance(event, Stop):
         return FrameType.STOP, event.stream_id, b""
     if isinstance(event, Kill):

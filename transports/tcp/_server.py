@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -73,7 +74,7 @@ class TcpTransport:
             with trio.CancelScope() as accept_scope:
                 connections.start_soon(_cancel_on, binding.intake_closed, accept_scope)
                 await trio.serve_listeners(
-                    lambda stream: self._serve_connection(binding, stream), listeners, handler_nursery=connections
+                    partial(self._serve_connection, binding), listeners, handler_nursery=connections
                 )
             # Intake closed (phase 1): refuse new connections now, keep the open ones until phase 3.
             for listener in listeners:
@@ -170,12 +171,16 @@ class _ServerConnection:
             return
         if not binding.accepting:
             binding.metrics.rejection("unavailable")
-            await self._refuse(request.stream_id, Unavailable("worker is draining; send new requests elsewhere"))
+            await self._refuse(
+                request.stream_id, Unavailable("worker is draining; send new requests elsewhere")
+            )
             return
         if len(self.streams) >= self.transport.max_streams_per_connection:
             binding.metrics.rejection("stream_limit")
             limit = self.transport.max_streams_per_connection
-            await self._refuse(request.stream_id, Overloaded(f"more than {limit} concurrent streams on one connection"))
+            await self._refuse(
+                request.stream_id, Overloaded(f"more than {limit} concurrent streams on one connection")
+            )
             return
         ctx = RequestContext(
             id=request.request_id or uuid.uuid4().hex,
@@ -189,13 +194,17 @@ class _ServerConnection:
         self.streams[request.stream_id] = (binding, ctx)
         nursery.start_soon(self._run_stream, request.stream_id, binding, ctx, request.payload)
 
-    async def _run_stream(self, stream_id: int, binding: EndpointBinding, ctx: RequestContext, payload: bytes) -> None:
+    async def _run_stream(
+        self, stream_id: int, binding: EndpointBinding, ctx: RequestContext, payload: bytes
+    ) -> None:
         sink = _StreamSink(self, stream_id)
         try:
             try:
                 body = json.loads(payload) if payload else None
             except ValueError as exc:
-                await answer_error(binding, ctx, sink, BadRequest(f"request payload is not valid JSON: {exc}"))
+                await answer_error(
+                    binding, ctx, sink, BadRequest(f"request payload is not valid JSON: {exc}")
+                )
                 return
             await dispatch(binding, ctx, body, sink)
         finally:
@@ -212,7 +221,9 @@ class _ServerConnection:
             ctx.stop_generating()
 
     async def _refuse(self, stream_id: int, error: IngressError) -> None:
-        await self.writer.write(self.codec.send(_error_event(stream_id, error, error.resolve_retryable(chunks_sent=0))))
+        await self.writer.write(
+            self.codec.send(_error_event(stream_id, error, error.resolve_retryable(chunks_sent=0)))
+        )
 
     async def _announce_goaway(self) -> None:
         await self.binding.intake_closed.wait()

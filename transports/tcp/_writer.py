@@ -17,7 +17,7 @@ from collections.abc import Callable
 import trio
 
 
-class WriterClosed(Exception):  # noqa: N818 -- a state, not a failure
+class WriterClosed(Exception):
     """The connection can no longer be written to (the peer is gone, or we are closing)."""
 
 
