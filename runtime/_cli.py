@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-delay", type=_seconds, default=_DEFAULTS.shutdown_delay, metavar="S")
     serve.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    serve.add_argument(
+        "--no-access-log", dest="access_log", action="store_false", help="skip the per-request log line"
+    )
     serve.set_defaults(run=_serve)
 
     call = commands.add_parser("call", help="call an endpoint; prints each chunk as a JSON line")
@@ -116,7 +119,9 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, args.log_level)
     worker = load_app(args.app)
     transports: list[Transport] = [TcpTransport(*(args.tcp or DEFAULT_TCP))]
-    config = WorkerConfig(drain_timeout=args.drain_timeout, shutdown_delay=args.shutdown_delay)
+    config = WorkerConfig(
+        drain_timeout=args.drain_timeout, shutdown_delay=args.shutdown_delay, access_log=args.access_log
+    )
     return worker.run(transports, config, metrics_address=args.metrics)
 
 

@@ -26,6 +26,8 @@ class WorkerConfig:
     kill_grace: float = 1.0
     # How often the drain logs a progress line (design: at least once a second).
     progress_interval: float = 1.0
+    # One canonical log line per request (like uvicorn's access log); off for benchmarks.
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         for name in ("drain_timeout", "shutdown_delay", "kill_grace", "progress_interval"):

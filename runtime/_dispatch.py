@@ -179,6 +179,8 @@ class _Run:
         elapsed = trio.current_time() - self.started
         metrics.outcomes[self.outcome or "cancelled"].inc()
         metrics.duration.observe(elapsed)
+        if not self.binding.access_log:
+            return
         self.binding.logger.info(
             "request",
             request_id=self.ctx.id,

@@ -76,6 +76,7 @@ class EndpointBinding:
         tracker: InFlight[RequestContext],
         metrics: BindingMetrics,
         logger: Any,
+        access_log: bool = True,
     ) -> None:
         self.endpoint = endpoint
         self.transport = transport
@@ -83,6 +84,7 @@ class EndpointBinding:
         self.tracker = tracker
         self.metrics = metrics
         self.logger = logger.bind(endpoint=endpoint.name, transport=transport)
+        self.access_log = access_log
         # The endpoint scope: a transport with a per-endpoint intake (a subscription) runs it inside
         # this scope; a transport with a shared listener checks ``accepting`` before each request.
         self.scope = trio.CancelScope()
@@ -142,6 +144,7 @@ def bind_transport(
             InFlight(global_inflight),
             runtime.metrics.for_binding(ep.name, name),
             runtime.logger,
+            runtime.config.access_log,
         )
         for ep in endpoints.values()
     }

@@ -6,6 +6,8 @@ transport so a test can call ``dispatch`` directly, with no sockets, on the mock
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,3 +134,91 @@ class MemoryTransport:
         else:
             self._nursery.start_soon(dispatch, binding, ctx, request, sink)
         return ctx, sink
+
+
+# How long a worker process may take to import and bind before a test or script gives up on it.
+STARTUP_TIMEOUT = 30.0
+
+
+class WorkerProcess:
+    """A running ``ingress serve`` child process, with its parsed JSON log lines."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.events: list[dict[str, Any]] = []
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._ready = trio.Event()
+        self._new_event = trio.Event()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def wait_exit(self) -> int:
+        return await self.process.wait()
+
+    async def wait_event(self, name: str) -> dict[str, Any]:
+        """Wait until the worker has logged an event called ``name``; returns the first such line."""
+        while True:
+            for event in self.events:
+                if event.get("event") == name:
+                    return event
+            self._new_event = trio.Event()
+            await self._new_event.wait()
+
+    async def _read_logs(self) -> None:
+        assert self.process.stdout is not None
+        pending = b""
+        async for data in self.process.stdout:
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._record(line)
+        self._ready.set()  # exited: let a waiter see that instead of hanging
+        self._new_event.set()
+
+    def _record(self, line: bytes) -> None:
+        import json
+
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = {"event": "unparsed", "line": line.decode(errors="replace")}
+        self.events.append(event)
+        if event.get("event") == "worker.ready":
+            for name, address in event["addresses"].items():
+                host, _, port = address.rpartition(":")
+                self.addresses[name] = (host, int(port))
+            self._ready.set()
+        self._new_event.set()
+
+
+@asynccontextmanager
+async def worker_process(*serve_args: str) -> AsyncIterator[WorkerProcess]:
+    """Start ``python -m runtime serve ARGS --log-format json`` and wait until it is ready.
+
+    Pass ``--tcp 127.0.0.1:0`` (and ``--metrics 127.0.0.1:0``) to get ephemeral ports; they are read
+    from the ``worker.ready`` log line into ``addresses``. The process is killed if still running at exit.
+    """
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "runtime", "serve", *serve_args, "--log-format", "json"]
+    async with trio.open_nursery() as nursery:
+        process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        worker = WorkerProcess(process)
+        nursery.start_soon(worker._read_logs)
+        try:
+            with trio.fail_after(STARTUP_TIMEOUT):
+                await worker._ready.wait()
+            if not worker.addresses:
+                raise RuntimeError(f"worker exited during start-up: {worker.events[-5:]}")
+            yield worker
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with trio.move_on_after(STARTUP_TIMEOUT, shield=True):
+                await process.wait()

@@ -1,0 +1,124 @@
+"""Real worker processes: SIGTERM mid-stream, a forced drain, the CLI, /metrics and /ready."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import httpx
+import trio
+
+from runtime import EXIT_DRAIN_FORCED, EXIT_OK, EXIT_USAGE, ErrorCode, RemoteError
+from runtime.testing import worker_process
+from transports.tcp import TcpClient
+
+EPHEMERAL = ("--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0")
+
+
+async def _collect(
+    client: TcpClient, request: dict, into: dict[int, object], key: int, first: trio.Event
+) -> None:
+    """Stream into ``into[key]`` (the indexes, or the error); ``first`` is set on the first chunk."""
+    indexes: list[int] = []
+    try:
+        async for chunk in client.stream("generate", request):
+            indexes.append(chunk["index"])
+            first.set()
+        into[key] = indexes
+    except RemoteError as error:
+        into[key] = error
+
+
+async def _start_streams(
+    nursery: trio.Nursery, client: TcpClient, request: dict, count: int
+) -> dict[int, object]:
+    """Start ``count`` streams and return once every one has received its first chunk."""
+    results: dict[int, object] = {}
+    firsts = [trio.Event() for _ in range(count)]
+    for k in range(count):
+        nursery.start_soon(_collect, client, request, results, k, firsts[k])
+    for event in firsts:
+        await event.wait()
+    return results
+
+
+async def test_sigterm_mid_stream_finishes_every_stream_and_exits_zero():
+    """A worker given SIGTERM with streams in flight completes all of them, then exits 0."""
+    async with worker_process(*EPHEMERAL) as worker:
+        async with TcpClient.connect(*worker.addresses["tcp"]) as client, trio.open_nursery() as nursery:
+            results = await _start_streams(nursery, client, {"max_tokens": 40, "itl_ms": 10}, 8)
+            worker.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit() == EXIT_OK
+    assert results == {k: list(range(40)) for k in range(8)}
+    assert any(e["event"] == "shutdown.phase3.started" and e["forced"] is False for e in worker.events)
+
+
+async def test_drain_that_cannot_finish_kills_the_rest_and_exits_forced():
+    """When drain_timeout passes, running streams end with SHUTTING_DOWN and the exit code says forced."""
+    async with worker_process(*EPHEMERAL, "--drain-timeout", "0.5") as worker:
+        async with TcpClient.connect(*worker.addresses["tcp"]) as client, trio.open_nursery() as nursery:
+            results = await _start_streams(nursery, client, {"max_tokens": 100000, "itl_ms": 10}, 4)
+            worker.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit() == EXIT_DRAIN_FORCED
+    for outcome in results.values():
+        assert isinstance(outcome, RemoteError) and outcome.code is ErrorCode.SHUTTING_DOWN
+
+
+async def test_metrics_ready_and_inflight_over_http():
+    """/metrics reports in-flight back at 0 after traffic; /ready is 200 serving and 503 once draining."""
+    async with worker_process(*EPHEMERAL, "--shutdown-delay", "30", "--drain-timeout", "60") as worker:
+        host, port = worker.addresses["metrics"]
+        async with TcpClient.connect(*worker.addresses["tcp"]) as client:
+            assert await client.call("echo", {"x": 1}) == {"x": 1}
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as http:
+            assert (await http.get("/ready")).status_code == 200
+            assert (await http.get("/health")).status_code == 200
+            metrics = (await http.get("/metrics")).text
+            assert 'ingress_inflight_requests{endpoint="echo",transport="tcp"} 0.0' in metrics
+            assert 'ingress_requests_total{endpoint="echo",outcome="ok",transport="tcp"} 1.0' in metrics
+            worker.send_signal(signal.SIGTERM)
+            await worker.wait_event("shutdown.requested")
+            assert (await http.get("/ready")).status_code == 503
+            assert (await http.get("/health")).status_code == 200
+        worker.send_signal(signal.SIGINT)  # the second signal skips the 30 s delay
+        assert await worker.wait_exit() == EXIT_OK
+
+
+def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runtime", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+async def test_cli_call_prints_chunks_and_reports_remote_errors():
+    """`ingress call` prints one JSON line per chunk; a remote error goes to stderr with a non-zero exit."""
+    async with worker_process("--tcp", "127.0.0.1:0") as worker:
+        host, port = worker.addresses["tcp"]
+        ok = await trio.to_thread.run_sync(
+            lambda: _cli("call", "generate", '{"max_tokens": 3}', "--tcp", f"{host}:{port}")
+        )
+        missing = await trio.to_thread.run_sync(lambda: _cli("call", "nope", "--tcp", f"{host}:{port}"))
+        worker.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit() == EXIT_OK
+    assert ok.returncode == 0
+    assert ok.stdout.splitlines() == [f'{{"index": {i}, "token": "tok{i}"}}' for i in range(3)]
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "nope" in missing.stderr
+
+
+def test_cli_usage_errors_exit_two_with_a_message():
+    """Bad JSON, a bad address or an APP that is not a Worker exit 2 with a message that says what to fix."""
+    bad_json = _cli("call", "echo", "{oops", "--tcp", "127.0.0.1:1")
+    assert bad_json.returncode == EXIT_USAGE and "not valid JSON" in bad_json.stderr
+    bad_address = _cli("serve", "--tcp", "localhost")
+    assert bad_address.returncode == EXIT_USAGE and "HOST:PORT" in bad_address.stderr
+    bad_app = _cli("serve", "json:dumps", "--tcp", "127.0.0.1:0")
+    assert bad_app.returncode == EXIT_USAGE and "not a runtime.Worker" in bad_app.stderr
+
+
+def test_cli_call_to_a_closed_port_says_unavailable():
+    """Calling a port nobody listens on fails fast with a retryable UNAVAILABLE, not a traceback."""
+    result = _cli("call", "echo", "--tcp", "127.0.0.1:1")
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr and "retryable: true" in result.stderr
+    assert "Traceback" not in result.stderr
