@@ -28,15 +28,18 @@ _KILL_OUTCOMES = {
 
 
 async def dispatch(binding: EndpointBinding, ctx: RequestContext, request: Any, sink: ResponseSink) -> str:
-    """Run ``request`` on ``binding``'s endpoint and answer through ``sink``; returns the outcome."""
+    """Run ``request`` on ``binding``'s endpoint and answer through ``sink``; returns the outcome.
+
+    The request counts as in flight from ``binding.accept(ctx)`` (called here if the transport did not)
+    until this returns, whatever happens in between.
+    """
     run = _Run(binding, ctx, sink)
-    with binding.tracker.track(ctx):
-        binding.metrics.inflight.inc()
-        try:
-            await run.execute(request)
-        finally:
-            binding.metrics.inflight.dec()
-            run.record()
+    binding.accept(ctx)  # a no-op when the transport accepted it already, as it should
+    try:
+        await run.execute(request)
+    finally:
+        binding.release(ctx)
+        run.record()
     return run.outcome
 
 
@@ -45,11 +48,12 @@ async def answer_error(
 ) -> None:
     """Answer a request that never reached its handler (say, undecodable input) with full accounting."""
     run = _Run(binding, ctx, sink)
-    with binding.tracker.track(ctx):
-        try:
-            await run._fail("error", error)
-        finally:
-            run.record()
+    binding.accept(ctx)
+    try:
+        await run._fail("error", error)
+    finally:
+        binding.release(ctx)
+        run.record()
 
 
 class _Run:

@@ -97,6 +97,19 @@ class EndpointBinding:
     def accepting(self) -> bool:
         return not self.scope.cancel_called
 
+    def accept(self, ctx: RequestContext) -> None:
+        """Count ``ctx`` in flight from this moment. A transport that runs requests in their own tasks
+        calls this before spawning the task, so the drain can never see zero while one is on its way;
+        ``dispatch`` (or ``answer_error``) releases it. Idempotent."""
+        if ctx not in self.tracker:
+            self.tracker.enter(ctx)
+            self.metrics.inflight.inc()
+
+    def release(self, ctx: RequestContext) -> None:
+        if ctx in self.tracker:
+            self.tracker.exit(ctx)
+            self.metrics.inflight.dec()
+
     def close(self) -> None:
         """Stop taking new requests on this endpoint (phase 1); those in flight go on."""
         self.scope.cancel(reason="shutdown: endpoint closed")

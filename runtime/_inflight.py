@@ -76,18 +76,33 @@ class InFlight(_IdleCounter, Generic[T]):
         self._parent = parent
         self._active: set[T] = set()
 
-    @contextmanager
-    def track(self, item: T) -> Iterator[None]:
-        """Count ``item`` as in flight for the duration of the block; the decrement is in a finally."""
+    def enter(self, item: T) -> None:
+        """Count ``item`` as in flight (once; entering twice is a no-op)."""
+        if item in self._active:
+            return
         self._active.add(item)
         self._increment()
         self._parent._increment()
+
+    def exit(self, item: T) -> None:
+        """Stop counting ``item`` (a no-op if it is not counted)."""
+        if item not in self._active:
+            return
+        self._active.discard(item)
+        self._decrement()
+        self._parent._decrement()
+
+    def __contains__(self, item: T) -> bool:
+        return item in self._active
+
+    @contextmanager
+    def track(self, item: T) -> Iterator[None]:
+        """Count ``item`` as in flight for the duration of the block; the decrement is in a finally."""
+        self.enter(item)
         try:
             yield
         finally:
-            self._active.discard(item)
-            self._decrement()
-            self._parent._decrement()
+            self.exit(item)
 
     def active(self) -> list[T]:
         """The items in flight now (a copy, safe to iterate while they finish)."""

@@ -132,6 +132,7 @@ class MemoryTransport:
         if not binding.accepting:
             sink.error, sink.retryable = Unavailable("draining"), True
         else:
+            binding.accept(ctx)
             self._nursery.start_soon(dispatch, binding, ctx, request, sink)
         return ctx, sink
 
@@ -149,6 +150,7 @@ class WorkerProcess:
         self.addresses: dict[str, tuple[str, int]] = {}
         self._ready = trio.Event()
         self._new_event = trio.Event()
+        self._output_closed = False
 
     @property
     def pid(self) -> int:
@@ -161,11 +163,16 @@ class WorkerProcess:
         return await self.process.wait()
 
     async def wait_event(self, name: str) -> dict[str, Any]:
-        """Wait until the worker has logged an event called ``name``; returns the first such line."""
+        """Wait until the worker has logged an event called ``name``; returns the first such line.
+
+        Raises LookupError if the worker's output ends without it (it exited or crashed)."""
         while True:
             for event in self.events:
                 if event.get("event") == name:
                     return event
+            if self._output_closed:
+                tail = "\n".join(str(e) for e in self.events[-10:])
+                raise LookupError(f"worker exited without logging {name!r}; its last lines:\n{tail}")
             self._new_event = trio.Event()
             await self._new_event.wait()
 
@@ -177,6 +184,7 @@ class WorkerProcess:
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 self._record(line)
+        self._output_closed = True
         self._ready.set()  # exited: let a waiter see that instead of hanging
         self._new_event.set()
 

@@ -70,7 +70,13 @@ class TcpClient:
         try:
             async with open_background_nursery() as nursery:
                 nursery.start_soon(client._writer.run, lambda: client._connection_lost("connection reset"))
-                await client._handshake()
+                try:
+                    await client._handshake()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, codec.RemoteProtocolError) as exc:
+                    # Typically a worker that closed its listener with us still in the accept backlog.
+                    raise Unavailable(
+                        f"{host}:{port} closed the connection during the handshake: {exc}"
+                    ) from exc
                 nursery.start_soon(client._read_loop)
                 try:
                     yield client

@@ -192,6 +192,7 @@ class _ServerConnection:
             metadata=dict(request.metadata),
         )
         self.streams[request.stream_id] = (binding, ctx)
+        binding.accept(ctx)  # counted from now: the drain must not see zero while the task starts
         nursery.start_soon(self._run_stream, request.stream_id, binding, ctx, request.payload)
 
     async def _run_stream(
@@ -208,6 +209,7 @@ class _ServerConnection:
                 return
             await dispatch(binding, ctx, body, sink)
         finally:
+            binding.release(ctx)  # a no-op unless the task was cancelled before dispatch ran
             del self.streams[stream_id]
 
     def _signal_stream(self, event: codec.Stop | codec.Kill) -> None:

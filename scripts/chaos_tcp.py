@@ -1,0 +1,241 @@
+"""Chaos for the TCP transport: cut connections mid-stream, SIGTERM under load, check the invariants.
+
+Runs a real worker process (the mocker) on 127.0.0.1 and drives it in two rounds:
+
+1. Many streams over many connections; a share of the connections is cut mid-stream, half with a clean
+   close and half with a reset (SO_LINGER 0). Afterwards /metrics must show in-flight back at 0 and the
+   disconnects counted.
+2. The same load, with SIGTERM sent once a share of the streams is running. Streams in flight must
+   finish; streams and connections opened later must get an explicit error; the worker must exit 0
+   with nothing in flight at phase 2.
+
+Every stream must end completed with all its tokens, with an explicit error, or cut by this script;
+anything else (a truncated stream without an error, a wrong token, a hang) is a violation. Prints one
+summary line and exits 1 on any violation.
+
+    python scripts/chaos_tcp.py            # full run (~30 s)
+    python scripts/chaos_tcp.py --short    # CI run (a few seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import signal
+import socket
+import struct
+import sys
+from dataclasses import dataclass, field
+
+import httpx
+import trio
+
+from runtime import IngressError, RemoteError
+from runtime.testing import worker_process
+from transports.tcp import TcpClient
+
+# A stream that has not ended this long after it started is a hang: a violation, not a wait.
+STREAM_TIMEOUT = 60.0
+# The whole script stops by itself after this long, whatever happens.
+RUN_TIMEOUT = 120.0
+
+
+@dataclass
+class Tally:
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    violations: list[str] = field(default_factory=list)
+    running: int = 0
+    started_enough: trio.Event = field(default_factory=trio.Event)
+    threshold: int = 0
+
+    def stream_started(self) -> None:
+        self.running += 1
+        if self.running >= self.threshold:
+            self.started_enough.set()
+
+
+@dataclass(frozen=True)
+class Load:
+    connections: int
+    streams_per_connection: int
+    cut_share: float
+
+
+async def run_stream(
+    client: TcpClient, tally: Tally, rng: random.Random, first_chunk: trio.Event, cut: str | None
+) -> None:
+    """One stream; records exactly one outcome, or "cut" if the script cut its connection first."""
+    max_tokens = rng.randint(20, 200)
+    request = {"max_tokens": max_tokens, "itl_ms": rng.randint(1, 5)}
+    received: list[int] = []
+    recorded = False
+    try:
+        await _stream_into(client, tally, request, received, first_chunk)
+        recorded = True  # _stream_into records every ending except being cancelled by our own cut
+    finally:
+        if not recorded:
+            tally.outcomes[f"cut:{cut}"] += 1
+
+
+async def _stream_into(
+    client: TcpClient, tally: Tally, request: dict[str, int], received: list[int], first_chunk: trio.Event
+) -> None:
+    max_tokens = request["max_tokens"]
+    try:
+        with trio.fail_after(STREAM_TIMEOUT):
+            async for chunk in client.stream("generate", request):
+                if not received:
+                    tally.stream_started()
+                    first_chunk.set()
+                received.append(chunk["index"])
+    except RemoteError as error:
+        tally.outcomes[f"error:{error.code.name}"] += 1
+        return
+    except IngressError as error:  # refused locally: connection lost or GOAWAY, both explicit
+        tally.outcomes[f"error:{error.code.name}"] += 1
+        return
+    except trio.TooSlowError:
+        tally.violations.append(f"stream hung after {len(received)} of {max_tokens} tokens")
+        return
+    if received == list(range(max_tokens)):
+        tally.outcomes["completed"] += 1
+    else:
+        tally.violations.append(f"silently truncated: {len(received)} of {max_tokens} tokens, no error")
+
+
+async def run_connection(
+    address: tuple[str, int], load: Load, tally: Tally, rng: random.Random, cut: str | None
+) -> None:
+    """One connection with several streams; ``cut`` ("close" or "reset") cuts it mid-stream."""
+    try:
+        async with TcpClient.connect(*address) as client:
+            with trio.CancelScope() as connection_scope:
+                first_chunk = trio.Event()
+                async with trio.open_nursery() as cutter:
+                    if cut:
+                        cutter.start_soon(cut_later, client, cut, rng, first_chunk, connection_scope)
+                    async with trio.open_nursery() as streams:
+                        for _ in range(load.streams_per_connection):
+                            streams.start_soon(run_stream, client, tally, rng, first_chunk, cut)
+                    # Every stream ended before the cut (say, all refused during the drain): no cut.
+                    cutter.cancel_scope.cancel()
+    except IngressError as error:  # connection refused (worker draining): explicit, retryable
+        tally.outcomes[f"error:{error.code.name}"] += load.streams_per_connection
+
+
+async def cut_later(
+    client: TcpClient, how: str, rng: random.Random, first_chunk: trio.Event, scope: trio.CancelScope
+) -> None:
+    await first_chunk.wait()
+    await trio.sleep(rng.random() * 0.2)
+    sock = client._stream.socket
+    if how == "reset":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # Like a crashed router: the socket goes first, so no KILL frame gets out; the worker must notice
+    # the close (or reset) by itself.
+    scope.cancel()
+    sock.close()
+
+
+async def drive(address: tuple[str, int], load: Load, tally: Tally, rng: random.Random) -> None:
+    async with trio.open_nursery() as nursery:
+        for i in range(load.connections):
+            cut = None
+            if rng.random() < load.cut_share:
+                cut = "close" if i % 2 else "reset"
+            nursery.start_soon(run_connection, address, load, tally, rng, cut)
+            await trio.sleep(rng.random() * 0.01)  # staggered, so some connect during the drain
+
+
+async def inflight_from_metrics(address: tuple[str, int]) -> tuple[float, float]:
+    """(in-flight, disconnects) summed over every endpoint, from the worker's /metrics."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://{address[0]}:{address[1]}/metrics")).text
+    sums = {"ingress_inflight_requests": 0.0, "ingress_client_disconnects_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in sums:
+            sums[name] += float(line.rsplit(" ", 1)[1])
+    return sums["ingress_inflight_requests"], sums["ingress_client_disconnects_total"]
+
+
+async def main(short: bool, seed: int) -> int:
+    rng = random.Random(seed)
+    load = Load(connections=16, streams_per_connection=4, cut_share=0.3) if short else Load(64, 8, 0.3)
+    tally = Tally()
+    report: dict[str, object] = {"stage": "starting"}
+    try:
+        return await _run(load, tally, report, rng)
+    except trio.TooSlowError:
+        print(f"chaos_tcp: HUNG at stage {report['stage']}: {dict(tally.outcomes)} running={tally.running}")
+        return 1
+
+
+async def _run(load: Load, tally: Tally, report: dict[str, object], rng: random.Random) -> int:
+    with trio.fail_after(RUN_TIMEOUT):
+        args = (
+            "--tcp",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--no-access-log",
+            "--drain-timeout",
+            "30",
+        )
+        async with worker_process(*args) as worker:
+            tcp, metrics = worker.addresses["tcp"], worker.addresses["metrics"]
+            report["stage"] = "round 1"
+            await drive(tcp, load, tally, rng)
+            report["inflight_after_round1"], report["disconnects_counted"] = await inflight_from_metrics(
+                metrics
+            )
+            if report["inflight_after_round1"] != 0:
+                tally.violations.append(
+                    f"in-flight is {report['inflight_after_round1']} after round 1, not 0"
+                )
+            cut_in_round1 = sum(v for k, v in tally.outcomes.items() if k.startswith("cut:"))
+            if cut_in_round1 and not report["disconnects_counted"]:
+                tally.violations.append(
+                    f"{cut_in_round1} streams were cut but the worker counted no disconnect"
+                )
+            report["stage"] = "round 2"  # SIGTERM once a quarter of the streams are running
+            tally.running, tally.started_enough = 0, trio.Event()
+            tally.threshold = load.connections * load.streams_per_connection // 4
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drive, tcp, load, tally, rng)
+                await tally.started_enough.wait()
+                worker.send_signal(signal.SIGTERM)
+                report["stage"] = "round 2, draining"
+            report["stage"] = "waiting for the worker to exit"
+            report["exit_code"] = exit_code = await worker.wait_exit()
+            phase2 = await worker.wait_event("shutdown.phase2.done")
+            del report["stage"]
+            report["inflight_at_phase2"] = phase2["in_flight"]
+    if exit_code != 0:
+        tally.violations.append(f"worker exited {exit_code}, not 0")
+    if phase2["in_flight"] != 0:
+        tally.violations.append(f"in-flight was {phase2['in_flight']} at the end of phase 2")
+    total = sum(tally.outcomes.values()) + len(tally.violations)
+    expected = 2 * load.connections * load.streams_per_connection
+    if total != expected:
+        tally.violations.append(f"accounted for {total} streams of {expected}")
+    outcomes = " ".join(f"{k}={v}" for k, v in sorted(tally.outcomes.items()))
+    verdict = "OK" if not tally.violations else "VIOLATIONS"
+    details = " ".join(f"{k}={v}" for k, v in report.items())
+    print(
+        f"chaos_tcp: streams={expected} {outcomes} violations={len(tally.violations)} {details} -> {verdict}"
+    )
+    for violation in tally.violations[:20]:
+        print(f"  violation: {violation}", file=sys.stderr)
+    return 1 if tally.violations else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--short", action="store_true", help="a small, fast run for CI")
+    parser.add_argument("--seed", type=int, default=1, help="random seed, for a reproducible run")
+    options = parser.parse_args()
+    sys.exit(trio.run(main, options.short, options.seed))
