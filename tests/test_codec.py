@@ -196,3 +196,18 @@ def test_arbitrary_bytes_never_raise_anything_but_remote_protocol_error(garbage,
     server.receive_data(b"")
     with contextlib.suppress(RemoteProtocolError):
         _events(server)
+
+
+def test_the_worked_example_in_the_protocol_doc_is_exact():
+    """The hex example in docs/protocol-tcp.md is byte for byte what the codec sends."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "protocol-tcp.md").read_text()
+    example = doc.split("## Example", 1)[1].split("```")[1]
+    documented = bytes.fromhex("".join(re.findall(r"^\s*([0-9A-F ]+?)\s{2,}", example, re.M)).replace(" ", ""))
+    client = codec.Connection(Role.CLIENT)
+    hello = client.send(client.local_hello)
+    client.peer_hello = client.local_hello  # as if the server had answered
+    request = client.send(Request(1, "generate", "", 0, (), b'{"max_tokens":2}'))
+    assert documented == hello + request
