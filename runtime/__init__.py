@@ -16,6 +16,7 @@ from ._config import WorkerConfig as WorkerConfig
 from ._context import KillReason as KillReason
 from ._context import RequestContext as RequestContext
 from ._context import RuntimeContext as RuntimeContext
+from ._context import new_request_id as new_request_id
 from ._dispatch import answer_error as answer_error
 from ._dispatch import dispatch as dispatch
 from ._endpoint import CallerGone as CallerGone
@@ -86,5 +87,6 @@ __all__ = [
     "answer_error",
     "configure_logging",
     "dispatch",
+    "new_request_id",
     "open_worker",
 ]

@@ -66,13 +66,14 @@ class Admission:
 
     @asynccontextmanager
     async def slot(self, deadline: float = math.inf) -> AsyncIterator[None]:
-        await self._acquire(deadline)
+        await self.acquire(deadline)
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
-    async def _acquire(self, deadline: float) -> None:
+    async def acquire(self, deadline: float = math.inf) -> None:
+        """Take a slot, queueing until ``deadline`` if none is free; pair with ``release()``."""
         if self._closed:
             raise Rejected("shutting_down", ShuttingDown("worker is shutting down", retryable=True))
         if self._running < self.max_concurrency and not self._queue:
@@ -94,7 +95,7 @@ class Admission:
             # handed over after the cancellation was delivered but before we ran: pass it on.
             self._queue.pop(waiter, None)
             if waiter.granted:
-                self._release()
+                self.release()
             raise
         self._queue.pop(waiter, None)
         if waiter.granted:
@@ -103,7 +104,7 @@ class Admission:
             raise waiter.error
         raise Rejected("deadline", DeadlineExceeded("deadline passed while queued for admission"))
 
-    def _release(self) -> None:
+    def release(self) -> None:
         # Hand the slot straight to the oldest waiter so a newcomer cannot jump the queue.
         if self._queue:
             waiter, _ = self._queue.popitem(last=False)

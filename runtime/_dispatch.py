@@ -81,8 +81,12 @@ class _Run:
             # the queue at once.
             with ctx._scope:
                 ctx._scope.deadline = ctx.deadline
-                async with self.binding.admission.slot(ctx.deadline):
+                admission = self.binding.admission
+                await admission.acquire(ctx.deadline)
+                try:
                     await self._run_handler(request)
+                finally:
+                    admission.release()
             await self._after_handler()
         except CallerGone:
             self._caller_gone()
@@ -104,10 +108,12 @@ class _Run:
         endpoint = self.binding.endpoint
         if not endpoint.streaming:
             result = await endpoint.handler(request, self.ctx)
-            await self._send_chunk(result)
+            self.binding.metrics.ttfc.observe(trio.current_time() - self.started)
+            self.chunks = 1
+            await self.sink.send_result(result)
         else:
             await self._stream(endpoint.handler(request, self.ctx))
-        await self.sink.send_end()
+            await self.sink.send_end()
         self.ended = True
 
     async def _stream(self, agen: Any) -> None:

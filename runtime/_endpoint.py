@@ -54,13 +54,18 @@ class CallerGone(Exception):
 class ResponseSink(Protocol):
     """How the dispatcher answers a caller; each transport implements it for its wire format.
 
-    Every request ends with exactly one ``send_end`` or ``send_error`` unless the caller is gone.
+    A streaming request ends with exactly one ``send_end`` or ``send_error``, a unary one with one
+    ``send_result`` or ``send_error``, unless the caller is gone.
     ``send_chunk`` applies back-pressure: it blocks while the caller is behind.
     """
 
     async def send_chunk(self, chunk: Any) -> None: ...
 
     async def send_end(self) -> None: ...
+
+    async def send_result(self, result: Any) -> None:
+        """A unary endpoint's whole answer: the transport sends it as one response (TCP: DATA + END)."""
+        ...
 
     async def send_error(self, error: IngressError, retryable: bool) -> None: ...
 
@@ -85,6 +90,8 @@ class EndpointBinding:
         self.metrics = metrics
         self.logger = logger.bind(endpoint=endpoint.name, transport=transport)
         self.access_log = access_log
+        # Read at scrape time: no per-request cost, and it can never drift from the tracker.
+        metrics.inflight.set_function(lambda: self.tracker.count)
         # The endpoint scope: a transport with a per-endpoint intake (a subscription) runs it inside
         # this scope; a transport with a shared listener checks ``accepting`` before each request.
         self.scope = trio.CancelScope()
@@ -101,14 +108,10 @@ class EndpointBinding:
         """Count ``ctx`` in flight from this moment. A transport that runs requests in their own tasks
         calls this before spawning the task, so the drain can never see zero while one is on its way;
         ``dispatch`` (or ``answer_error``) releases it. Idempotent."""
-        if ctx not in self.tracker:
-            self.tracker.enter(ctx)
-            self.metrics.inflight.inc()
+        self.tracker.enter(ctx)
 
     def release(self, ctx: RequestContext) -> None:
-        if ctx in self.tracker:
-            self.tracker.exit(ctx)
-            self.metrics.inflight.dec()
+        self.tracker.exit(ctx)
 
     def close(self) -> None:
         """Stop taking new requests on this endpoint (phase 1); those in flight go on."""

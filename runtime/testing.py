@@ -49,6 +49,10 @@ class RecordingSink:
         self._check()
         self.ended = True
 
+    async def send_result(self, result: Any) -> None:
+        await self.send_chunk(result)
+        await self.send_end()
+
     async def send_error(self, error: IngressError, retryable: bool) -> None:
         self._check()
         self.error, self.retryable = error, retryable
@@ -162,14 +166,14 @@ class WorkerProcess:
     async def wait_exit(self) -> int:
         return await self.process.wait()
 
-    async def wait_event(self, name: str) -> dict[str, Any]:
-        """Wait until the worker has logged an event called ``name``; returns the first such line.
+    async def wait_event(self, name: str, nth: int = 1) -> dict[str, Any]:
+        """Wait until the worker has logged ``nth`` events called ``name``; returns the nth such line.
 
         Raises LookupError if the worker's output ends without it (it exited or crashed)."""
         while True:
-            for event in self.events:
-                if event.get("event") == name:
-                    return event
+            matching = [event for event in self.events if event.get("event") == name]
+            if len(matching) >= nth:
+                return matching[nth - 1]
             if self._output_closed:
                 tail = "\n".join(str(e) for e in self.events[-10:])
                 raise LookupError(f"worker exited without logging {name!r}; its last lines:\n{tail}")
@@ -211,10 +215,19 @@ async def worker_process(*serve_args: str) -> AsyncIterator[WorkerProcess]:
     Pass ``--tcp 127.0.0.1:0`` (and ``--metrics 127.0.0.1:0``) to get ephemeral ports; they are read
     from the ``worker.ready`` log line into ``addresses``. The process is killed if still running at exit.
     """
-    import subprocess
     import sys
 
     command = [sys.executable, "-m", "runtime", "serve", *serve_args, "--log-format", "json"]
+    async with spawn_process(command) as worker:
+        yield worker
+
+
+@asynccontextmanager
+async def spawn_process(command: list[str]) -> AsyncIterator[WorkerProcess]:
+    """Start any server that prints JSON lines and announces itself with a ``worker.ready`` line
+    carrying ``addresses`` (as ``ingress serve`` does); used for baselines in benchmarks too."""
+    import subprocess
+
     async with trio.open_nursery() as nursery:
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         worker = WorkerProcess(process)

@@ -205,7 +205,9 @@ def test_the_worked_example_in_the_protocol_doc_is_exact():
 
     doc = (pathlib.Path(__file__).parent.parent / "docs" / "protocol-tcp.md").read_text()
     example = doc.split("## Example", 1)[1].split("```")[1]
-    documented = bytes.fromhex("".join(re.findall(r"^\s*([0-9A-F ]+?)\s{2,}", example, re.M)).replace(" ", ""))
+    documented = bytes.fromhex(
+        "".join(re.findall(r"^\s*([0-9A-F ]+?)\s{2,}", example, re.M)).replace(" ", "")
+    )
     client = codec.Connection(Role.CLIENT)
     hello = client.send(client.local_hello)
     client.peer_hello = client.local_hello  # as if the server had answered

@@ -11,7 +11,6 @@ retryable UNAVAILABLE, while streams in flight run to the end; phase 3 closes th
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -32,6 +31,7 @@ from runtime import (
     Unavailable,
     answer_error,
     dispatch,
+    new_request_id,
 )
 
 from . import _codec as codec
@@ -183,7 +183,7 @@ class _ServerConnection:
             )
             return
         ctx = RequestContext(
-            id=request.request_id or uuid.uuid4().hex,
+            id=request.request_id or new_request_id(),
             endpoint=binding.name,
             transport="tcp",
             runtime=self.binding.runtime,
@@ -265,25 +265,31 @@ class _StreamSink:
         self.stream_id = stream_id
 
     async def send_chunk(self, chunk: Any) -> None:
+        await self._write(self._data_frame(chunk))
+
+    def _data_frame(self, chunk: Any) -> bytes:
         payload = json.dumps(chunk, separators=(",", ":")).encode()
         try:
-            frame = self.conn.codec.send_data(self.stream_id, payload)
+            return self.conn.codec.send_data(self.stream_id, payload)
         except codec.LocalProtocolError:
             raise InternalError(
                 f"a chunk of {len(payload)} bytes exceeds the caller's frame limit "
                 f"({self.conn.codec.peer_hello.max_frame_size if self.conn.codec.peer_hello else 0} bytes)"
             ) from None
-        await self._write(frame)
 
     async def send_end(self) -> None:
-        await self._write(self.conn.codec.send(codec.End(self.stream_id)))
+        await self._write(self.conn.codec.send(codec.End(self.stream_id)), final=True)
+
+    async def send_result(self, result: Any) -> None:
+        data = self._data_frame(result) + self.conn.codec.send(codec.End(self.stream_id))
+        await self._write(data, final=True)
 
     async def send_error(self, error: IngressError, retryable: bool) -> None:
-        await self._write(self.conn.codec.send(_error_event(self.stream_id, error, retryable)))
+        await self._write(self.conn.codec.send(_error_event(self.stream_id, error, retryable)), final=True)
 
-    async def _write(self, frame: bytes) -> None:
+    async def _write(self, frame: bytes, final: bool = False) -> None:
         try:
-            await self.conn.writer.write(frame)
+            await self.conn.writer.write(frame, flush=final)
         except WriterClosed:
             raise CallerGone from None
 
