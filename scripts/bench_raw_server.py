@@ -40,7 +40,10 @@ class FrameReader:
                     payload = bytes(self.buffer[4 : 4 + length])
                     del self.buffer[: 4 + length]
                     return payload
-            data = await self.stream.receive_some(65536)
+            try:
+                data = await self.stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return None  # reset by the client: the same as a close, for this server
             if not data:
                 return None
             self.buffer += data
@@ -78,8 +81,8 @@ async def serve_connection(stream: trio.SocketStream) -> None:
                 await stream.send_all(frame(json.dumps(request.get("body")).encode()))
             else:
                 await stream_until_eof(stream, reader, request)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+    except* (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away; errors inside a stream's nursery arrive grouped
     finally:
         await trio.aclose_forcefully(stream)
 

@@ -69,27 +69,41 @@ class TcpTransport:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         address = listeners[0].socket.getsockname()[:2]
         binding.runtime.logger.info("tcp.listening", address=f"{address[0]}:{address[1]}")
+        open_connections: set[_ServerConnection] = set()
         async with trio.open_nursery() as connections:
             task_status.started(address)
             with trio.CancelScope() as accept_scope:
-                connections.start_soon(_cancel_on, binding.intake_closed, accept_scope)
+                connections.start_soon(_close_intake, binding.intake_closed, accept_scope, open_connections)
                 await trio.serve_listeners(
-                    partial(self._serve_connection, binding), listeners, handler_nursery=connections
+                    partial(self._serve_connection, binding, open_connections),
+                    listeners,
+                    handler_nursery=connections,
                 )
             # Intake closed (phase 1): refuse new connections now, keep the open ones until phase 3.
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
 
-    async def _serve_connection(self, binding: TransportBinding, stream: trio.SocketStream) -> None:
+    async def _serve_connection(
+        self, binding: TransportBinding, registry: set[_ServerConnection], stream: trio.SocketStream
+    ) -> None:
+        connection = _ServerConnection(self, binding, stream)
+        registry.add(connection)
         try:
-            await _ServerConnection(self, binding, stream).run()
+            await connection.run()
         finally:
+            registry.discard(connection)
             await trio.aclose_forcefully(stream)
 
 
-async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+async def _close_intake(
+    event: trio.Event, accept_scope: trio.CancelScope, connections: set[_ServerConnection]
+) -> None:
+    """Phase 1 for the whole transport: stop accepting, and tell every open connection (one task for
+    all of them, rather than one parked task per connection)."""
     await event.wait()
-    scope.cancel(reason="intake closed")
+    accept_scope.cancel(reason="intake closed")
+    for connection in connections:
+        connection.announce_goaway()
 
 
 class _ServerConnection:
@@ -124,7 +138,8 @@ class _ServerConnection:
         try:
             with trio.fail_after(self.transport.handshake_timeout):
                 await self._handshake()
-            nursery.start_soon(self._announce_goaway)
+            if self.binding.intake_closed.is_set():
+                self.announce_goaway()  # accepted just before the listener closed
             while True:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
                 self.codec.receive_data(data)
@@ -227,11 +242,11 @@ class _ServerConnection:
             self.codec.send(_error_event(stream_id, error, error.resolve_retryable(chunks_sent=0)))
         )
 
-    async def _announce_goaway(self) -> None:
-        await self.binding.intake_closed.wait()
+    def announce_goaway(self) -> None:
+        if self.writer.closed or self.codec.peer_hello is None:
+            return  # gone, or still in the handshake (it checks intake_closed when done)
         goaway = codec.GoAway(self.codec.highest_stream_id, "worker is draining; open new streams elsewhere")
-        if not self.writer.closed:
-            self.writer.write_nowait(self.codec.send(goaway))
+        self.writer.write_nowait(self.codec.send(goaway))
 
     def _writer_broken(self, scope: trio.CancelScope) -> None:
         # Runs inside the writer task, before any stream can see the cancellation: counted as resets.
