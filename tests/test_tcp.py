@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from runtime import ErrorCode, IngressError, RequestContext, Worker, WorkerConfig, open_worker
+from runtime import ErrorCode, IngressError, RemoteError, RequestContext, Worker, WorkerConfig, open_worker
 from runtime.testing import sample
 from transports.tcp import TcpClient, TcpTransport
 from transports.tcp import _codec as codec
@@ -304,3 +304,13 @@ async def test_client_refuses_new_streams_after_goaway():
             await client.call("context")
         assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retryable
         assert len([c async for c in running]) == 19
+
+
+async def test_huge_non_ascii_endpoint_name_gets_an_error_not_a_crash():
+    """An error message echoing hostile input still fits the caller's smallest frame; the worker survives."""
+    async with serving(Probe()) as (_, address), TcpClient.connect(*address) as client:
+        with pytest.raises(RemoteError) as caught:
+            await client.call("é" * 30000)
+        assert caught.value.code is ErrorCode.NOT_FOUND
+        assert len(caught.value.message.encode()) < codec.MIN_MAX_FRAME_SIZE
+        assert await client.call("context") is not None  # same connection, still serving

@@ -130,7 +130,7 @@ class TcpClient:
             self._codec.receive_data(data)
             event = self._codec.next_event()
             if isinstance(event, codec.Error):
-                raise RemoteError(ErrorCode(event.code), event.message, retryable=event.retryable)
+                raise RemoteError(_error_code(event.code), event.message, retryable=event.retryable)
         self._slots = trio.Semaphore(self._codec.peer_hello.max_streams)
 
     async def _read_loop(self) -> None:
@@ -170,7 +170,7 @@ class TcpClient:
         elif isinstance(event, codec.End):
             item = _END
         else:
-            item = RemoteError(ErrorCode(event.code), event.message, retryable=event.retryable)
+            item = RemoteError(_error_code(event.code), event.message, retryable=event.retryable)
         # The consumer may close its end between our lookup and the send.
         with contextlib.suppress(trio.BrokenResourceError):
             await channel.send(item)
@@ -318,3 +318,11 @@ class ClientStream:
             # At interpreter shutdown or on a closed connection there is nobody left to tell.
             with contextlib.suppress(Exception):
                 self._finish(kill=True)
+
+
+def _error_code(code: int) -> ErrorCode:
+    """A code this client does not know (from a newer worker) is reported as INTERNAL, not a crash."""
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL

@@ -39,8 +39,9 @@ from ._writer import FrameWriter, WriterClosed
 
 # One read takes what the kernel has, up to this much: large enough to take many frames per syscall.
 RECEIVE_SIZE = 65536
-# Error messages travel in a frame; keep them readable and well under any frame limit.
-MAX_ERROR_MESSAGE = 1000
+# Error messages travel in a frame and may echo caller input: cap their UTF-8 size so an ERROR always
+# fits the smallest frame limit a peer may announce (codec.MIN_MAX_FRAME_SIZE), whatever the text.
+MAX_ERROR_MESSAGE_BYTES = 900
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,10 @@ class TcpTransport:
         registry.add(connection)
         try:
             await connection.run()
+        except Exception:
+            # A bug on one connection must not take the worker down with it (serve_listeners would
+            # propagate it): log it and close only this connection; its streams are already dropped.
+            connection.log.exception("tcp.connection_failed")
         finally:
             registry.discard(connection)
             await trio.aclose_forcefully(stream)
@@ -124,6 +129,12 @@ class _ServerConnection:
         self.log = binding.runtime.logger.bind(transport="tcp", peer=self.peer)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._drop_streams("closed")  # a no-op unless we are leaving through an error
+
+    async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.writer.run, lambda: self._writer_broken(nursery.cancel_scope))
             reason = await self._read_until_closed(nursery)
@@ -263,7 +274,7 @@ class _ServerConnection:
     def _protocol_error(self, message: str) -> str:
         self.log.warning("tcp.protocol_error", message=message)
         self.binding.runtime.metrics.protocol_errors.labels("tcp").inc()
-        error = codec.Error(0, BadRequest.code, False, f"protocol error: {message}"[:MAX_ERROR_MESSAGE])
+        error = codec.Error(0, BadRequest.code, False, _fit(f"protocol error: {message}"))
         if not self.writer.closed and self.codec.peer_hello is not None:
             self.writer.write_nowait(self.codec.send(error))
         self.writer.finish()
@@ -310,7 +321,14 @@ class _StreamSink:
 
 
 def _error_event(stream_id: int, error: IngressError, retryable: bool) -> codec.Error:
-    return codec.Error(stream_id, int(error.code), retryable, error.message[:MAX_ERROR_MESSAGE])
+    return codec.Error(stream_id, int(error.code), retryable, _fit(error.message))
+
+
+def _fit(message: str) -> str:
+    raw = message.encode()
+    if len(raw) <= MAX_ERROR_MESSAGE_BYTES:
+        return message
+    return raw[: MAX_ERROR_MESSAGE_BYTES - 3].decode(errors="ignore") + "..."
 
 
 def _peer_name(stream: trio.SocketStream) -> str:
