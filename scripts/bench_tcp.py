@@ -132,25 +132,34 @@ async def read_at_least(stream: trio.SocketStream, buffer: bytearray, size: int)
         buffer += data
 
 
-Opener = Callable[[tuple[str, int]], Awaitable[IngressConnection | RawConnection]]
+Connection = IngressConnection | RawConnection
+Opener = Callable[[tuple[str, int]], Awaitable[Connection]]
+
+
+async def _timed_concurrently(
+    open_conn: Opener, address: tuple[str, int], count: int, work: Callable[[Connection], Awaitable[None]]
+) -> float:
+    """Open ``count`` connections, run ``work`` on all of them at once; the seconds that took."""
+    connections = [await open_conn(address) for _ in range(count)]
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for conn in connections:
+            nursery.start_soon(work, conn)
+    elapsed = time.perf_counter() - start
+    for conn in connections:
+        await conn.aclose()
+    return elapsed
 
 
 async def streamed_tokens_per_second(
     open_conn: Opener, address: tuple[str, int], streams: int, tokens: int
 ) -> float:
-    conns = [await open_conn(address) for _ in range(streams)]
     counts: list[int] = []
 
-    async def one(conn: IngressConnection | RawConnection) -> None:
+    async def one(conn: Connection) -> None:
         counts.append(await conn.run("generate", {"max_tokens": tokens}))
 
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for conn in conns:
-            nursery.start_soon(one, conn)
-    elapsed = time.perf_counter() - start
-    for conn in conns:
-        await conn.aclose()
+    elapsed = await _timed_concurrently(open_conn, address, streams, one)
     assert counts == [tokens] * streams, "a stream came back short"
     return streams * tokens / elapsed
 
@@ -158,20 +167,11 @@ async def streamed_tokens_per_second(
 async def echo_round_trips_per_second(
     open_conn: Opener, address: tuple[str, int], conns: int, calls: int
 ) -> float:
-    connections = [await open_conn(address) for _ in range(conns)]
-
-    async def one(conn: IngressConnection | RawConnection) -> None:
+    async def one(conn: Connection) -> None:
         for i in range(calls):
             await conn.run("echo", {"i": i})
 
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for conn in connections:
-            nursery.start_soon(one, conn)
-    elapsed = time.perf_counter() - start
-    for conn in connections:
-        await conn.aclose()
-    return conns * calls / elapsed
+    return conns * calls / await _timed_concurrently(open_conn, address, conns, one)
 
 
 def rss_bytes(pid: int) -> int:
@@ -225,7 +225,7 @@ async def sigterm_to_exit(
         completed = 0
         conns = [await open_conn(server.addresses["tcp"]) for _ in range(streams)]
 
-        async def one(conn: IngressConnection | RawConnection) -> None:
+        async def one(conn: Connection) -> None:
             nonlocal completed
             try:
                 if await conn.run("generate", {"max_tokens": 50, "itl_ms": 10}) == 50:
