@@ -35,7 +35,7 @@ from runtime import (
 )
 
 from . import _codec as codec
-from ._writer import FrameWriter, WriterClosed
+from .._writer import FrameWriter, WriterClosed
 
 # One read takes what the kernel has, up to this much: large enough to take many frames per syscall.
 RECEIVE_SIZE = 65536

@@ -1,5 +1,7 @@
 """A connection's single writer: a byte-bounded buffer that coalesces frames into one ``send_all``.
 
+Shared by the transports: TCP writes to the socket; HTTP writes to an ASGI ``send`` through a small adapter.
+
 Every stream on a connection appends encoded frames here; one task writes them out. While that task is
 in ``send_all``, frames pile up and go out together in the next write, so a busy connection makes few,
 large writes (the throughput win) and an idle one sends each frame at once (the latency win). Appending
