@@ -22,6 +22,7 @@ from ._worker import Transport, Worker
 
 DEFAULT_APP = "runtime.mocker:worker"
 DEFAULT_TCP = ("127.0.0.1", 9000)
+DEFAULT_HTTP = ("127.0.0.1", 8000)
 _DEFAULTS = WorkerConfig()
 
 
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ingress", description="Serve inference endpoints over TCP (more soon)."
+        prog="ingress", description="Serve inference endpoints over HTTP and a framed TCP protocol."
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -49,12 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_APP,
         help=f"module:attribute naming a Worker (default {DEFAULT_APP})",
     )
-    serve.add_argument(
-        "--tcp",
-        type=_address,
-        metavar="HOST:PORT",
-        help="serve the TCP protocol here (default 127.0.0.1:9000)",
-    )
+    serve.add_argument("--http", type=_address, metavar="HOST:PORT", help="serve HTTP/1.1 and h2 here")
+    serve.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="serve the TCP protocol here")
     serve.add_argument(
         "--metrics", type=_address, metavar="HOST:PORT", help="serve /metrics, /health and /ready here"
     )
@@ -114,11 +111,19 @@ def load_app(spec: str) -> Worker:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from transports.tcp import TcpTransport  # the composition root picks transports; runtime does not
+    # The composition root picks transports; the runtime itself never imports them.
+    from transports.http import HttpTransport
+    from transports.tcp import TcpTransport
 
     configure_logging(args.log_format, args.log_level)
     worker = load_app(args.app)
-    transports: list[Transport] = [TcpTransport(*(args.tcp or DEFAULT_TCP))]
+    if args.http is None and args.tcp is None:  # no flag at all: something a person can curl
+        args.http, args.tcp = DEFAULT_HTTP, DEFAULT_TCP
+    transports: list[Transport] = []
+    if args.http is not None:
+        transports.append(HttpTransport(*args.http))
+    if args.tcp is not None:
+        transports.append(TcpTransport(*args.tcp))
     config = WorkerConfig(
         drain_timeout=args.drain_timeout, shutdown_delay=args.shutdown_delay, access_log=args.access_log
     )

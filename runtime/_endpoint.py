@@ -130,6 +130,8 @@ class TransportBinding:
         self.endpoints = dict(endpoints)
         # Set once every endpoint of this transport is closed: shared listeners stop on it.
         self.intake_closed = trio.Event()
+        # The worker's readiness (false from the first shutdown signal); Worker.serve wires it up.
+        self.is_ready: Callable[[], bool] = lambda: not self.intake_closed.is_set()
 
     def lookup(self, endpoint: str) -> EndpointBinding:
         try:

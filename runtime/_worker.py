@@ -142,6 +142,8 @@ class Worker:
             bind_transport(t.name, runtime, self._endpoints, admissions, global_inflight) for t in transports
         ]
         coordinator = ShutdownCoordinator(runtime, bindings, global_inflight, admissions.values())
+        for binding in bindings:
+            binding.is_ready = lambda: coordinator.ready
         handle = WorkerHandle(runtime, {}, coordinator, global_inflight, bindings)
         async with trio.open_nursery() as primary:
             if handle_signals:

@@ -22,8 +22,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
+
+
+class ByteSink(Protocol):
+    """What the writer writes to: a trio SendStream, or the HTTP transport's ASGI body adapter."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None: ...
 
 
 class WriterClosed(Exception):
@@ -31,7 +38,7 @@ class WriterClosed(Exception):
 
 
 class FrameWriter:
-    def __init__(self, stream: trio.abc.SendStream, high_water: int) -> None:
+    def __init__(self, stream: ByteSink, high_water: int) -> None:
         self._stream = stream
         self._high_water = high_water
         self._buffer = bytearray()

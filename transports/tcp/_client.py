@@ -27,8 +27,8 @@ import trio
 from runtime import ErrorCode, IngressError, RemoteError, Unavailable
 from runtime._nursery import open_background_nursery
 
-from . import _codec as codec
 from .._writer import FrameWriter, WriterClosed
+from . import _codec as codec
 
 RECEIVE_SIZE = 65536
 # Chunks buffered per stream before the connection's reader waits for that stream's consumer.

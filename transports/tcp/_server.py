@@ -34,8 +34,8 @@ from runtime import (
     new_request_id,
 )
 
-from . import _codec as codec
 from .._writer import FrameWriter, WriterClosed
+from . import _codec as codec
 
 # One read takes what the kernel has, up to this much: large enough to take many frames per syscall.
 RECEIVE_SIZE = 65536

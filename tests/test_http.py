@@ -1,0 +1,243 @@
+"""The HTTP transport against a real hypercorn on 127.0.0.1, with httpx over HTTP/1.1 and h2."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+
+import httpx
+import pytest
+import trio
+
+from runtime import InternalError, RequestContext, Worker, WorkerConfig, open_worker
+from runtime.testing import sample
+from transports.http import HttpTransport
+
+
+class Probe:
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.finished = trio.Event()
+        self.cancelled = False
+
+
+def _worker(probe: Probe) -> Worker:
+    worker = Worker("http-test")
+
+    @worker.endpoint("tokens")
+    async def tokens(request, ctx: RequestContext):
+        probe.started.set()
+        try:
+            for i in range(request.get("n", 3)):
+                await trio.sleep(request.get("gap", 0))
+                if i == request.get("fail_at"):
+                    raise InternalError("generation failed half-way")
+                yield {"i": i}
+        except trio.Cancelled:
+            probe.cancelled = True
+            raise
+        finally:
+            probe.finished.set()
+
+    @worker.endpoint("echo")
+    async def echo(request, ctx: RequestContext):
+        return {"request": request, "id": ctx.id, "remaining": ctx.time_remaining()}
+
+    @worker.endpoint("slow", max_concurrency=1)
+    async def slow(request, ctx):
+        probe.started.set()
+        await trio.sleep(request.get("sleep", 10))
+        return "done"
+
+    @worker.endpoint("broken")
+    async def broken(request, ctx):
+        raise RuntimeError("database password is hunter2")
+
+    return worker
+
+
+@asynccontextmanager
+async def serving(
+    probe: Probe, http2: bool = False, **options
+) -> AsyncIterator[tuple[object, httpx.AsyncClient]]:
+    async with open_worker(
+        _worker(probe), [HttpTransport(port=0, **options)], WorkerConfig(drain_timeout=10)
+    ) as handle:
+        host, port = handle.addresses["http"]
+        async with httpx.AsyncClient(
+            base_url=f"http://{host}:{port}", http1=not http2, http2=http2
+        ) as client:
+            yield handle, client
+
+
+@pytest.mark.parametrize("http2", [False, True])
+async def test_unary_json_and_request_id(http2):
+    """A unary call answers JSON; X-Request-Id is echoed; the timeout header becomes the deadline."""
+    async with serving(Probe(), http2) as (_, client):
+        response = await client.post(
+            "/v1/echo", json={"a": 1}, headers={"x-request-id": "rid-7", "x-request-timeout-ms": "5000"}
+        )
+    assert response.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+    assert response.status_code == 200 and response.headers["x-request-id"] == "rid-7"
+    body = response.json()
+    assert body["request"] == {"a": 1} and body["id"] == "rid-7" and 4 < body["remaining"] <= 5
+
+
+@pytest.mark.parametrize("http2", [False, True])
+async def test_stream_as_sse_with_an_end_event(http2):
+    """A streaming endpoint answers text/event-stream: one data line per chunk, then an explicit end event."""
+    async with serving(Probe(), http2) as (_, client):
+        response = await client.post("/v1/tokens", json={"n": 3})
+    assert response.headers["content-type"] == "text/event-stream"
+    assert response.text == (
+        'data: {"i":0}\n\ndata: {"i":1}\n\ndata: {"i":2}\n\nevent: end\ndata: {"chunks":3}\n\n'
+    )
+
+
+async def test_stream_as_ndjson_when_asked():
+    """Accept: application/x-ndjson gets one JSON document per line."""
+    async with serving(Probe()) as (_, client):
+        response = await client.post("/v1/tokens", json={"n": 2}, headers={"accept": "application/x-ndjson"})
+    assert response.headers["content-type"] == "application/x-ndjson"
+    assert [json.loads(line) for line in response.text.splitlines()] == [{"i": 0}, {"i": 1}]
+
+
+async def test_error_after_first_chunk_is_an_error_event():
+    """A failure mid-stream arrives as an SSE error event, not a silent cut."""
+    async with serving(Probe()) as (_, client):
+        response = await client.post("/v1/tokens", json={"n": 5, "fail_at": 2})
+    events = response.text.split("\n\n")
+    assert events[:2] == ['data: {"i":0}', 'data: {"i":1}']
+    assert events[2].startswith("event: error\ndata: ")
+    error = json.loads(events[2].split("data: ", 1)[1])["error"]
+    assert error == {"code": "INTERNAL", "message": "generation failed half-way", "retryable": False}
+
+
+async def test_status_mapping():
+    """Each error class gets its natural status and a JSON body that says what to fix."""
+    async with serving(Probe(), max_body_size=1024) as (_, client):
+        cases = {
+            "unknown endpoint": (await client.post("/v1/missing", json={}), 404, "NOT_FOUND"),
+            "invalid JSON": (await client.post("/v1/echo", content=b"{oops"), 400, "BAD_REQUEST"),
+            "bad timeout": (
+                await client.post("/v1/echo", json={}, headers={"x-request-timeout-ms": "soon"}),
+                400,
+                "BAD_REQUEST",
+            ),
+            "too large": (
+                await client.post("/v1/echo", content=b"[" + b"1," * 2000 + b"1]"),
+                413,
+                "BAD_REQUEST",
+            ),
+            "deadline": (
+                await client.post("/v1/slow", json={"sleep": 5}, headers={"x-request-timeout-ms": "50"}),
+                504,
+                "DEADLINE_EXCEEDED",
+            ),
+            "internal": (await client.post("/v1/broken", json={}), 500, "INTERNAL"),
+            "wrong method": (await client.get("/v1/echo"), 405, "BAD_REQUEST"),
+        }
+    for name, (response, status, code) in cases.items():
+        assert response.status_code == status, name
+        assert response.json()["error"]["code"] == code, name
+    assert "hunter2" not in cases["internal"][0].text
+    assert cases["wrong method"][0].headers["allow"] == "POST"
+
+
+async def test_overloaded_is_429_with_retry_after():
+    """Past max_concurrency (no queue) the caller gets 429, retryable, with Retry-After."""
+    probe = Probe()
+    async with serving(probe) as (_, client), trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: client.post("/v1/slow", json={"sleep": 0.5}))
+        await probe.started.wait()  # the slow call holds the only slot
+        response = await client.post("/v1/slow", json={"sleep": 0})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "1" and response.json()["error"]["retryable"] is True
+
+
+async def test_drain_refuses_new_calls_on_open_connections_while_streams_finish():
+    """In phase 1 a call on an open keep-alive connection gets 503 + Retry-After + Connection: close,
+    new connections are refused, and the stream in flight runs to its end event."""
+    probe = Probe()
+    async with serving(probe) as (handle, client):
+        host, port = handle.addresses["http"]
+        async with (
+            httpx.AsyncClient(base_url=f"http://{host}:{port}") as other,
+            trio.open_nursery() as nursery,
+        ):
+            assert (await other.get("/health")).status_code == 200  # a keep-alive connection, now idle
+            results = {}
+
+            async def stream() -> None:
+                results["stream"] = await client.post("/v1/tokens", json={"n": 20, "gap": 0.02})
+
+            nursery.start_soon(stream)
+            await probe.started.wait()
+            handle.shutdown("test")
+            await handle.wait_shutdown_started()
+            refused = await other.post("/v1/echo", json={})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.headers["connection"] == "close" and refused.json()["error"]["retryable"] is True
+        assert results["stream"].text.endswith('event: end\ndata: {"chunks":20}\n\n')
+        async with httpx.AsyncClient() as fresh:
+            with pytest.raises(httpx.ConnectError):  # the listener is closed: safe to retry elsewhere
+                await fresh.get(f"http://{host}:{port}/ready")
+        assert not (await handle.wait_drained()).forced
+
+
+async def test_ready_is_503_during_shutdown_delay():
+    """From the signal on, /ready answers 503 while the worker still serves (phase 0)."""
+    async with open_worker(
+        _worker(Probe()), [HttpTransport(port=0)], WorkerConfig(shutdown_delay=30, drain_timeout=60)
+    ) as handle:
+        host, port = handle.addresses["http"]
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+            assert (await client.get("/ready")).status_code == 200
+            handle.shutdown("test")
+            assert (await client.get("/ready")).status_code == 503
+            assert (await client.post("/v1/echo", json={})).status_code == 200  # still serving
+            handle.shutdown("skip the delay")
+
+
+# Leaving an h2 response early makes httpcore drop its own async generators to the garbage collector,
+# which Trio reports; the warning is about the client library, not the code under test.
+_HTTPCORE_GENERATORS = r"(httpcore|httpx)\..*was garbage collected"
+
+
+@pytest.mark.filterwarnings(f"ignore:Async generator '{_HTTPCORE_GENERATORS}:ResourceWarning")
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <async_generator object:pytest.PytestUnraisableExceptionWarning"
+)
+@pytest.mark.parametrize("http2", [False, True])
+async def test_client_disconnect_cancels_the_handler(http2):
+    """A client whose connection closes mid-stream (HTTP/1.1 or h2) gets its handler cancelled, counted."""
+    probe = Probe()
+    async with serving(probe) as (handle, _):
+        host, port = handle.addresses["http"]
+        async with httpx.AsyncClient(
+            base_url=f"http://{host}:{port}", http1=not http2, http2=http2
+        ) as client:
+            request = client.build_request("POST", "/v1/tokens", json={"n": 100000, "gap": 0.005})
+            response = await client.send(request, stream=True)
+            chunks = response.aiter_raw()
+            async with aclosing(chunks):  # type: ignore[type-var]
+                await chunks.__anext__()
+        # Leaving the client block closed the connection with the stream still running.
+        with trio.fail_after(5):
+            await probe.finished.wait()
+        await handle.binding("http", "tokens").tracker.wait_idle()
+        assert probe.cancelled
+        labels = {"endpoint": "tokens", "transport": "http"}
+        assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="disconnected") == 1
+        assert sample(handle.runtime, "ingress_client_disconnects_total", **labels, reason="closed") == 1
+
+
+async def test_health_and_metrics_routes():
+    """/health is 200, /metrics is Prometheus text with the request counters."""
+    async with serving(Probe()) as (_, client):
+        await client.post("/v1/echo", json={})
+        health = await client.get("/health")
+        metrics = await client.get("/metrics")
+    assert health.status_code == 200
+    assert 'ingress_requests_total{endpoint="echo",outcome="ok",transport="http"} 1.0' in metrics.text

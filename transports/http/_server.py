@@ -1,0 +1,72 @@
+"""The HTTP transport: hypercorn's trio worker inside the worker's own nursery.
+
+The shutdown coordinator, not hypercorn, decides when streams end: hypercorn is told to stop accepting
+when intake closes (phase 1), with a ``graceful_timeout`` longer than any drain so it never cuts a stream
+the coordinator is still draining; phase 3 cancels it with the rest of the primary scope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from runtime import TransportBinding
+
+from ._app import IngressApp
+
+# hypercorn's own drain deadline, set out of the coordinator's way (phase 3 is what stops hypercorn).
+_NEVER = 10.0 * 365 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class HttpTransport:
+    """Serve a worker's endpoints over HTTP/1.1 and h2 (cleartext prior knowledge or Upgrade)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_size: int = 1024 * 1024
+    # Largest request head (request line and headers) hypercorn will buffer.
+    max_header_size: int = 16 * 1024
+    max_concurrent_streams: int = 100
+    # Idle keep-alive connections are closed after this long.
+    keep_alive_timeout: float = 5.0
+    # Per-stream bound on queued SSE/NDJSON bytes before the handler feels back-pressure.
+    stream_high_water: int = 64 * 1024
+    name: str = "http"
+
+    def hypercorn_config(self) -> Config:
+        config = Config()
+        config.bind = [f"{self.host}:{self.port}"]
+        config.graceful_timeout = _NEVER
+        config.keep_alive_timeout = self.keep_alive_timeout
+        config.h11_max_incomplete_size = self.max_header_size
+        config.h2_max_concurrent_streams = self.max_concurrent_streams
+        config.include_server_header = False
+        config.accesslog = None  # the runtime logs one canonical line per request itself
+        return config
+
+    async def serve(
+        self,
+        binding: TransportBinding,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled (phase 3); reports the bound (host, port)."""
+        app = IngressApp(binding, max_body_size=self.max_body_size, stream_high_water=self.stream_high_water)
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(
+                lambda task_status: serve(
+                    app,  # type: ignore[arg-type]  # hypercorn's Framework union is narrower than ASGI's shape
+                    self.hypercorn_config(),
+                    shutdown_trigger=binding.intake_closed.wait,
+                    task_status=task_status,
+                )
+            )
+            bound = urlsplit(binds[0])
+            address = (bound.hostname or self.host, bound.port or self.port)
+            binding.runtime.logger.info("http.listening", address=f"{address[0]}:{address[1]}")
+            task_status.started(address)
