@@ -241,3 +241,91 @@ async def test_health_and_metrics_routes():
         metrics = await client.get("/metrics")
     assert health.status_code == 200
     assert 'ingress_requests_total{endpoint="echo",outcome="ok",transport="http"} 1.0' in metrics.text
+
+
+class _BusyStream:
+    """A stream whose send_all fails the way Trio does while another task holds it (send_eof)."""
+
+    async def send_all(self, data: bytes) -> None:
+        raise trio.BusyResourceError("another task is currently sending data on this SocketStream")
+
+
+class _RecordingProtocol:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    async def handle(self, event: object) -> None:
+        self.events.append(event)
+
+
+def _bare(server_class: type) -> object:
+    server = server_class.__new__(server_class)
+    server.send_lock = trio.Lock()
+    server.stream = _BusyStream()
+    server.protocol = _RecordingProtocol()
+    return server
+
+
+async def test_busy_resource_error_is_contained_to_its_connection():
+    """hypercorn 0.18's TCPServer lets BusyResourceError escape protocol_send; ours treats it as a close."""
+    from hypercorn.events import Closed, RawData
+    from hypercorn.trio.tcp_server import TCPServer
+
+    from transports.http._hypercorn_patch import ContainedTCPServer
+
+    with pytest.raises(trio.BusyResourceError):  # the upstream bug this guards against
+        await _bare(TCPServer).protocol_send(RawData(b"x"))
+    contained = _bare(ContainedTCPServer)
+    await contained.protocol_send(RawData(b"x"))
+    assert [type(e) for e in contained.protocol.events] == [Closed]
+
+
+async def test_serving_installs_the_contained_server():
+    """Once the HTTP transport serves, hypercorn's trio worker builds ContainedTCPServer per connection."""
+    from hypercorn.trio import run as hypercorn_run
+
+    from transports.http._hypercorn_patch import ContainedTCPServer
+
+    async with serving(Probe()) as (_, client):
+        assert (await client.get("/health")).status_code == 200
+    assert hypercorn_run.TCPServer is ContainedTCPServer
+
+
+@pytest.mark.filterwarnings(f"ignore:Async generator '{_HTTPCORE_GENERATORS}:ResourceWarning")
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <async_generator object:pytest.PytestUnraisableExceptionWarning"
+)
+async def test_h2_clients_closing_mid_stream_leave_the_server_and_other_streams_running():
+    """Many h2 clients closing their connections mid-stream neither stop the server nor disturb a
+    stream on another connection; in-flight returns to zero."""
+    async with serving(Probe()) as (handle, client):
+        host, port = handle.addresses["http"]
+        base = f"http://{host}:{port}"
+        async with trio.open_nursery() as nursery:
+            survivor: dict[str, httpx.Response] = {}
+
+            async def long_stream() -> None:
+                survivor["response"] = await client.post("/v1/tokens", json={"n": 200, "gap": 0.005})
+
+            nursery.start_soon(long_stream)
+            for _ in range(20):
+                async with (
+                    httpx.AsyncClient(base_url=base, http1=False, http2=True) as h2,
+                    trio.open_nursery() as inner,
+                ):
+                    for _ in range(4):
+                        inner.start_soon(_read_one_chunk, h2)
+                # Leaving the block closed the h2 connection with four streams still running.
+        assert survivor["response"].text.endswith('event: end\ndata: {"chunks":200}\n\n')
+        assert (await client.post("/v1/echo", json={})).status_code == 200
+        await handle.binding("http", "tokens").tracker.wait_idle()
+        labels = {"endpoint": "tokens", "transport": "http"}
+        assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="disconnected") == 80
+
+
+async def _read_one_chunk(client: httpx.AsyncClient) -> None:
+    request = client.build_request("POST", "/v1/tokens", json={"n": 100000, "gap": 0.001})
+    response = await client.send(request, stream=True)
+    chunks = response.aiter_raw()
+    async with aclosing(chunks):  # type: ignore[type-var]
+        await chunks.__anext__()

@@ -16,6 +16,7 @@ from hypercorn.trio import serve
 
 from runtime import TransportBinding
 
+from . import _hypercorn_patch
 from ._app import IngressApp
 
 # hypercorn's own drain deadline, set out of the coordinator's way (phase 3 is what stops hypercorn).
@@ -56,6 +57,7 @@ class HttpTransport:
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled (phase 3); reports the bound (host, port)."""
+        _hypercorn_patch.install()
         app = IngressApp(binding, max_body_size=self.max_body_size, stream_high_water=self.stream_high_water)
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(
