@@ -59,6 +59,7 @@ class ShutdownCoordinator:
         self._requested_at = math.inf
         self._ready = False
         self._skipped = False
+        self.intake_closed = trio.Event()
 
     @property
     def ready(self) -> bool:
@@ -132,6 +133,7 @@ class ShutdownCoordinator:
             admission.close()
         for transport in self._transports:
             transport.close_intake()
+        self.intake_closed.set()
         self._log.info("shutdown.intake_closed", in_flight=self._global.count)
         for transport in self._transports:
             for binding in transport.endpoints.values():

@@ -63,6 +63,10 @@ class WorkerHandle:
         """Wait for the first shutdown request (signal or ``shutdown()``): readiness is false from then."""
         await self._coordinator.wait_requested()
 
+    async def wait_intake_closed(self) -> None:
+        """Wait for phase 1: every endpoint has stopped taking new requests."""
+        await self._coordinator.intake_closed.wait()
+
     async def wait_drained(self) -> ShutdownResult:
         """Wait until phases 0-2 are over (phase 3 follows at once); returns how the drain went."""
         await self._drained.wait()
