@@ -361,3 +361,62 @@ async def _read_one_chunk(client: httpx.AsyncClient) -> None:
     chunks = response.aiter_raw()
     async with aclosing(chunks):  # type: ignore[type-var]
         await chunks.__anext__()
+
+
+class _RawH2:
+    """A minimal HTTP/2 client on the h2 library, for what httpx cannot do (reset one stream)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        import h2.config
+        import h2.connection
+
+        self.stream = stream
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.data: dict[int, bytearray] = {}
+        self.ended: set[int] = set()
+
+    async def flush(self) -> None:
+        await self.stream.send_all(self.conn.data_to_send())
+
+    async def post(self, path: str, body: bytes) -> int:
+        stream_id = self.conn.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "test")]
+        self.conn.send_headers(stream_id, headers)
+        self.conn.send_data(stream_id, body, end_stream=True)
+        self.data[stream_id] = bytearray()
+        await self.flush()
+        return stream_id
+
+    async def read_until(self, condition) -> None:
+        import h2.events
+
+        while not condition():
+            for event in self.conn.receive_data(await self.stream.receive_some(65536)):
+                if isinstance(event, h2.events.DataReceived):
+                    self.data[event.stream_id] += event.data
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    self.ended.add(event.stream_id)
+            await self.flush()
+
+
+async def test_h2_rst_stream_cancels_only_that_stream():
+    """RST_STREAM on one HTTP/2 stream cancels its handler; a sibling stream on the connection completes."""
+    probe = Probe()
+    async with serving(probe) as (handle, _):
+        async with await trio.open_tcp_stream(*handle.addresses["http"]) as tcp:
+            client = _RawH2(tcp)
+            doomed = await client.post("/v1/tokens", json.dumps({"n": 100000, "gap": 0.005}).encode())
+            sibling = await client.post("/v1/tokens", json.dumps({"n": 40, "gap": 0.005}).encode())
+            await client.read_until(lambda: b"data:" in client.data[doomed])
+            client.conn.reset_stream(doomed)
+            await client.flush()
+            await client.read_until(lambda: sibling in client.ended)
+            # Still connected: only the RST can have ended the doomed handler.
+            with trio.fail_after(5):
+                await handle.binding("http", "tokens").tracker.wait_idle()
+        assert client.data[sibling].endswith(b'event: end\ndata: {"chunks":40}\n\n')
+        labels = {"endpoint": "tokens", "transport": "http"}
+        assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="disconnected") == 1
+        assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="ok") == 1
