@@ -10,7 +10,7 @@ import argparse
 import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import trio
@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     call = commands.add_parser("call", help="call an endpoint; prints each chunk as a JSON line")
     call.add_argument("endpoint")
     call.add_argument("request", nargs="?", default="{}", help="the request as JSON (default {})")
-    call.add_argument("--tcp", type=_address, metavar="HOST:PORT", default=DEFAULT_TCP)
+    target = call.add_mutually_exclusive_group()
+    target.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="default 127.0.0.1:9000")
+    target.add_argument("--http", metavar="URL", help="e.g. http://127.0.0.1:8000")
     call.add_argument("--timeout", type=_seconds, metavar="S", help="deadline for the whole call")
     call.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     call.set_defaults(run=_call)
@@ -136,6 +138,13 @@ def _call(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _UsageError(f"the request is not valid JSON: {exc}") from exc
     metadata = dict(_pair(item) for item in args.metadata)
+    if args.http is not None:
+        from transports.http import parse_base_url
+
+        try:
+            parse_base_url(args.http)
+        except ValueError as exc:
+            raise _UsageError(str(exc)) from exc
     configure_logging("console", "warning", sys.stderr)
     return trio.run(_call_async, args, request, metadata)
 
@@ -148,14 +157,11 @@ def _pair(item: str) -> tuple[str, str]:
 
 
 async def _call_async(args: argparse.Namespace, request: Any, metadata: dict[str, str]) -> int:
-    from transports.tcp import TcpClient
-
     try:
         with trio.fail_after(args.timeout if args.timeout is not None else float("inf")):
-            async with TcpClient.connect(*args.tcp) as client:
-                async for chunk in client.stream(args.endpoint, request, metadata=metadata):
-                    sys.stdout.write(json.dumps(chunk) + "\n")
-                    sys.stdout.flush()
+            async for chunk in _chunks(args, request, metadata):
+                sys.stdout.write(json.dumps(chunk) + "\n")
+                sys.stdout.flush()
     except IngressError as exc:
         print(
             f"error: {exc.code.name}: {exc.message} (retryable: {str(exc.retryable).lower()})",
@@ -166,3 +172,19 @@ async def _call_async(args: argparse.Namespace, request: Any, metadata: dict[str
         print(f"error: DEADLINE_EXCEEDED: no answer within {args.timeout:g} s (--timeout)", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+async def _chunks(args: argparse.Namespace, request: Any, metadata: dict[str, str]) -> AsyncIterator[Any]:
+    if args.http is not None:
+        from transports.http import http_stream
+
+        if args.timeout is not None:
+            metadata = {**metadata, "x-request-timeout-ms": str(max(1, int(args.timeout * 1000)))}
+        async for chunk in http_stream(args.http, args.endpoint, request, metadata):
+            yield chunk
+        return
+    from transports.tcp import TcpClient
+
+    async with TcpClient.connect(*(args.tcp or DEFAULT_TCP)) as client:
+        async for chunk in client.stream(args.endpoint, request, metadata=metadata):
+            yield chunk

@@ -106,12 +106,34 @@ async def test_cli_call_prints_chunks_and_reports_remote_errors():
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "nope" in missing.stderr
 
 
+async def test_cli_call_over_http_prints_chunks_and_reports_remote_errors():
+    """`ingress call --http URL` streams chunks as JSON lines and reports errors like the TCP form."""
+    async with worker_process("--http", "127.0.0.1:0") as worker:
+        host, port = worker.addresses["http"]
+        url = f"http://{host}:{port}"
+        stream = await trio.to_thread.run_sync(
+            lambda: _cli("call", "generate", '{"max_tokens": 3}', "--http", url)
+        )
+        unary = await trio.to_thread.run_sync(lambda: _cli("call", "echo", '{"a": [1]}', "--http", url))
+        bad = await trio.to_thread.run_sync(
+            lambda: _cli("call", "generate", '{"max_tokens": -1}', "--http", url)
+        )
+        worker.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit() == EXIT_OK
+    assert stream.returncode == 0
+    assert stream.stdout.splitlines() == [f'{{"index": {i}, "token": "tok{i}"}}' for i in range(3)]
+    assert unary.stdout == '{"a": [1]}\n'
+    assert bad.returncode == 1 and "BAD_REQUEST" in bad.stderr and "max_tokens" in bad.stderr
+
+
 def test_cli_usage_errors_exit_two_with_a_message():
     """Bad JSON, a bad address or an APP that is not a Worker exit 2 with a message that says what to fix."""
     bad_json = _cli("call", "echo", "{oops", "--tcp", "127.0.0.1:1")
     assert bad_json.returncode == EXIT_USAGE and "not valid JSON" in bad_json.stderr
     bad_address = _cli("serve", "--tcp", "localhost")
     assert bad_address.returncode == EXIT_USAGE and "HOST:PORT" in bad_address.stderr
+    bad_url = _cli("call", "echo", "--http", "ftp://example")
+    assert bad_url.returncode == EXIT_USAGE and "http://127.0.0.1:8000" in bad_url.stderr
     bad_app = _cli("serve", "json:dumps", "--tcp", "127.0.0.1:0")
     assert bad_app.returncode == EXIT_USAGE and "not a runtime.Worker" in bad_app.stderr
 
