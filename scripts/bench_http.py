@@ -1,0 +1,242 @@
+"""Benchmark: the runtime's HTTP transport against a bare hypercorn-trio app and uvicorn, in one run.
+
+This process is only the load generator; the three servers run as their own processes on 127.0.0.1:
+the mocker under ``ingress serve --http``, and the bare ASGI app of scripts/bench_http_baselines.py under
+hypercorn's trio worker and under uvicorn. Workloads: SSE streams (16 streams x 1000 tokens) and small
+unary JSON requests (32 connections), over HTTP/1.1 and h2c (uvicorn speaks no HTTP/2). Each figure is the
+median of three rounds, alternating the servers; read the ratios.
+
+    python scripts/bench_http.py            # full run
+    python scripts/bench_http.py --quick    # smaller sizes, a smoke test
+
+Goals (from the issue): SSE tokens/s at least uvicorn's; unary at least 0.9x the bare hypercorn-trio app.
+Needs uvicorn installed (``pip install uvicorn``); only this benchmark uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import h2.config
+import h2.connection
+import h2.events
+import trio
+
+from runtime.testing import WorkerProcess, spawn_process, worker_process
+
+BASELINES = pathlib.Path(__file__).with_name("bench_http_baselines.py")
+RUN_TIMEOUT = 900.0  # the whole benchmark stops by itself after this long
+_END = b"\r\n0\r\n\r\n"  # the last bytes of a chunked HTTP/1.1 body
+
+
+@dataclass(frozen=True)
+class Sizes:
+    streams: int
+    tokens: int
+    unary_connections: int
+    unary_calls: int
+
+
+FULL = Sizes(16, 1000, 32, 300)
+QUICK = Sizes(16, 200, 32, 50)
+
+
+class H1:
+    """A thin keep-alive HTTP/1.1 client: counts tokens, decodes nothing it does not have to."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    @classmethod
+    async def open(cls, address: tuple[str, int]) -> H1:
+        return cls(await trio.open_tcp_stream(*address))
+
+    async def post(self, path: str, body: dict[str, int]) -> int:
+        payload = json.dumps(body).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(payload)}\r\n\r\n"
+        )
+        await self.stream.send_all(head.encode() + payload)
+        while b"\r\n\r\n" not in self.buffer:
+            await self._fill()
+        head_end = self.buffer.index(b"\r\n\r\n") + 4
+        headers = bytes(self.buffer[:head_end]).lower()
+        del self.buffer[:head_end]
+        if b"content-length:" in headers:
+            length = int(headers.split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(self.buffer) < length:
+                await self._fill()
+            del self.buffer[:length]
+            return 1
+        while not self.buffer.endswith(_END):
+            await self._fill()
+        tokens = self.buffer.count(b'"token"')
+        self.buffer.clear()
+        return tokens
+
+    async def _fill(self) -> None:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise EOFError("server closed the connection")
+        self.buffer += data
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+class H2:
+    """A thin h2c (prior knowledge) client on the h2 library; many streams at once on one connection."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.tokens: dict[int, int] = {}
+        self.done: dict[int, trio.Event] = {}
+        self.send_lock = trio.Lock()
+
+    @classmethod
+    async def open(cls, address: tuple[str, int]) -> H2:
+        client = cls(await trio.open_tcp_stream(*address))
+        client.conn.initiate_connection()
+        await client.stream.send_all(client.conn.data_to_send())
+        return client
+
+    async def flush(self) -> None:
+        async with self.send_lock:
+            data = self.conn.data_to_send()
+            if data:
+                await self.stream.send_all(data)
+
+    async def post(self, path: str, body: dict[str, int]) -> int:
+        stream_id = self.conn.get_next_available_stream_id()
+        self.tokens[stream_id], self.done[stream_id] = 0, trio.Event()
+        headers = [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "bench")]
+        self.conn.send_headers(stream_id, headers)
+        self.conn.send_data(stream_id, json.dumps(body).encode(), end_stream=True)
+        await self.flush()
+        await self.done[stream_id].wait()
+        return max(1, self.tokens.pop(stream_id))
+
+    async def read_loop(self) -> None:
+        while True:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    self.tokens[event.stream_id] += event.data.count(b'"token"')
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    self.done[event.stream_id].set()
+            await self.flush()
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+async def sse_tokens_per_second(address: tuple[str, int], protocol: str, sizes: Sizes) -> float:
+    body = {"max_tokens": sizes.tokens}
+    counts: list[int] = []
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        if protocol == "h2c":
+            client = await H2.open(address)
+            nursery.start_soon(client.read_loop)
+            async with trio.open_nursery() as streams:
+                for _ in range(sizes.streams):
+                    streams.start_soon(lambda: _count(client.post("/v1/generate", body), counts))
+            nursery.cancel_scope.cancel()
+            await client.aclose()
+        else:
+            for _ in range(sizes.streams):
+                nursery.start_soon(_h1_stream, address, body, counts)
+    elapsed = time.perf_counter() - start
+    assert counts == [sizes.tokens] * sizes.streams, f"short streams: {counts}"
+    return sum(counts) / elapsed
+
+
+async def _count(call: Awaitable[int], counts: list[int]) -> None:
+    counts.append(await call)
+
+
+async def _h1_stream(address: tuple[str, int], body: dict[str, int], counts: list[int]) -> None:
+    client = await H1.open(address)
+    counts.append(await client.post("/v1/generate", body))
+    await client.aclose()
+
+
+async def unary_requests_per_second(address: tuple[str, int], protocol: str, sizes: Sizes) -> float:
+    opener: Callable[[tuple[str, int]], Awaitable[H1 | H2]] = H2.open if protocol == "h2c" else H1.open
+    clients = [await opener(address) for _ in range(sizes.unary_connections)]
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for client in clients:
+            if isinstance(client, H2):
+                nursery.start_soon(client.read_loop)
+        async with trio.open_nursery() as callers:
+            for client in clients:
+                callers.start_soon(_calls, client, sizes.unary_calls)
+        nursery.cancel_scope.cancel()
+    elapsed = time.perf_counter() - start
+    for client in clients:
+        await client.aclose()
+    return sizes.unary_connections * sizes.unary_calls / elapsed
+
+
+async def _calls(client: H1 | H2, count: int) -> None:
+    for i in range(count):
+        await client.post("/v1/echo", {"i": i})
+
+
+def progress(message: str) -> None:
+    print(f"bench_http: {message}", file=sys.stderr, flush=True)
+
+
+async def main(sizes: Sizes) -> None:
+    servers: dict[str, WorkerProcess] = {}
+    rows = []
+    with trio.fail_after(RUN_TIMEOUT):
+        async with (
+            worker_process("--http", "127.0.0.1:0", "--no-access-log") as ours,
+            spawn_process([sys.executable, str(BASELINES), "hypercorn-trio"]) as bare,
+            spawn_process([sys.executable, str(BASELINES), "uvicorn"]) as uvicorn,
+        ):
+            servers = {"ingress": ours, "hypercorn-trio": bare, "uvicorn": uvicorn}
+            for label, measure, protocol, names in [
+                ("SSE tokens/s", sse_tokens_per_second, "http/1.1", list(servers)),
+                ("SSE tokens/s", sse_tokens_per_second, "h2c", ["ingress", "hypercorn-trio"]),
+                ("unary req/s", unary_requests_per_second, "http/1.1", list(servers)),
+                ("unary req/s", unary_requests_per_second, "h2c", ["ingress", "hypercorn-trio"]),
+            ]:
+                progress(f"{label} {protocol}")
+                results: dict[str, list[float]] = {name: [] for name in names}
+                for _ in range(3):
+                    for name in names:
+                        results[name].append(await measure(servers[name].addresses["http"], protocol, sizes))
+                rows.append((f"{label} {protocol}", {n: statistics.median(v) for n, v in results.items()}))
+    print(f"{'workload':24} {'ingress':>12} {'hypercorn-trio':>15} {'uvicorn':>12}  ratios")
+    for label, values in rows:
+        ours_value = values["ingress"]
+        cells = [
+            f"{values.get(n, float('nan')):>{w}.0f}" if n in values else f"{'-':>{w}}"
+            for n, w in (("ingress", 12), ("hypercorn-trio", 15), ("uvicorn", 12))
+        ]
+        ratios = ", ".join(f"{ours_value / v:.2f}x {n}" for n, v in values.items() if n != "ingress")
+        print(f"{label:24} {' '.join(cells)}  {ratios}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not a measurement")
+    trio.run(main, QUICK if parser.parse_args().quick else FULL)
