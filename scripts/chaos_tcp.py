@@ -20,16 +20,15 @@ summary line and exits 1 on any violation.
 from __future__ import annotations
 
 import argparse
-import collections
 import random
 import signal
 import socket
 import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import httpx
 import trio
+from _chaos import Tally, inflight_from_metrics
 
 from runtime import IngressError, RemoteError
 from runtime.testing import worker_process
@@ -39,20 +38,6 @@ from transports.tcp import TcpClient
 STREAM_TIMEOUT = 60.0
 # The whole script stops by itself after this long, whatever happens.
 RUN_TIMEOUT = 120.0
-
-
-@dataclass
-class Tally:
-    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
-    violations: list[str] = field(default_factory=list)
-    running: int = 0
-    started_enough: trio.Event = field(default_factory=trio.Event)
-    threshold: int = 0
-
-    def stream_started(self) -> None:
-        self.running += 1
-        if self.running >= self.threshold:
-            self.started_enough.set()
 
 
 @dataclass(frozen=True)
@@ -148,18 +133,6 @@ async def drive(address: tuple[str, int], load: Load, tally: Tally, rng: random.
             await trio.sleep(rng.random() * 0.01)  # staggered, so some connect during the drain
 
 
-async def inflight_from_metrics(address: tuple[str, int]) -> tuple[float, float]:
-    """(in-flight, disconnects) summed over every endpoint, from the worker's /metrics."""
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"http://{address[0]}:{address[1]}/metrics")).text
-    sums = {"ingress_inflight_requests": 0.0, "ingress_client_disconnects_total": 0.0}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0]
-        if name in sums:
-            sums[name] += float(line.rsplit(" ", 1)[1])
-    return sums["ingress_inflight_requests"], sums["ingress_client_disconnects_total"]
-
-
 async def main(short: bool, seed: int) -> int:
     rng = random.Random(seed)
     load = Load(connections=16, streams_per_connection=4, cut_share=0.3) if short else Load(64, 8, 0.3)
@@ -194,14 +167,13 @@ async def _run(load: Load, tally: Tally, report: dict[str, object], rng: random.
                 tally.violations.append(
                     f"in-flight is {report['inflight_after_round1']} after round 1, not 0"
                 )
-            cut_in_round1 = sum(v for k, v in tally.outcomes.items() if k.startswith("cut:"))
+            cut_in_round1 = tally.cut_count()
             if cut_in_round1 and not report["disconnects_counted"]:
                 tally.violations.append(
                     f"{cut_in_round1} streams were cut but the worker counted no disconnect"
                 )
             report["stage"] = "round 2"  # SIGTERM once a quarter of the streams are running
-            tally.running, tally.started_enough = 0, trio.Event()
-            tally.threshold = load.connections * load.streams_per_connection // 4
+            tally.start_round(load.connections * load.streams_per_connection // 4)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(drive, tcp, load, tally, rng)
                 await tally.started_enough.wait()
@@ -216,19 +188,7 @@ async def _run(load: Load, tally: Tally, report: dict[str, object], rng: random.
         tally.violations.append(f"worker exited {exit_code}, not 0")
     if phase2["in_flight"] != 0:
         tally.violations.append(f"in-flight was {phase2['in_flight']} at the end of phase 2")
-    total = sum(tally.outcomes.values()) + len(tally.violations)
-    expected = 2 * load.connections * load.streams_per_connection
-    if total != expected:
-        tally.violations.append(f"accounted for {total} streams of {expected}")
-    outcomes = " ".join(f"{k}={v}" for k, v in sorted(tally.outcomes.items()))
-    verdict = "OK" if not tally.violations else "VIOLATIONS"
-    details = " ".join(f"{k}={v}" for k, v in report.items())
-    print(
-        f"chaos_tcp: streams={expected} {outcomes} violations={len(tally.violations)} {details} -> {verdict}"
-    )
-    for violation in tally.violations[:20]:
-        print(f"  violation: {violation}", file=sys.stderr)
-    return 1 if tally.violations else 0
+    return tally.report("chaos_tcp", 2 * load.connections * load.streams_per_connection, report)
 
 
 if __name__ == "__main__":
