@@ -7,9 +7,13 @@ scripts/chaos_tcp.py:
    mid-stream: HTTP/1.1 half with a clean close, half with a reset (SO_LINGER 0); HTTP/2 by closing the
    connection. A few slowloris connections dribble a request head the whole time. Afterwards /metrics must
    show in-flight back at 0 and disconnects counted.
-2. The same load with SIGTERM once a share of the streams is running: streams in flight must reach their
-   end event; later ones must get an explicit refusal (503 with a JSON error, a reset HTTP/2 stream, or a
-   refused connection); the worker must exit 0.
+2. A rolling restart: the same load with SIGTERM once a share of the streams is running, the worker
+   started with ``--shutdown-delay``, and a load-balancer task polling /ready that stops routing new
+   streams once it reads 503 (as Kubernetes does). Streams routed before that must complete (or get an
+   explicit error); the worker must exit 0. (A request that reaches a worker in the instant it exits can
+   get no answer from any server; readiness plus shutdown_delay is what keeps traffic out of that
+   instant, and that is what this round checks. The 503 answer to callers that ignore readiness is
+   covered by tests/test_http.py.)
 
 Every stream ends completed (all tokens, then the end event), with an explicit error, or cut by this
 script; anything else (a stream that stops without an end or error event, a hang) is a violation.
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 import h2.config
 import h2.connection
 import h2.events
+import httpx
 import trio
 from _chaos import Tally, inflight_from_metrics
 
@@ -40,6 +45,9 @@ from runtime.testing import worker_process
 STREAM_TIMEOUT = 60.0  # a stream still open this long after it started is a hang: a violation
 RUN_TIMEOUT = 180.0  # the whole script stops by itself after this long
 SLOWLORIS_BYTE_INTERVAL = 0.05
+# The load balancer's readiness probe period, well inside the worker's shutdown delay below.
+LB_PROBE_INTERVAL = 0.05
+SHUTDOWN_DELAY = "0.5"
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,9 @@ async def h1_stream(address: tuple[str, int], tally: Tally, rng: random.Random, 
     status = int(head.split(b" ")[1]) if head.startswith(b"HTTP/1.1 ") else 0
     outcome = _classify(body, max_tokens, status)
     if outcome is None:
-        tally.violations.append(f"HTTP/1.1 stream ended without an end or error event (status {status})")
+        tally.violations.append(
+            f"HTTP/1.1 stream ended without an end or error event (status {status}): {bytes(data)[-300:]!r}"
+        )
     else:
         tally.outcomes[outcome] += 1
 
@@ -192,28 +202,58 @@ async def slowloris(address: tuple[str, int], stop: trio.Event) -> None:
         return
 
 
-async def drive(address: tuple[str, int], load: Load, tally: Tally, rng: random.Random) -> None:
+async def drive(
+    address: tuple[str, int], load: Load, tally: Tally, rng: random.Random, routed_away: trio.Event
+) -> int:
+    """Start the round's streams, staggered, until the load balancer routes away; returns how many."""
+    started = 0
     async with trio.open_nursery() as nursery:
-        for i in range(load.h1_streams):
-            cut = ("close" if i % 2 else "reset") if rng.random() < load.cut_share else None
-            nursery.start_soon(h1_stream, address, tally, rng, cut)
-            await trio.sleep(rng.random() * 0.01)  # staggered, so some arrive during the drain
-        for _ in range(load.h2_streams):
-            nursery.start_soon(h2_stream, address, tally, rng, rng.random() < load.cut_share)
+        for i in range(load.h1_streams + load.h2_streams):
+            if routed_away.is_set():
+                break
+            if i < load.h1_streams:
+                cut = ("close" if i % 2 else "reset") if rng.random() < load.cut_share else None
+                nursery.start_soon(h1_stream, address, tally, rng, cut)
+            else:
+                nursery.start_soon(h2_stream, address, tally, rng, rng.random() < load.cut_share)
+            started += 1
             await trio.sleep(rng.random() * 0.01)
+    return started
+
+
+async def load_balancer(address: tuple[str, int], routed_away: trio.Event) -> None:
+    """Poll /ready like a readiness probe; stop routing to this worker at the first failure."""
+    url = f"http://{address[0]}:{address[1]}/ready"
+    async with httpx.AsyncClient() as http:
+        while True:
+            try:
+                if (await http.get(url)).status_code != 200:
+                    break
+            except httpx.HTTPError:
+                break
+            await trio.sleep(LB_PROBE_INTERVAL)
+    routed_away.set()
 
 
 async def run(load: Load, tally: Tally, report: dict[str, object], rng: random.Random) -> int:
     per_round = load.h1_streams + load.h2_streams
     with trio.fail_after(RUN_TIMEOUT):
-        args = ("--http", "127.0.0.1:0", "--no-access-log", "--drain-timeout", "30")
+        args = (
+            "--http",
+            "127.0.0.1:0",
+            "--no-access-log",
+            "--drain-timeout",
+            "30",
+            "--shutdown-delay",
+            SHUTDOWN_DELAY,
+        )
         async with worker_process(*args) as worker, trio.open_nursery() as background:
             http = worker.addresses["http"]
             stop_slowloris = trio.Event()
             for _ in range(load.slowloris):
                 background.start_soon(slowloris, http, stop_slowloris)
             report["stage"] = "round 1"
-            await drive(http, load, tally, rng)
+            sent = await drive(http, load, tally, rng, trio.Event())
             report["inflight_after_round1"], report["disconnects_counted"] = await inflight_from_metrics(http)
             if report["inflight_after_round1"] != 0:
                 tally.violations.append(f"in-flight is {report['inflight_after_round1']} after round 1")
@@ -221,8 +261,15 @@ async def run(load: Load, tally: Tally, report: dict[str, object], rng: random.R
                 tally.violations.append("streams were cut but the worker counted no disconnect")
             report["stage"] = "round 2"
             tally.start_round(per_round // 4)
+            routed_away = trio.Event()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(drive, http, load, tally, rng)
+                nursery.start_soon(load_balancer, http, routed_away)
+
+                async def round_two() -> None:
+                    nonlocal sent
+                    sent += await drive(http, load, tally, rng, routed_away)
+
+                nursery.start_soon(round_two)
                 await tally.started_enough.wait()
                 worker.send_signal(signal.SIGTERM)
             report["stage"] = "waiting for the worker to exit"
@@ -231,7 +278,7 @@ async def run(load: Load, tally: Tally, report: dict[str, object], rng: random.R
             del report["stage"]
     if report["exit_code"] != 0:
         tally.violations.append(f"worker exited {report['exit_code']}, not 0")
-    return tally.report("chaos_http", 2 * per_round, report)
+    return tally.report("chaos_http", sent, report)
 
 
 async def main(short: bool, seed: int) -> int:

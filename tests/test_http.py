@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -21,6 +20,14 @@ class Probe:
         self.started = trio.Event()
         self.finished = trio.Event()
         self.cancelled = False
+        self.running = 0
+        self.two_running = trio.Event()
+
+    def start(self) -> None:
+        self.started.set()
+        self.running += 1
+        if self.running >= 2:
+            self.two_running.set()
 
 
 def _worker(probe: Probe) -> Worker:
@@ -28,7 +35,7 @@ def _worker(probe: Probe) -> Worker:
 
     @worker.endpoint("tokens")
     async def tokens(request, ctx: RequestContext):
-        probe.started.set()
+        probe.start()
         try:
             for i in range(request.get("n", 3)):
                 await trio.sleep(request.get("gap", 0))
@@ -157,40 +164,47 @@ async def test_overloaded_is_429_with_retry_after():
     assert response.headers["retry-after"] == "1" and response.json()["error"]["retryable"] is True
 
 
-async def test_drain_refuses_new_h2_streams_unprocessed_while_streams_finish():
-    """In phase 1 a new stream on a busy h2 connection is refused before any handler runs (hypercorn resets
-    it and advertises zero concurrent streams), new connections are refused, and a stream in flight runs
+async def test_drain_answers_new_calls_503_closes_idle_keep_alive_and_finishes_streams():
+    """In phase 1: a new call (on a busy h2 connection, or a new connection) gets 503 + Retry-After before
+    any handler runs, /ready is 503, an idle keep-alive connection is closed, and a stream in flight runs
     to its end event."""
     probe = Probe()
     async with serving(probe) as (handle, h1):
         host, port = handle.addresses["http"]
         async with (
+            await trio.open_tcp_stream(host, port) as idle,
             httpx.AsyncClient(base_url=f"http://{host}:{port}", http1=False, http2=True) as h2,
             trio.open_nursery() as nursery,
         ):
+            await idle.send_all(b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"\r\n\r\nok\n"):
+                answer += await idle.receive_some(4096)
+            assert answer.startswith(b"HTTP/1.1 200")  # now an idle keep-alive connection
             results = {}
 
-            async def stream() -> None:
-                results["stream"] = await h1.post("/v1/tokens", json={"n": 20, "gap": 0.02})
+            async def stream(name: str, client: httpx.AsyncClient) -> None:
+                results[name] = await client.post("/v1/tokens", json={"n": 20, "gap": 0.02})
 
-            async def keep_h2_busy() -> None:
-                # httpcore aborts every stream of a connection that receives GOAWAY (RFC 9113 lets
-                # streams at or below last_stream_id finish), so this one's outcome is not asserted.
-                with contextlib.suppress(httpx.HTTPError):
-                    await h2.post("/v1/tokens", json={"n": 40, "gap": 0.02})
-
-            nursery.start_soon(stream)
-            nursery.start_soon(keep_h2_busy)
-            await probe.started.wait()
+            nursery.start_soon(stream, "h1", h1)
+            nursery.start_soon(stream, "h2", h2)
+            await probe.two_running.wait()  # both connections are busy when the drain starts
             handle.shutdown("test")
             await handle.wait_intake_closed()
-            with pytest.raises(httpx.HTTPError):  # refused on the busy h2 connection itself
-                await h2.post("/v1/echo", json={})
-        assert results["stream"].text.endswith('event: end\ndata: {"chunks":20}\n\n')
+            on_busy_h2 = await h2.post("/v1/echo", json={})
+            async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as fresh:
+                on_new_connection = await fresh.post("/v1/echo", json={})
+                ready = await fresh.get("/ready")
+            with trio.fail_after(5):
+                assert await idle.receive_some(4096) == b""  # the worker closed it
+        for refused in (on_busy_h2, on_new_connection):
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "UNAVAILABLE" and refused.json()["error"]["retryable"]
+        assert on_new_connection.headers["connection"] == "close"
+        assert ready.status_code == 503
         assert handle.binding("http", "echo").statistics().started == 0  # never reached a handler
-        async with httpx.AsyncClient() as fresh:
-            with pytest.raises(httpx.ConnectError):  # the listener is closed: safe to retry elsewhere
-                await fresh.get(f"http://{host}:{port}/ready")
+        for name in ("h1", "h2"):
+            assert results[name].text.endswith('event: end\ndata: {"chunks":20}\n\n'), name
         assert not (await handle.wait_drained()).forced
 
 

@@ -111,7 +111,12 @@ class IngressApp:
             await _error(send, 413, too_large.error, extra=id_header)
             return
         except IngressError as error:
-            close = [(b"connection", b"close")] if error.code is ErrorCode.UNAVAILABLE else []
+            # Connection: close tells an HTTP/1.1 client to go elsewhere; in HTTP/2 the header is
+            # forbidden (RFC 9113 8.2.2) and sending it would take the whole connection down.
+            draining = error.code is ErrorCode.UNAVAILABLE and scope.get("http_version", "1.1").startswith(
+                "1"
+            )
+            close = [(b"connection", b"close")] if draining else []
             await _error(send, STATUS_FOR_CODE[error.code], error, extra=id_header + close)
             return
         client = scope.get("client")

@@ -1,8 +1,9 @@
 """The HTTP transport: hypercorn's trio worker inside the worker's own nursery.
 
-The shutdown coordinator, not hypercorn, decides when streams end: hypercorn is told to stop accepting
-when intake closes (phase 1), with a ``graceful_timeout`` longer than any drain so it never cuts a stream
-the coordinator is still draining; phase 3 cancels it with the rest of the primary scope.
+The shutdown coordinator, not hypercorn, decides when streams end. hypercorn's own shutdown is never
+triggered (it would reset connections in the accept backlog and close fresh ones unanswered: see
+_hypercorn_patch): in phase 1 the listener stays open, every new call is answered 503 with Retry-After,
+idle keep-alive connections are closed; phase 3 cancels hypercorn with the rest of the primary scope.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from runtime import TransportBinding
 from . import _hypercorn_patch
 from ._app import IngressApp
 
-# hypercorn's own drain deadline, set out of the coordinator's way (phase 3 is what stops hypercorn).
+# hypercorn's own drain deadline, out of the coordinator's way (it is never triggered; phase 3 stops it).
 _NEVER = 10.0 * 365 * 24 * 3600
 
 
@@ -39,8 +40,9 @@ class HttpTransport:
     stream_high_water: int = 64 * 1024
     name: str = "http"
 
-    def hypercorn_config(self) -> Config:
+    def hypercorn_config(self, draining: trio.Event) -> Config:
         config = Config()
+        config.ingress_draining = draining  # read by ContainedTCPServer to close idle keep-alive connections
         config.bind = [f"{self.host}:{self.port}"]
         config.graceful_timeout = _NEVER
         config.keep_alive_timeout = self.keep_alive_timeout
@@ -63,8 +65,7 @@ class HttpTransport:
             binds: list[str] = await nursery.start(
                 lambda task_status: serve(
                     app,  # type: ignore[arg-type]  # hypercorn's Framework union is narrower than ASGI's shape
-                    self.hypercorn_config(),
-                    shutdown_trigger=binding.intake_closed.wait,
+                    self.hypercorn_config(binding.intake_closed),
                     task_status=task_status,
                 )
             )
