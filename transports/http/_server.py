@@ -42,7 +42,8 @@ class HttpTransport:
 
     def hypercorn_config(self, draining: trio.Event) -> Config:
         config = Config()
-        config.ingress_draining = draining  # read by ContainedTCPServer to close idle keep-alive connections
+        # Read by ContainedTCPServer to close idle keep-alive connections; Config has no slot for it.
+        config.ingress_draining = draining  # type: ignore[attr-defined]
         config.bind = [f"{self.host}:{self.port}"]
         config.graceful_timeout = _NEVER
         config.keep_alive_timeout = self.keep_alive_timeout
