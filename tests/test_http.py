@@ -434,3 +434,23 @@ async def test_h2_rst_stream_cancels_only_that_stream():
         labels = {"endpoint": "tokens", "transport": "http"}
         assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="disconnected") == 1
         assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="ok") == 1
+
+
+async def test_slowloris_head_is_closed_after_keep_alive_timeout():
+    """A client that dribbles its request head is disconnected after keep_alive_timeout; others are served."""
+    async with serving(Probe(), keep_alive_timeout=0.5) as (handle, client):
+        host, port = handle.addresses["http"]
+        async with await trio.open_tcp_stream(host, port) as slow:
+            start = trio.current_time()
+            closed = False
+            with trio.fail_after(10):
+                for byte in b"POST /v1/echo HTTP/1.1\r\nhost: t\r\nx-padding: " + b"a" * 1000:
+                    try:
+                        await slow.send_all(bytes([byte]))
+                    except trio.BrokenResourceError:
+                        closed = True
+                        break
+                    assert (await client.post("/v1/echo", json={})).status_code == 200
+                    await trio.sleep(0.05)
+            elapsed = trio.current_time() - start
+        assert closed and 0.4 < elapsed < 5
