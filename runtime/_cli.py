@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
         help=f"module:attribute naming a Worker (default {DEFAULT_APP})",
     )
     serve.add_argument("--http", type=_address, metavar="HOST:PORT", help="serve HTTP/1.1 and h2 here")
+    serve.add_argument(
+        "--certfile", metavar="PEM", help="serve HTTPS (ALPN h2, http/1.1) with this certificate"
+    )
+    serve.add_argument("--keyfile", metavar="PEM", help="the private key of --certfile")
     serve.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="serve the TCP protocol here")
     serve.add_argument(
         "--metrics", type=_address, metavar="HOST:PORT", help="serve /metrics, /health and /ready here"
@@ -122,8 +126,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.http is None and args.tcp is None:  # no flag at all: something a person can curl
         args.http, args.tcp = DEFAULT_HTTP, DEFAULT_TCP
     transports: list[Transport] = []
+    if (args.certfile is None) != (args.keyfile is None):
+        raise _UsageError("--certfile and --keyfile go together")
     if args.http is not None:
-        transports.append(HttpTransport(*args.http))
+        host, port = args.http
+        transports.append(HttpTransport(host, port, certfile=args.certfile, keyfile=args.keyfile))
     if args.tcp is not None:
         transports.append(TcpTransport(*args.tcp))
     config = WorkerConfig(

@@ -454,3 +454,42 @@ async def test_slowloris_head_is_closed_after_keep_alive_timeout():
                     await trio.sleep(0.05)
             elapsed = trio.current_time() - start
         assert closed and 0.4 < elapsed < 5
+
+
+@pytest.fixture
+def self_signed(tmp_path):
+    """A throwaway certificate for 127.0.0.1, made with the openssl command line."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+@pytest.mark.parametrize(("http2", "version"), [(True, "HTTP/2"), (False, "HTTP/1.1")])
+async def test_tls_negotiates_h2_or_http1_by_alpn(self_signed, http2, version):
+    """With a certificate and key the port speaks TLS; ALPN picks h2 when the client offers it."""
+    import ssl
+
+    cert, key = self_signed
+    transport = HttpTransport(port=0, certfile=cert, keyfile=key)
+    async with open_worker(_worker(Probe()), [transport]) as handle:
+        host, port = handle.addresses["http"]
+        verify = ssl.create_default_context(cafile=cert)
+        async with httpx.AsyncClient(base_url=f"https://{host}:{port}", verify=verify, http2=http2) as client:
+            response = await client.post("/v1/tokens", json={"n": 2})
+    assert response.http_version == version
+    assert response.text.endswith('event: end\ndata: {"chunks":2}\n\n')
+
+
+def test_tls_needs_both_files():
+    """A certificate without its key (or the reverse) is refused with a clear message."""
+    with pytest.raises(ValueError, match="both certfile and keyfile"):
+        HttpTransport(certfile="cert.pem")

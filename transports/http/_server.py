@@ -38,7 +38,14 @@ class HttpTransport:
     keep_alive_timeout: float = 5.0
     # Per-stream bound on queued SSE/NDJSON bytes before the handler feels back-pressure.
     stream_high_water: int = 64 * 1024
+    # TLS: with both set, the port speaks HTTPS only, and ALPN offers h2 then http/1.1.
+    certfile: str | None = None
+    keyfile: str | None = None
     name: str = "http"
+
+    def __post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("TLS needs both certfile and keyfile (or neither, for cleartext)")
 
     def hypercorn_config(self, draining: trio.Event) -> Config:
         config = Config()
@@ -51,6 +58,9 @@ class HttpTransport:
         config.h2_max_concurrent_streams = self.max_concurrent_streams
         config.include_server_header = False
         config.accesslog = None  # the runtime logs one canonical line per request itself
+        if self.certfile is not None:
+            config.certfile, config.keyfile = self.certfile, self.keyfile
+            config.alpn_protocols = ["h2", "http/1.1"]
         return config
 
     async def serve(
