@@ -493,3 +493,27 @@ def test_tls_needs_both_files():
     """A certificate without its key (or the reverse) is refused with a clear message."""
     with pytest.raises(ValueError, match="both certfile and keyfile"):
         HttpTransport(certfile="cert.pem")
+
+
+async def test_http1_reset_mid_stream_cancels_the_handler():
+    """An HTTP/1.1 client that resets its connection (SO_LINGER 0) mid-stream gets its handler cancelled."""
+    import socket
+    import struct
+
+    probe = Probe()
+    async with serving(probe) as (handle, _):
+        async with await trio.open_tcp_stream(*handle.addresses["http"]) as raw:
+            body = b'{"n": 100000, "gap": 0.005}'
+            await raw.send_all(
+                b"POST /v1/tokens HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            received = b""
+            while b"data:" not in received:
+                received += await raw.receive_some(4096)
+            raw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with trio.fail_after(5):
+            await probe.finished.wait()
+        await handle.binding("http", "tokens").tracker.wait_idle()
+        assert probe.cancelled
+        labels = {"endpoint": "tokens", "transport": "http"}
+        assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="disconnected") == 1
