@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -55,3 +57,12 @@ async def inflight_from_metrics(address: tuple[str, int]) -> tuple[float, float]
         if name in sums:
             sums[name] += float(line.rsplit(" ", 1)[1])
     return sums["ingress_inflight_requests"], sums["ingress_client_disconnects_total"]
+
+
+def run_cli(doc: str | None, main: Callable[[bool, int], Awaitable[int]]) -> None:
+    """The chaos scripts' shared command line: ``--short`` for CI, ``--seed`` for a reproducible run."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short", action="store_true", help="a small, fast run for CI")
+    parser.add_argument("--seed", type=int, default=1, help="random seed, for a reproducible run")
+    options = parser.parse_args()
+    sys.exit(trio.run(main, options.short, options.seed))

@@ -24,13 +24,11 @@ script; anything else (a stream that stops without an end or error event, a hang
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import signal
 import socket
 import struct
-import sys
 from dataclasses import dataclass
 
 import h2.config
@@ -38,7 +36,7 @@ import h2.connection
 import h2.events
 import httpx
 import trio
-from _chaos import Tally, inflight_from_metrics
+from _chaos import Tally, inflight_from_metrics, run_cli
 
 from runtime.testing import worker_process
 
@@ -292,10 +290,4 @@ async def main(short: bool, seed: int) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--short", action="store_true", help="a small, fast run for CI")
-    parser.add_argument("--seed", type=int, default=1, help="random seed, for a reproducible run")
-    options = parser.parse_args()
-    sys.exit(trio.run(main, options.short, options.seed))
+    run_cli(__doc__, main)

@@ -19,16 +19,14 @@ summary line and exits 1 on any violation.
 
 from __future__ import annotations
 
-import argparse
 import random
 import signal
 import socket
 import struct
-import sys
 from dataclasses import dataclass
 
 import trio
-from _chaos import Tally, inflight_from_metrics
+from _chaos import Tally, inflight_from_metrics, run_cli
 
 from runtime import IngressError, RemoteError
 from runtime.testing import worker_process
@@ -192,10 +190,4 @@ async def _run(load: Load, tally: Tally, report: dict[str, object], rng: random.
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--short", action="store_true", help="a small, fast run for CI")
-    parser.add_argument("--seed", type=int, default=1, help="random seed, for a reproducible run")
-    options = parser.parse_args()
-    sys.exit(trio.run(main, options.short, options.seed))
+    run_cli(__doc__, main)
