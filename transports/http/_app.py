@@ -113,9 +113,7 @@ class IngressApp:
         except IngressError as error:
             # Connection: close tells an HTTP/1.1 client to go elsewhere; in HTTP/2 the header is
             # forbidden (RFC 9113 8.2.2) and sending it would take the whole connection down.
-            draining = error.code is ErrorCode.UNAVAILABLE and scope.get("http_version", "1.1").startswith(
-                "1"
-            )
+            draining = error.code is ErrorCode.UNAVAILABLE and _is_http1(scope)
             close = [(b"connection", b"close")] if draining else []
             await _error(send, STATUS_FOR_CODE[error.code], error, extra=id_header + close)
             return
@@ -151,7 +149,7 @@ class IngressApp:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise CallerGoneBeforeBody
+                raise _GoneBeforeBody
             body += message.get("body", b"")
             if len(body) > self.max_body_size:
                 raise _BodyTooLarge(BadRequest(f"request body is larger than {self.max_body_size} bytes"))
@@ -170,11 +168,15 @@ class _BodyTooLarge(Exception):
         self.error = error
 
 
-class CallerGoneBeforeBody(Unavailable):
+class _GoneBeforeBody(Unavailable):
     """The client left before sending its whole body: nothing to answer, nothing was started."""
 
     def __init__(self) -> None:
         super().__init__("client disconnected before sending the request body")
+
+
+def _is_http1(scope: Scope) -> bool:
+    return str(scope.get("http_version", "1.1")).startswith("1")
 
 
 def _deadline(header: str | None) -> float:
