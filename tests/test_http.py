@@ -523,10 +523,9 @@ async def _assert_cancelled_as_disconnect(handle, probe: Probe) -> None:
 async def test_h2c_upgrade_from_http1():
     """A cleartext HTTP/1.1 request with Upgrade: h2c is switched to HTTP/2 (curl is the client that can)."""
     import shutil
-    import subprocess
 
     curl = shutil.which("curl")
-    if curl is None or "HTTP2" not in subprocess.run([curl, "-V"], capture_output=True, text=True).stdout:
+    if curl is None or b"HTTP2" not in (await trio.run_process([curl, "-V"], capture_stdout=True)).stdout:
         pytest.skip("needs curl built with HTTP/2, the one client here that does h2c Upgrade")
     async with serving(Probe()) as (handle, _):
         host, port = handle.addresses["http"]
