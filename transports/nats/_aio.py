@@ -1,0 +1,108 @@
+"""The asyncio side of the NATS transport: the only module where asyncio code lives.
+
+nats-py is asyncio; the runtime is Trio. Every function here states its flavour. Crossings go only
+through ``trio_asyncio.aio_as_trio``, and they are batched: incoming messages reach Trio through a
+memory channel fed synchronously from the asyncio callback (no crossing per message), and outgoing
+messages are published a whole batch per crossing (``publish_batch``), then flushed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import trio
+import trio_asyncio
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+_INBOX_FULL = b'{"code":"OVERLOADED","message":"worker inbox is full","retryable":true}'
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    reply: str = ""
+
+
+# ---- asyncio flavour ------------------------------------------------------------------------------
+
+
+async def _connect(url: str, options: dict[str, Any]) -> Client:
+    """asyncio: connect, reconnecting forever in the background (the worker outlives server restarts)."""
+    return await nats.connect(url, max_reconnect_attempts=-1, **options)
+
+
+async def _subscribe(client: Client, subject: str, queue: str, inbox: trio.MemorySendChannel[Msg]) -> Any:
+    """asyncio: a queue subscription whose callback hands each message to Trio without a crossing."""
+
+    async def deliver(msg: Msg) -> None:
+        try:
+            inbox.send_nowait(msg)
+        except trio.WouldBlock:
+            # Trio is behind by a whole buffer: refuse rather than queue without bound.
+            if msg.reply:
+                await client.publish(
+                    msg.reply, _INBOX_FULL, headers={"Ingress-Kind": "error", "Ingress-Seq": "0"}
+                )
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # draining: the subscription is going away
+
+    return await client.subscribe(subject, queue=queue, cb=deliver)
+
+
+async def _publish_batch(client: Client, batch: Sequence[Outgoing]) -> None:
+    """asyncio: publish every message of a batch, then flush once."""
+    for message in batch:
+        await client.publish(message.subject, message.data, reply=message.reply, headers=message.headers)
+    await client.flush()
+
+
+async def _drain_subscription(subscription: Any) -> None:
+    """asyncio: stop receiving; messages already delivered are still processed."""
+    await subscription.drain()
+
+
+async def _close(client: Client) -> None:
+    """asyncio: flush what is queued and close the connection (phase 3).
+
+    Not ``client.drain()``: by phase 3 every subscription was already drained in phase 1 and every
+    reply batch flushed by the outbox, and a second drain was seen to hang here now and then."""
+    if client.is_closed:
+        return
+    with contextlib.suppress(Exception):  # a server already gone cannot take a flush
+        await client.flush(timeout=1)
+    await client.close()
+
+
+async def _subscribe_inbox(client: Client, inbox: trio.MemorySendChannel[Msg]) -> tuple[str, Any]:
+    """asyncio: a fresh reply inbox whose messages go to Trio without a crossing."""
+    subject = client.new_inbox()
+
+    async def deliver(msg: Msg) -> None:
+        # A caller that stopped reading loses replies; its gap detection reports a short stream.
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            inbox.send_nowait(msg)
+
+    return subject, await client.subscribe(subject, cb=deliver)
+
+
+async def _unsubscribe(subscription: Any) -> None:
+    """asyncio: drop a reply inbox."""
+    await subscription.unsubscribe()
+
+
+# ---- trio flavour: the crossings -------------------------------------------------------------------
+
+connect = trio_asyncio.aio_as_trio(_connect)
+subscribe = trio_asyncio.aio_as_trio(_subscribe)
+publish_batch = trio_asyncio.aio_as_trio(_publish_batch)
+drain_subscription = trio_asyncio.aio_as_trio(_drain_subscription)
+close = trio_asyncio.aio_as_trio(_close)
+subscribe_inbox = trio_asyncio.aio_as_trio(_subscribe_inbox)
+unsubscribe = trio_asyncio.aio_as_trio(_unsubscribe)

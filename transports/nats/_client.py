@@ -1,0 +1,143 @@
+"""NatsClient: the caller side of the NATS request plane, the same shape as TcpClient.
+
+    async with NatsClient.connect(url, namespace="ingress") as client:
+        async for chunk in client.stream("generate", {"max_tokens": 8}):
+            ...
+        result = await client.call("echo", {"x": 1})
+
+Each request gets its own inbox. Replies are checked for order: a gap in ``Ingress-Seq``, or an end
+whose count disagrees with the data received, raises an explicit error instead of returning a silently
+truncated stream. No responders (no worker subscribed) is a retryable UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio_asyncio
+from nats.aio.msg import Msg
+
+from runtime import ErrorCode, IngressError, RemoteError, Unavailable, new_request_id
+
+from . import _aio as aio
+from . import _protocol as protocol
+
+# Replies buffered per request before the asyncio side drops them (a gap the caller then reports).
+STREAM_BUFFER = 4096
+# Retries of a retryable error that came before any chunk (another worker of the queue group will
+# usually take it), with exponential backoff from FIRST_BACKOFF seconds.
+MAX_ATTEMPTS = 4
+FIRST_BACKOFF = 0.01
+
+
+class NatsClient:
+    def __init__(self, client: Any, namespace: str) -> None:
+        self._client = client
+        self.namespace = namespace
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, url: str, *, namespace: str = "ingress") -> AsyncIterator[NatsClient]:
+        """Connect for the duration of the block (the block owns its trio-asyncio loop)."""
+        async with trio_asyncio.open_loop():
+            try:
+                client = await aio.connect(url, {})
+            except Exception as exc:  # nats-py raises several unrelated types for "cannot connect"
+                raise Unavailable(f"cannot connect to {url}: {exc}", retryable=True) from exc
+            try:
+                yield cls(client, namespace)
+            finally:
+                with trio.move_on_after(5, shield=True):
+                    await aio.close(client)
+
+    async def stream(
+        self,
+        endpoint: str,
+        request: Any = None,
+        *,
+        deadline: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """Yield the chunks of one request; the deadline defaults to the caller's cancel scope.
+
+        A retryable error before the first chunk (draining worker, overload, no responders) is retried
+        up to MAX_ATTEMPTS times with backoff; after a chunk, errors are raised as they come."""
+        request_id = request_id or new_request_id()
+        for attempt in range(MAX_ATTEMPTS):
+            chunks = 0
+            try:
+                async for chunk in self._stream_once(endpoint, request, deadline, metadata, request_id):
+                    chunks += 1
+                    yield chunk
+                return
+            except RemoteError as error:
+                if chunks or not error.retryable or attempt == MAX_ATTEMPTS - 1:
+                    raise
+            await trio.sleep(FIRST_BACKOFF * 2**attempt)
+
+    async def _stream_once(
+        self,
+        endpoint: str,
+        request: Any,
+        deadline: float | None,
+        metadata: Mapping[str, str] | None,
+        request_id: str,
+    ) -> AsyncIterator[Any]:
+        send, receive = trio.open_memory_channel[Msg](STREAM_BUFFER)
+        inbox, subscription = await aio.subscribe_inbox(self._client, send)
+        try:
+            headers = {protocol.REQUEST_ID: request_id}
+            effective = deadline if deadline is not None else trio.current_effective_deadline()
+            if not math.isinf(effective):
+                remaining_ms = math.ceil((effective - trio.current_time()) * 1000)
+                headers[protocol.TIMEOUT_MS] = str(max(1, remaining_ms))
+            headers.update({protocol.METADATA_PREFIX + k: v for k, v in (metadata or {}).items()})
+            data = json.dumps(request).encode()
+            subject = protocol.subject(self.namespace, endpoint)
+            await aio.publish_batch(self._client, [aio.Outgoing(subject, data, headers, reply=inbox)])
+            async for chunk in _replies(receive):
+                yield chunk
+        finally:
+            with trio.move_on_after(5, shield=True):
+                await aio.unsubscribe(subscription)
+
+    async def call(self, endpoint: str, request: Any = None, **options: Any) -> Any:
+        """Call a unary endpoint and return its one answer."""
+        chunks = [chunk async for chunk in self.stream(endpoint, request, **options)]
+        if len(chunks) != 1:
+            raise IngressError(f"endpoint {endpoint!r} sent {len(chunks)} chunks; use stream()")
+        return chunks[0]
+
+
+async def _replies(receive: trio.MemoryReceiveChannel[Msg]) -> AsyncIterator[Any]:
+    expected, received = 0, 0
+    async for msg in receive:
+        headers = msg.headers or {}
+        if headers.get("Status") == "503":
+            raise RemoteError(
+                ErrorCode.UNAVAILABLE, "no worker serves this endpoint (no responders)", retryable=True
+            )
+        seq = int(headers.get(protocol.SEQ, "-1"))
+        if seq != expected:
+            raise RemoteError(
+                ErrorCode.UNAVAILABLE,
+                f"reply stream lost messages (expected #{expected}, got #{seq})",
+                retryable=received == 0,
+            )
+        expected += 1
+        kind = headers.get(protocol.KIND)
+        if kind == "data":
+            received += 1
+            yield json.loads(msg.data)
+        elif kind == "end":
+            if int(headers.get(protocol.COUNT, "-1")) != received:
+                raise RemoteError(ErrorCode.UNAVAILABLE, "reply stream lost messages", retryable=not received)
+            return
+        else:
+            raise protocol.decode_error(msg.data)

@@ -1,0 +1,47 @@
+"""Subjects and headers of the NATS request plane (docs/protocol-nats.md); no I/O here.
+
+A request is published to ``{namespace}.{endpoint}`` (queue group of the same name) with the caller's
+inbox as reply subject. Every reply message carries ``Ingress-Kind`` (data, end, error) and
+``Ingress-Seq`` (0, 1, 2, ... per request); ``end`` carries ``Ingress-Count``, the number of data
+messages, so a caller can tell a complete stream from one that lost messages (NATS core is at most once).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from runtime import ErrorCode, IngressError, RemoteError
+
+KIND = "Ingress-Kind"
+SEQ = "Ingress-Seq"
+COUNT = "Ingress-Count"
+REQUEST_ID = "Ingress-Request-Id"
+TIMEOUT_MS = "Ingress-Timeout-Ms"
+# Other headers of a request become the handler's metadata, without this prefix.
+METADATA_PREFIX = "Meta-"
+
+
+def subject(namespace: str, endpoint: str) -> str:
+    return f"{namespace}.{endpoint}"
+
+
+def data_headers(seq: int) -> dict[str, str]:
+    return {KIND: "data", SEQ: str(seq)}
+
+
+def end_headers(seq: int, count: int) -> dict[str, str]:
+    return {KIND: "end", SEQ: str(seq), COUNT: str(count)}
+
+
+def error_message(seq: int, error: IngressError, retryable: bool) -> tuple[bytes, dict[str, str]]:
+    body = {"code": error.code.name, "message": error.message, "retryable": retryable}
+    return json.dumps(body).encode(), {KIND: "error", SEQ: str(seq)}
+
+
+def decode_error(data: bytes) -> RemoteError:
+    try:
+        body: dict[str, Any] = json.loads(data)
+        return RemoteError(ErrorCode[body["code"]], body["message"], retryable=bool(body["retryable"]))
+    except (ValueError, KeyError, TypeError):
+        return RemoteError(ErrorCode.INTERNAL, f"undecodable error reply: {data[:200]!r}", retryable=False)

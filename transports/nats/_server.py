@@ -1,0 +1,186 @@
+"""The NATS ingress: one queue subscription per endpoint, replies streamed to the caller's inbox.
+
+The worker's nursery owns the trio-asyncio loop (``open_loop`` inside ``serve``), so no asyncio task
+outlives the transport. Each endpoint's intake (its subscription loop) runs inside that endpoint's scope;
+phase 1 cancels it, drains the subscription (NATS routes new requests to other workers of the queue
+group) and answers anything already delivered but not started with a retryable UNAVAILABLE. Replies from
+every request go through one outbox, published a batch per crossing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+import trio_asyncio
+from nats.aio.msg import Msg
+
+from runtime import (
+    BadRequest,
+    EndpointBinding,
+    IngressError,
+    RequestContext,
+    RuntimeContext,
+    TransportBinding,
+    Unavailable,
+    answer_error,
+    dispatch,
+    new_request_id,
+)
+
+from . import _aio as aio
+from . import _protocol as protocol
+
+# Messages delivered to one endpoint and not yet started; past this the asyncio side refuses them.
+INBOX_SIZE = 1024
+# Reply messages queued for publishing before handlers feel back-pressure.
+OUTBOX_HIGH_WATER = 4096
+# Bound on the final drain of the connection in phase 3.
+CLOSE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class NatsTransport:
+    """Serve a worker's endpoints on a NATS server, in queue groups shared with other workers."""
+
+    url: str = "nats://127.0.0.1:4222"
+    namespace: str = "ingress"
+    name: str = "nats"
+
+    async def serve(
+        self, binding: TransportBinding, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio_asyncio.open_loop():
+            client = await aio.connect(self.url, {})
+            try:
+                async with trio.open_nursery() as nursery:
+                    outbox = _Outbox(client)
+                    nursery.start_soon(outbox.run)
+                    for endpoint in binding.endpoints.values():
+                        await nursery.start(
+                            self._serve_endpoint, client, binding.runtime, endpoint, outbox, nursery
+                        )
+                    binding.runtime.logger.info("nats.subscribed", url=self.url, namespace=self.namespace)
+                    task_status.started(self.url)
+            finally:
+                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                    await aio.close(client)
+
+    async def _serve_endpoint(
+        self,
+        client: Any,
+        runtime: RuntimeContext,
+        endpoint: EndpointBinding,
+        outbox: _Outbox,
+        nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        send, receive = trio.open_memory_channel[Msg](INBOX_SIZE)
+        subject = protocol.subject(self.namespace, endpoint.name)
+        subscription = await aio.subscribe(client, subject, subject, send)
+        task_status.started()
+        with endpoint.scope:  # the endpoint scope: cancelled in phase 1
+            async for msg in receive:
+                _start(runtime, endpoint, msg, outbox, nursery)
+        # Phase 1: no new deliveries; what was delivered but not started goes back to the caller.
+        await aio.drain_subscription(subscription)
+        send.close()
+        async for msg in receive:
+            if msg.reply:
+                data, headers = protocol.error_message(0, Unavailable("worker is draining"), True)
+                await outbox.put(aio.Outgoing(msg.reply, data, headers))
+
+
+def _start(
+    runtime: RuntimeContext, endpoint: EndpointBinding, msg: Msg, outbox: _Outbox, nursery: trio.Nursery
+) -> None:
+    if not msg.reply:
+        return  # a publish with nowhere to answer: nothing can be delivered, so nothing is run
+    headers = msg.headers or {}
+    timeout_ms = headers.get(protocol.TIMEOUT_MS, "")
+    prefix = protocol.METADATA_PREFIX
+    ctx = RequestContext(
+        id=headers.get(protocol.REQUEST_ID) or new_request_id(),
+        endpoint=endpoint.name,
+        transport="nats",
+        runtime=runtime,
+        peer=msg.reply,
+        deadline=trio.current_time() + int(timeout_ms) / 1000 if timeout_ms.isdigit() else math.inf,
+        metadata={k[len(prefix) :]: v for k, v in headers.items() if k.startswith(prefix)},
+    )
+    endpoint.accept(ctx)  # counted from now: the drain must not see zero while the task starts
+    nursery.start_soon(_run, endpoint, ctx, msg.data, _NatsSink(outbox, msg.reply))
+
+
+async def _run(endpoint: EndpointBinding, ctx: RequestContext, payload: bytes, sink: _NatsSink) -> None:
+    try:
+        try:
+            request = json.loads(payload) if payload else None
+        except ValueError as exc:
+            await answer_error(endpoint, ctx, sink, BadRequest(f"request payload is not valid JSON: {exc}"))
+            return
+        await dispatch(endpoint, ctx, request, sink)
+    finally:
+        endpoint.release(ctx)
+
+
+class _NatsSink:
+    """One request's replies: numbered data messages, then end (with the count) or error."""
+
+    __slots__ = ("count", "outbox", "reply", "seq")
+
+    def __init__(self, outbox: _Outbox, reply: str) -> None:
+        self.outbox = outbox
+        self.reply = reply
+        self.seq = 0
+        self.count = 0
+
+    async def send_chunk(self, chunk: Any) -> None:
+        data = json.dumps(chunk, separators=(",", ":")).encode()
+        await self.outbox.put(aio.Outgoing(self.reply, data, protocol.data_headers(self._next())))
+        self.count += 1
+
+    async def send_result(self, result: Any) -> None:
+        await self.send_chunk(result)
+        await self.send_end()
+
+    async def send_end(self) -> None:
+        await self.outbox.put(aio.Outgoing(self.reply, b"", protocol.end_headers(self._next(), self.count)))
+
+    async def send_error(self, error: IngressError, retryable: bool) -> None:
+        data, headers = protocol.error_message(self._next(), error, retryable)
+        await self.outbox.put(aio.Outgoing(self.reply, data, headers))
+
+    def _next(self) -> int:
+        seq, self.seq = self.seq, self.seq + 1
+        return seq
+
+
+class _Outbox:
+    """Every reply of the worker, published a batch per crossing into asyncio by one task."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._queue: list[aio.Outgoing] = []
+        self._wake = trio.Event()
+        self._space = trio.lowlevel.ParkingLot()
+
+    async def put(self, message: aio.Outgoing) -> None:
+        while len(self._queue) >= OUTBOX_HIGH_WATER:
+            await self._space.park()
+        self._queue.append(message)
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            batch, self._queue = self._queue, []
+            self._space.unpark_all()
+            await aio.publish_batch(self._client, batch)
