@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--keyfile", metavar="PEM", help="the private key of --certfile")
     serve.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="serve the TCP protocol here")
+    serve.add_argument("--nats", metavar="URL", help="serve through this NATS server (queue groups)")
+    serve.add_argument("--namespace", default="ingress", help="NATS subject prefix (default ingress)")
     serve.add_argument(
         "--metrics", type=_address, metavar="HOST:PORT", help="serve /metrics, /health and /ready here"
     )
@@ -74,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     target = call.add_mutually_exclusive_group()
     target.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="default 127.0.0.1:9000")
     target.add_argument("--http", metavar="URL", help="e.g. http://127.0.0.1:8000")
+    target.add_argument("--nats", metavar="URL", help="e.g. nats://127.0.0.1:4222")
+    call.add_argument("--namespace", default="ingress", help="NATS subject prefix (with --nats)")
     call.add_argument("--timeout", type=_seconds, metavar="S", help="deadline for the whole call")
     call.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     call.set_defaults(run=_call)
@@ -119,11 +123,12 @@ def load_app(spec: str) -> Worker:
 def _serve(args: argparse.Namespace) -> int:
     # The composition root picks transports; the runtime itself never imports them.
     from transports.http import HttpTransport
+    from transports.nats import NatsTransport
     from transports.tcp import TcpTransport
 
     configure_logging(args.log_format, args.log_level)
     worker = load_app(args.app)
-    if args.http is None and args.tcp is None:  # no flag at all: something a person can curl
+    if args.http is None and args.tcp is None and args.nats is None:  # no flag: something to curl
         args.http, args.tcp = DEFAULT_HTTP, DEFAULT_TCP
     transports: list[Transport] = []
     if (args.certfile is None) != (args.keyfile is None):
@@ -133,6 +138,8 @@ def _serve(args: argparse.Namespace) -> int:
         transports.append(HttpTransport(host, port, certfile=args.certfile, keyfile=args.keyfile))
     if args.tcp is not None:
         transports.append(TcpTransport(*args.tcp))
+    if args.nats is not None:
+        transports.append(NatsTransport(args.nats, args.namespace))
     config = WorkerConfig(
         drain_timeout=args.drain_timeout, shutdown_delay=args.shutdown_delay, access_log=args.access_log
     )
@@ -189,6 +196,13 @@ async def _chunks(args: argparse.Namespace, request: Any, metadata: dict[str, st
             metadata = {**metadata, "x-request-timeout-ms": str(max(1, int(args.timeout * 1000)))}
         async for chunk in http_stream(args.http, args.endpoint, request, metadata):
             yield chunk
+        return
+    if args.nats is not None:
+        from transports.nats import NatsClient
+
+        async with NatsClient.connect(args.nats, namespace=args.namespace) as nats_client:
+            async for chunk in nats_client.stream(args.endpoint, request, metadata=metadata):
+                yield chunk
         return
     from transports.tcp import TcpClient
 

@@ -126,6 +126,20 @@ async def test_cli_call_over_http_prints_chunks_and_reports_remote_errors():
     assert bad.returncode == 1 and "BAD_REQUEST" in bad.stderr and "max_tokens" in bad.stderr
 
 
+async def test_cli_serve_and_call_over_nats():
+    """`ingress serve --nats` joins the queue groups; `ingress call --nats` streams chunks back."""
+    from runtime.testing import nats_server
+
+    async with nats_server() as url, worker_process("--nats", url, "--tcp", "127.0.0.1:0") as worker:
+        result = await trio.to_thread.run_sync(
+            lambda: _cli("call", "generate", '{"max_tokens": 2}', "--nats", url)
+        )
+        worker.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit() == EXIT_OK
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f'{{"index": {i}, "token": "tok{i}"}}' for i in range(2)]
+
+
 def test_cli_usage_errors_exit_two_with_a_message():
     """Bad JSON, a bad address or an APP that is not a Worker exit 2 with a message that says what to fix."""
     bad_json = _cli("call", "echo", "{oops", "--tcp", "127.0.0.1:1")
