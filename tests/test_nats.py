@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import pytest
 import trio
@@ -12,16 +13,21 @@ from runtime.testing import nats_server, sample
 from transports.nats import NatsClient, NatsTransport
 
 
-def _worker(name: str, started: trio.Event | None = None) -> Worker:
+def _worker(name: str, started: trio.Event | None = None, finished: list[str] | None = None) -> Worker:
     worker = Worker(name)
 
     @worker.endpoint("tokens")
     async def tokens(request, ctx: RequestContext):
         if started is not None:
             started.set()
-        for i in range(request.get("n", 3)):
-            await trio.sleep(request.get("gap", 0))
-            yield {"i": i, "worker": name}
+        try:
+            for i in range(request.get("n", 3)):
+                await trio.sleep(request.get("gap", 0))
+                yield {"i": i, "worker": name}
+        except trio.Cancelled:
+            if finished is not None:
+                finished.append("cancelled")
+            raise
 
     @worker.endpoint("echo")
     async def echo(request, ctx: RequestContext):
@@ -124,3 +130,21 @@ async def test_draining_worker_hands_new_requests_to_the_other_and_finishes_its_
     assert served == ["b"] * 20
     assert [c["i"] for c in results["stream"]] == list(range(40))
     assert not result.forced
+
+
+async def test_caller_gone_cancels_the_handler_within_the_check_interval(nats_url):
+    """A caller that stops listening mid-stream is noticed by the worker's probe and its handler killed."""
+    cancelled: list[str] = []
+    transport = NatsTransport(nats_url, caller_check_interval=0.2)
+    async with open_worker(_worker("a", finished=cancelled), [transport]) as handle:
+        async with NatsClient.connect(nats_url) as client:
+            stream = client.stream("tokens", {"n": 100000, "gap": 0.01})
+            async with aclosing(stream):
+                await stream.__anext__()
+        # The caller's inbox is gone now: within one check interval (plus a probe) the handler dies.
+        with trio.fail_after(5):
+            await handle.binding("nats", "tokens").tracker.wait_idle()
+        labels = {"endpoint": "tokens", "transport": "nats"}
+        assert cancelled == ["cancelled"]
+        assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="disconnected") == 1
+        assert sample(handle.runtime, "ingress_client_disconnects_total", **labels, reason="gone") == 1

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats
+import nats.errors
 import trio
 import trio_asyncio
 from nats.aio.client import Client
@@ -80,11 +81,26 @@ async def _close(client: Client) -> None:
     await client.close()
 
 
+async def _probe(client: Client, inbox: str, patience: float) -> bool:
+    """asyncio: is anyone still subscribed to ``inbox``? Only "no responders" counts as gone."""
+    try:
+        await client.request(inbox, b"", timeout=patience, headers={"Ingress-Kind": "probe"})
+    except nats.errors.NoRespondersError:
+        return False
+    except nats.errors.TimeoutError:
+        return True  # slow, not gone: the next probe decides
+    return True
+
+
 async def _subscribe_inbox(client: Client, inbox: trio.MemorySendChannel[Msg]) -> tuple[str, Any]:
-    """asyncio: a fresh reply inbox whose messages go to Trio without a crossing."""
+    """asyncio: a fresh reply inbox whose messages go to Trio without a crossing; liveness probes from
+    the worker are answered right here, also without a crossing."""
     subject = client.new_inbox()
 
     async def deliver(msg: Msg) -> None:
+        if msg.headers and msg.headers.get("Ingress-Kind") == "probe":
+            await msg.respond(b"")
+            return
         # A caller that stopped reading loses replies; its gap detection reports a short stream.
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             inbox.send_nowait(msg)
@@ -105,4 +121,5 @@ publish_batch = trio_asyncio.aio_as_trio(_publish_batch)
 drain_subscription = trio_asyncio.aio_as_trio(_drain_subscription)
 close = trio_asyncio.aio_as_trio(_close)
 subscribe_inbox = trio_asyncio.aio_as_trio(_subscribe_inbox)
+probe = trio_asyncio.aio_as_trio(_probe)
 unsubscribe = trio_asyncio.aio_as_trio(_unsubscribe)

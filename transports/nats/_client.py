@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import trio
@@ -63,7 +63,7 @@ class NatsClient:
         deadline: float | None = None,
         metadata: Mapping[str, str] | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Yield the chunks of one request; the deadline defaults to the caller's cancel scope.
 
         A retryable error before the first chunk (draining worker, overload, no responders) is retried
@@ -72,9 +72,11 @@ class NatsClient:
         for attempt in range(MAX_ATTEMPTS):
             chunks = 0
             try:
-                async for chunk in self._stream_once(endpoint, request, deadline, metadata, request_id):
-                    chunks += 1
-                    yield chunk
+                attempt_chunks = self._stream_once(endpoint, request, deadline, metadata, request_id)
+                async with aclosing(attempt_chunks):  # closed now, not by the garbage collector
+                    async for chunk in attempt_chunks:
+                        chunks += 1
+                        yield chunk
                 return
             except RemoteError as error:
                 if chunks or not error.retryable or attempt == MAX_ATTEMPTS - 1:
@@ -88,7 +90,7 @@ class NatsClient:
         deadline: float | None,
         metadata: Mapping[str, str] | None,
         request_id: str,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         send, receive = trio.open_memory_channel[Msg](STREAM_BUFFER)
         inbox, subscription = await aio.subscribe_inbox(self._client, send)
         try:
@@ -101,8 +103,10 @@ class NatsClient:
             data = json.dumps(request).encode()
             subject = protocol.subject(self.namespace, endpoint)
             await aio.publish_batch(self._client, [aio.Outgoing(subject, data, headers, reply=inbox)])
-            async for chunk in _replies(receive):
-                yield chunk
+            replies = _replies(receive)
+            async with aclosing(replies):
+                async for chunk in replies:
+                    yield chunk
         finally:
             with trio.move_on_after(5, shield=True):
                 await aio.unsubscribe(subscription)
@@ -115,7 +119,7 @@ class NatsClient:
         return chunks[0]
 
 
-async def _replies(receive: trio.MemoryReceiveChannel[Msg]) -> AsyncIterator[Any]:
+async def _replies(receive: trio.MemoryReceiveChannel[Msg]) -> AsyncGenerator[Any, None]:
     expected, received = 0, 0
     async for msg in receive:
         headers = msg.headers or {}

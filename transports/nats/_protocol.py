@@ -22,6 +22,11 @@ TIMEOUT_MS = "Ingress-Timeout-Ms"
 METADATA_PREFIX = "Meta-"
 
 
+# The kind of a worker's liveness probe to a caller's inbox; a live caller answers it, and "no responders"
+# means the caller is gone.
+PROBE = "probe"
+
+
 def subject(namespace: str, endpoint: str) -> str:
     return f"{namespace}.{endpoint}"
 

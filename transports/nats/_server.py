@@ -22,6 +22,7 @@ from runtime import (
     BadRequest,
     EndpointBinding,
     IngressError,
+    KillReason,
     RequestContext,
     RuntimeContext,
     TransportBinding,
@@ -48,6 +49,9 @@ class NatsTransport:
 
     url: str = "nats://127.0.0.1:4222"
     namespace: str = "ingress"
+    # How often a running request checks that its caller still listens; a caller that has gone away
+    # is noticed within this long (plus one probe round trip).
+    caller_check_interval: float = 2.0
     name: str = "nats"
 
     async def serve(
@@ -59,73 +63,91 @@ class NatsTransport:
                 async with trio.open_nursery() as nursery:
                     outbox = _Outbox(client)
                     nursery.start_soon(outbox.run)
+                    requests = _Requests(self, client, binding.runtime, outbox, nursery)
                     for endpoint in binding.endpoints.values():
-                        await nursery.start(
-                            self._serve_endpoint, client, binding.runtime, endpoint, outbox, nursery
-                        )
+                        await nursery.start(requests.serve_endpoint, endpoint)
                     binding.runtime.logger.info("nats.subscribed", url=self.url, namespace=self.namespace)
                     task_status.started(self.url)
             finally:
                 with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                     await aio.close(client)
 
-    async def _serve_endpoint(
-        self,
-        client: Any,
-        runtime: RuntimeContext,
-        endpoint: EndpointBinding,
-        outbox: _Outbox,
-        nursery: trio.Nursery,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+
+@dataclass(frozen=True, slots=True)
+class _Requests:
+    """What every request of the transport shares: the connection, the outbox, the request nursery."""
+
+    transport: NatsTransport
+    client: Any
+    runtime: RuntimeContext
+    outbox: _Outbox
+    nursery: trio.Nursery
+
+    async def serve_endpoint(
+        self, endpoint: EndpointBinding, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         send, receive = trio.open_memory_channel[Msg](INBOX_SIZE)
-        subject = protocol.subject(self.namespace, endpoint.name)
-        subscription = await aio.subscribe(client, subject, subject, send)
+        subject = protocol.subject(self.transport.namespace, endpoint.name)
+        subscription = await aio.subscribe(self.client, subject, subject, send)
         task_status.started()
         with endpoint.scope:  # the endpoint scope: cancelled in phase 1
             async for msg in receive:
-                _start(runtime, endpoint, msg, outbox, nursery)
+                self.start(endpoint, msg)
         # Phase 1: no new deliveries; what was delivered but not started goes back to the caller.
         await aio.drain_subscription(subscription)
         send.close()
         async for msg in receive:
             if msg.reply:
                 data, headers = protocol.error_message(0, Unavailable("worker is draining"), True)
-                await outbox.put(aio.Outgoing(msg.reply, data, headers))
+                await self.outbox.put(aio.Outgoing(msg.reply, data, headers))
 
+    def start(self, endpoint: EndpointBinding, msg: Msg) -> None:
+        if not msg.reply:
+            return  # a publish with nowhere to answer: nothing can be delivered, so nothing is run
+        headers = msg.headers or {}
+        timeout_ms = headers.get(protocol.TIMEOUT_MS, "")
+        prefix = protocol.METADATA_PREFIX
+        ctx = RequestContext(
+            id=headers.get(protocol.REQUEST_ID) or new_request_id(),
+            endpoint=endpoint.name,
+            transport="nats",
+            runtime=self.runtime,
+            peer=msg.reply,
+            deadline=trio.current_time() + int(timeout_ms) / 1000 if timeout_ms.isdigit() else math.inf,
+            metadata={k[len(prefix) :]: v for k, v in headers.items() if k.startswith(prefix)},
+        )
+        endpoint.accept(ctx)  # counted from now: the drain must not see zero while the task starts
+        self.nursery.start_soon(self.run, endpoint, ctx, msg)
 
-def _start(
-    runtime: RuntimeContext, endpoint: EndpointBinding, msg: Msg, outbox: _Outbox, nursery: trio.Nursery
-) -> None:
-    if not msg.reply:
-        return  # a publish with nowhere to answer: nothing can be delivered, so nothing is run
-    headers = msg.headers or {}
-    timeout_ms = headers.get(protocol.TIMEOUT_MS, "")
-    prefix = protocol.METADATA_PREFIX
-    ctx = RequestContext(
-        id=headers.get(protocol.REQUEST_ID) or new_request_id(),
-        endpoint=endpoint.name,
-        transport="nats",
-        runtime=runtime,
-        peer=msg.reply,
-        deadline=trio.current_time() + int(timeout_ms) / 1000 if timeout_ms.isdigit() else math.inf,
-        metadata={k[len(prefix) :]: v for k, v in headers.items() if k.startswith(prefix)},
-    )
-    endpoint.accept(ctx)  # counted from now: the drain must not see zero while the task starts
-    nursery.start_soon(_run, endpoint, ctx, msg.data, _NatsSink(outbox, msg.reply))
-
-
-async def _run(endpoint: EndpointBinding, ctx: RequestContext, payload: bytes, sink: _NatsSink) -> None:
-    try:
+    async def run(self, endpoint: EndpointBinding, ctx: RequestContext, msg: Msg) -> None:
         try:
-            request = json.loads(payload) if payload else None
+            async with trio.open_nursery() as watch:
+                watch.start_soon(self.watch_caller, endpoint, ctx, msg.reply)
+                try:
+                    await self.answer(endpoint, ctx, msg)
+                finally:
+                    watch.cancel_scope.cancel(reason="request finished")
+        finally:
+            endpoint.release(ctx)
+
+    async def answer(self, endpoint: EndpointBinding, ctx: RequestContext, msg: Msg) -> None:
+        sink = _NatsSink(self.outbox, msg.reply)
+        try:
+            request = json.loads(msg.data) if msg.data else None
         except ValueError as exc:
             await answer_error(endpoint, ctx, sink, BadRequest(f"request payload is not valid JSON: {exc}"))
             return
         await dispatch(endpoint, ctx, request, sink)
-    finally:
-        endpoint.release(ctx)
+
+    async def watch_caller(self, endpoint: EndpointBinding, ctx: RequestContext, inbox: str) -> None:
+        """Kill the handler once the caller's inbox has no subscriber any more (the caller is gone)."""
+        interval = self.transport.caller_check_interval
+        while True:
+            await trio.sleep(interval)
+            if not await aio.probe(self.client, inbox, interval):
+                endpoint.metrics.disconnect("gone")
+                ctx.kill(KillReason.DISCONNECTED)
+                return
 
 
 class _NatsSink:
