@@ -132,6 +132,8 @@ class TransportBinding:
         self.intake_closed = trio.Event()
         # The worker's readiness (false from the first shutdown signal); Worker.serve wires it up.
         self.is_ready: Callable[[], bool] = lambda: not self.intake_closed.is_set()
+        # False while a transport that depends on a broker has lost it (NATS): the worker is not ready.
+        self.connected = True
 
     def lookup(self, endpoint: str) -> EndpointBinding:
         try:

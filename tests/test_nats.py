@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from runtime import ErrorCode, RemoteError, RequestContext, Worker, WorkerConfig, open_worker
-from runtime.testing import nats_server, sample
+from runtime.testing import nats_server, sample, wait_for
 from transports.nats import NatsClient, NatsTransport
 
 
@@ -148,3 +148,21 @@ async def test_caller_gone_cancels_the_handler_within_the_check_interval(nats_ur
         assert cancelled == ["cancelled"]
         assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="disconnected") == 1
         assert sample(handle.runtime, "ingress_client_disconnects_total", **labels, reason="gone") == 1
+
+
+async def test_worker_reconnects_after_a_server_restart_and_is_not_ready_meanwhile():
+    """When nats-server goes away the worker turns unready; when it is back the worker resubscribes by
+    itself, turns ready, and serves again."""
+    server = nats_server()
+    url = await server.__aenter__()
+    port = int(url.rsplit(":", 1)[1])
+    async with open_worker(_worker("a"), [NatsTransport(url)]) as handle:
+        assert handle.ready
+        await server.__aexit__(None, None, None)
+        with trio.fail_after(10):
+            await wait_for(lambda: not handle.ready)
+        async with nats_server(port) as again:
+            with trio.fail_after(20):
+                await wait_for(lambda: handle.ready)
+            async with NatsClient.connect(again) as client:
+                assert (await client.call("echo", {"back": True}))["request"] == {"back": True}

@@ -9,7 +9,7 @@ messages are published a whole batch per crossing (``publish_batch``), then flus
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +34,21 @@ class Outgoing:
 # ---- asyncio flavour ------------------------------------------------------------------------------
 
 
-async def _connect(url: str, options: dict[str, Any]) -> Client:
-    """asyncio: connect, reconnecting forever in the background (the worker outlives server restarts)."""
-    return await nats.connect(url, max_reconnect_attempts=-1, **options)
+async def _connect(url: str, on_connected: Callable[[bool], None] | None = None) -> Client:
+    """asyncio: connect, reconnecting forever in the background (the worker outlives server restarts);
+    ``on_connected(False/True)`` is told when the connection is lost and when it is back."""
+
+    async def disconnected() -> None:
+        if on_connected is not None:
+            on_connected(False)
+
+    async def reconnected() -> None:
+        if on_connected is not None:
+            on_connected(True)
+
+    return await nats.connect(
+        url, max_reconnect_attempts=-1, disconnected_cb=disconnected, reconnected_cb=reconnected
+    )
 
 
 async def _subscribe(client: Client, subject: str, queue: str, inbox: trio.MemorySendChannel[Msg]) -> Any:
@@ -78,7 +90,9 @@ async def _close(client: Client) -> None:
         return
     with contextlib.suppress(Exception):  # a server already gone cannot take a flush
         await client.flush(timeout=1)
-    await client.close()
+    # nats-py re-raises a connection error it saw earlier (even after reconnecting); we are closing.
+    with contextlib.suppress(OSError):
+        await client.close()
 
 
 async def _probe(client: Client, inbox: str, patience: float) -> bool:

@@ -46,7 +46,7 @@ class NatsClient:
         """Connect for the duration of the block (the block owns its trio-asyncio loop)."""
         async with trio_asyncio.open_loop():
             try:
-                client = await aio.connect(url, {})
+                client = await aio.connect(url)
             except Exception as exc:  # nats-py raises several unrelated types for "cannot connect"
                 raise Unavailable(f"cannot connect to {url}: {exc}", retryable=True) from exc
             try:

@@ -57,8 +57,14 @@ class NatsTransport:
     async def serve(
         self, binding: TransportBinding, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        log = binding.runtime.logger
+
+        def on_connected(connected: bool) -> None:
+            binding.connected = connected  # readiness follows: not ready while NATS is unreachable
+            log.warning("nats.reconnected" if connected else "nats.disconnected", url=self.url)
+
         async with trio_asyncio.open_loop():
-            client = await aio.connect(self.url, {})
+            client = await aio.connect(self.url, on_connected)
             try:
                 async with trio.open_nursery() as nursery:
                     outbox = _Outbox(client)
