@@ -67,6 +67,8 @@ class RequestContext:
     peer: str | None = None
     deadline: float = math.inf
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # When the transport took the request, in trio.current_time() terms.
+    accepted_at: float = field(default_factory=trio.current_time)
     _scope: trio.CancelScope = field(default_factory=trio.CancelScope, repr=False)
     _stopped: bool = field(default=False, repr=False)
     _kill_reason: KillReason | None = field(default=None, repr=False)

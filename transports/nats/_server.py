@@ -69,7 +69,8 @@ class NatsTransport:
                 async with trio.open_nursery() as nursery:
                     outbox = _Outbox(client)
                     nursery.start_soon(outbox.run)
-                    requests = _Requests(self, client, binding.runtime, outbox, nursery)
+                    requests = _Requests(self, client, binding.runtime, outbox, nursery, {})
+                    nursery.start_soon(requests.watch_callers)
                     for endpoint in binding.endpoints.values():
                         await nursery.start(requests.serve_endpoint, endpoint)
                     binding.runtime.logger.info("nats.subscribed", url=self.url, namespace=self.namespace)
@@ -88,6 +89,8 @@ class _Requests:
     runtime: RuntimeContext
     outbox: _Outbox
     nursery: trio.Nursery
+    # Every running request with its caller's inbox, for the one task that checks callers are alive.
+    running: dict[RequestContext, tuple[EndpointBinding, str]]
 
     async def serve_endpoint(
         self, endpoint: EndpointBinding, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -126,14 +129,11 @@ class _Requests:
         self.nursery.start_soon(self.run, endpoint, ctx, msg)
 
     async def run(self, endpoint: EndpointBinding, ctx: RequestContext, msg: Msg) -> None:
+        self.running[ctx] = (endpoint, msg.reply)
         try:
-            async with trio.open_nursery() as watch:
-                watch.start_soon(self.watch_caller, endpoint, ctx, msg.reply)
-                try:
-                    await self.answer(endpoint, ctx, msg)
-                finally:
-                    watch.cancel_scope.cancel(reason="request finished")
+            await self.answer(endpoint, ctx, msg)
         finally:
+            del self.running[ctx]
             endpoint.release(ctx)
 
     async def answer(self, endpoint: EndpointBinding, ctx: RequestContext, msg: Msg) -> None:
@@ -145,15 +145,23 @@ class _Requests:
             return
         await dispatch(endpoint, ctx, request, sink)
 
-    async def watch_caller(self, endpoint: EndpointBinding, ctx: RequestContext, inbox: str) -> None:
-        """Kill the handler once the caller's inbox has no subscriber any more (the caller is gone)."""
+    async def watch_callers(self) -> None:
+        """Every interval, probe the inbox of every request that has run at least that long, all in one
+        crossing, and kill the handlers whose caller is gone (nobody subscribed to its inbox)."""
         interval = self.transport.caller_check_interval
         while True:
             await trio.sleep(interval)
-            if not await aio.probe(self.client, inbox, interval):
-                endpoint.metrics.disconnect("gone")
-                ctx.kill(KillReason.DISCONNECTED)
-                return
+            now = trio.current_time()
+            checked = [
+                (ctx, entry) for ctx, entry in self.running.items() if now - ctx.accepted_at >= interval
+            ]
+            if not checked:
+                continue
+            alive = await aio.probe_all(self.client, [inbox for _, (_, inbox) in checked], interval)
+            for (ctx, (endpoint, _)), is_alive in zip(checked, alive, strict=True):
+                if not is_alive and not ctx.is_killed:
+                    endpoint.metrics.disconnect("gone")
+                    ctx.kill(KillReason.DISCONNECTED)
 
 
 class _NatsSink:
