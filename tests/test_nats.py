@@ -29,6 +29,10 @@ def _worker(name: str, started: trio.Event | None = None, finished: list[str] | 
                 finished.append("cancelled")
             raise
 
+    @worker.endpoint("huge")
+    async def huge(request, ctx: RequestContext):
+        yield "x" * (2 * 1024 * 1024)  # beyond nats-server's default max_payload of 1 MiB
+
     @worker.endpoint("echo")
     async def echo(request, ctx: RequestContext):
         return {
@@ -166,3 +170,11 @@ async def test_worker_reconnects_after_a_server_restart_and_is_not_ready_meanwhi
                 await wait_for(lambda: handle.ready)
             async with NatsClient.connect(again) as client:
                 assert (await client.call("echo", {"back": True}))["request"] == {"back": True}
+
+
+async def test_chunk_beyond_max_payload_is_an_explicit_error(nats_url):
+    """A reply larger than the server's max_payload reaches the caller as an error that names the limit."""
+    async with open_worker(_worker("a"), [NatsTransport(nats_url)]), NatsClient.connect(nats_url) as client:
+        with pytest.raises(RemoteError) as caught:
+            [chunk async for chunk in client.stream("huge")]
+    assert caught.value.code is ErrorCode.INTERNAL and "max_payload" in caught.value.message

@@ -22,6 +22,7 @@ from runtime import (
     BadRequest,
     EndpointBinding,
     IngressError,
+    InternalError,
     KillReason,
     RequestContext,
     RuntimeContext,
@@ -177,6 +178,12 @@ class _NatsSink:
 
     async def send_chunk(self, chunk: Any) -> None:
         data = json.dumps(chunk, separators=(",", ":")).encode()
+        limit = self.outbox.max_payload
+        if len(data) > limit:
+            # NATS would refuse it; say so rather than let the caller see a gap.
+            raise InternalError(
+                f"a chunk of {len(data)} bytes exceeds the NATS server's max_payload ({limit})"
+            )
         await self.outbox.put(aio.Outgoing(self.reply, data, protocol.data_headers(self._next())))
         self.count += 1
 
@@ -201,6 +208,8 @@ class _Outbox:
 
     def __init__(self, client: Any) -> None:
         self._client = client
+        # Headers and framing take a little of the server's limit: keep room for them.
+        self.max_payload = int(client.max_payload) - 1024
         self._queue: list[aio.Outgoing] = []
         self._wake = trio.Event()
         self._space = trio.lowlevel.ParkingLot()
