@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
 import trio
+
+from runtime import IngressError
 
 
 @dataclass
@@ -66,3 +68,31 @@ def run_cli(doc: str | None, main: Callable[[bool, int], Awaitable[int]]) -> Non
     parser.add_argument("--seed", type=int, default=1, help="random seed, for a reproducible run")
     options = parser.parse_args()
     sys.exit(trio.run(main, options.short, options.seed))
+
+
+async def record_stream(
+    chunks: AsyncIterator[dict[str, object]],
+    max_tokens: int,
+    tally: Tally,
+    hang_after: float,
+    on_first_chunk: Callable[[], None] | None = None,
+) -> None:
+    """Consume one mocker stream and record how it ended: completed with every token in order, an
+    explicit error (any IngressError, remote or local), or a violation (a hang or a silent cut)."""
+    received: list[object] = []
+    try:
+        with trio.fail_after(hang_after):  # still open after this long: a hang, not a wait
+            async for chunk in chunks:
+                if not received and on_first_chunk is not None:
+                    on_first_chunk()
+                received.append(chunk["index"])
+    except IngressError as error:
+        tally.outcomes[f"error:{error.code.name}"] += 1
+        return
+    except trio.TooSlowError:
+        tally.violations.append(f"stream hung after {len(received)} of {max_tokens} tokens")
+        return
+    if received == list(range(max_tokens)):
+        tally.outcomes["completed"] += 1
+    else:
+        tally.violations.append(f"silently truncated: {len(received)} of {max_tokens} tokens, no error")

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import random
 import signal
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, aclosing
 
 import trio
-from _chaos import Tally, run_cli
+from _chaos import Tally, record_stream, run_cli
 
-from runtime import IngressError, RemoteError
 from runtime.testing import WorkerProcess, nats_server, worker_process
 from transports.nats import NatsClient
 
@@ -33,24 +32,9 @@ WORKERS = 3
 
 async def one_stream(client: NatsClient, tally: Tally, rng: random.Random) -> None:
     max_tokens = rng.randint(20, 100)
-    received: list[int] = []
-    try:
-        with trio.fail_after(STREAM_TIMEOUT):
-            async for chunk in client.stream("generate", {"max_tokens": max_tokens, "itl_ms": 2}):
-                received.append(chunk["index"])
-    except RemoteError as error:
-        tally.outcomes[f"error:{error.code.name}"] += 1
-        return
-    except IngressError as error:
-        tally.outcomes[f"error:{error.code.name}"] += 1
-        return
-    except trio.TooSlowError:
-        tally.violations.append(f"stream hung after {len(received)} of {max_tokens} tokens")
-        return
-    if received == list(range(max_tokens)):
-        tally.outcomes["completed"] += 1
-    else:
-        tally.violations.append(f"silently truncated: {len(received)} of {max_tokens} tokens")
+    chunks = client.stream("generate", {"max_tokens": max_tokens, "itl_ms": 2})
+    async with aclosing(chunks):
+        await record_stream(chunks, max_tokens, tally, STREAM_TIMEOUT)
 
 
 async def load(url: str, tally: Tally, rng: random.Random, stop: trio.Event, concurrency: int) -> int:

@@ -26,9 +26,9 @@ import struct
 from dataclasses import dataclass
 
 import trio
-from _chaos import Tally, inflight_from_metrics, run_cli
+from _chaos import Tally, inflight_from_metrics, record_stream, run_cli
 
-from runtime import IngressError, RemoteError
+from runtime import IngressError
 from runtime.testing import worker_process
 from transports.tcp import TcpClient
 
@@ -51,10 +51,9 @@ async def run_stream(
     """One stream; records exactly one outcome, or "cut" if the script cut its connection first."""
     max_tokens = rng.randint(20, 200)
     request = {"max_tokens": max_tokens, "itl_ms": rng.randint(1, 5)}
-    received: list[int] = []
     recorded = False
     try:
-        await _stream_into(client, tally, request, received, first_chunk)
+        await _stream_into(client, tally, request, first_chunk)
         recorded = True  # _stream_into records every ending except being cancelled by our own cut
     finally:
         if not recorded:
@@ -62,29 +61,15 @@ async def run_stream(
 
 
 async def _stream_into(
-    client: TcpClient, tally: Tally, request: dict[str, int], received: list[int], first_chunk: trio.Event
+    client: TcpClient, tally: Tally, request: dict[str, int], first_chunk: trio.Event
 ) -> None:
-    max_tokens = request["max_tokens"]
-    try:
-        with trio.fail_after(STREAM_TIMEOUT):
-            async for chunk in client.stream("generate", request):
-                if not received:
-                    tally.stream_started()
-                    first_chunk.set()
-                received.append(chunk["index"])
-    except RemoteError as error:
-        tally.outcomes[f"error:{error.code.name}"] += 1
-        return
-    except IngressError as error:  # refused locally: connection lost or GOAWAY, both explicit
-        tally.outcomes[f"error:{error.code.name}"] += 1
-        return
-    except trio.TooSlowError:
-        tally.violations.append(f"stream hung after {len(received)} of {max_tokens} tokens")
-        return
-    if received == list(range(max_tokens)):
-        tally.outcomes["completed"] += 1
-    else:
-        tally.violations.append(f"silently truncated: {len(received)} of {max_tokens} tokens, no error")
+    def started() -> None:
+        tally.stream_started()
+        first_chunk.set()
+
+    await record_stream(
+        client.stream("generate", request), request["max_tokens"], tally, STREAM_TIMEOUT, started
+    )
 
 
 async def run_connection(
