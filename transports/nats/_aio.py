@@ -80,8 +80,10 @@ async def _publish_batch(client: Client, batch: Sequence[Outgoing]) -> None:
 
 
 async def _drain_subscription(subscription: Any) -> None:
-    """asyncio: stop receiving; messages already delivered are still processed."""
-    await subscription.drain()
+    """asyncio: stop receiving; messages already delivered are still processed. A connection that is
+    down cannot take the drain; the intake is closing anyway, so that must not fail the shutdown."""
+    with contextlib.suppress(Exception):
+        await subscription.drain()
 
 
 async def _close(client: Client) -> None:
@@ -106,6 +108,8 @@ async def _probe(client: Client, inbox: str, patience: float) -> bool:
         return False
     except nats.errors.TimeoutError:
         return True  # slow, not gone: the next probe decides
+    except Exception:  # reconnecting, or closing: we cannot tell, so we do not kill anything
+        return True
     return True
 
 

@@ -33,6 +33,8 @@ STREAM_BUFFER = 4096
 # usually take it), with exponential backoff from FIRST_BACKOFF seconds.
 MAX_ATTEMPTS = 4
 FIRST_BACKOFF = 0.01
+# Bound on unsubscribing an inbox and on closing the connection, which run shielded during cleanup.
+CLEANUP_TIMEOUT = 5.0
 
 
 class NatsClient:
@@ -52,7 +54,7 @@ class NatsClient:
             try:
                 yield cls(client, namespace)
             finally:
-                with trio.move_on_after(5, shield=True):
+                with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                     await aio.close(client)
 
     async def stream(
@@ -108,7 +110,7 @@ class NatsClient:
                 async for chunk in replies:
                     yield chunk
         finally:
-            with trio.move_on_after(5, shield=True):
+            with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                 await aio.unsubscribe(subscription)
 
     async def call(self, endpoint: str, request: Any = None, **options: Any) -> Any:

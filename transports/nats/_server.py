@@ -68,7 +68,7 @@ class NatsTransport:
             client = await aio.connect(self.url, on_connected)
             try:
                 async with trio.open_nursery() as nursery:
-                    outbox = _Outbox(client)
+                    outbox = _Outbox(client, log)
                     nursery.start_soon(outbox.run)
                     requests = _Requests(self, client, binding.runtime, outbox, nursery, {})
                     nursery.start_soon(requests.watch_callers)
@@ -206,8 +206,9 @@ class _NatsSink:
 class _Outbox:
     """Every reply of the worker, published a batch per crossing into asyncio by one task."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, log: Any) -> None:
         self._client = client
+        self._log = log
         # Headers and framing take a little of the server's limit: keep room for them.
         self.max_payload = int(client.max_payload) - 1024
         self._queue: list[aio.Outgoing] = []
@@ -228,4 +229,9 @@ class _Outbox:
                 continue
             batch, self._queue = self._queue, []
             self._space.unpark_all()
-            await aio.publish_batch(self._client, batch)
+            try:
+                await aio.publish_batch(self._client, batch)
+            except Exception as exc:
+                # An outage longer than nats-py's reconnect buffer: these replies are lost, which their
+                # callers see as a gap or a missing end (explicit errors). The worker itself goes on.
+                self._log.warning("nats.publish_failed", messages=len(batch), error=repr(exc))
