@@ -82,7 +82,7 @@ async def _call_raw(client: NatsClient, endpoint: str, payload: bytes) -> None:
     inbox, subscription = await aio.subscribe_inbox(client._client, send)
     await aio.publish_batch(client._client, [aio.Outgoing(f"ingress.{endpoint}", payload, {}, reply=inbox)])
     try:
-        [chunk async for chunk in _replies(receive)]
+        [chunk async for chunk in _replies(receive, 5.0)]
     finally:
         await aio.unsubscribe(subscription)
 
@@ -178,3 +178,25 @@ async def test_chunk_beyond_max_payload_is_an_explicit_error(nats_url):
         with pytest.raises(RemoteError) as caught:
             [chunk async for chunk in client.stream("huge")]
     assert caught.value.code is ErrorCode.INTERNAL and "max_payload" in caught.value.message
+
+
+async def test_a_worker_killed_mid_stream_is_an_explicit_error_not_a_wait(nats_url):
+    """When the worker dies (SIGKILL) mid-stream, the caller hears nothing more, not even liveness
+    probes, and reports an explicit UNAVAILABLE after stall_timeout instead of waiting forever."""
+    import signal
+
+    from runtime.testing import worker_process
+
+    async with (
+        worker_process("--nats", nats_url, "--tcp", "127.0.0.1:0") as worker,
+        NatsClient.connect(nats_url, stall_timeout=1.0) as client,
+    ):
+        stream = client.stream("generate", {"max_tokens": 100000, "itl_ms": 10})
+        async with aclosing(stream):
+            await stream.__anext__()
+            worker.send_signal(signal.SIGKILL)
+            with trio.fail_after(10), pytest.raises(RemoteError) as caught:
+                async for _ in stream:
+                    pass
+    assert caught.value.code is ErrorCode.UNAVAILABLE and "stall_timeout" in caught.value.message
+    assert caught.value.retryable is False  # chunks had arrived: a retry could duplicate them

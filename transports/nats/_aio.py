@@ -125,8 +125,8 @@ async def _subscribe_inbox(client: Client, inbox: trio.MemorySendChannel[Msg]) -
 
     async def deliver(msg: Msg) -> None:
         if msg.headers and msg.headers.get("Ingress-Kind") == "probe":
-            await msg.respond(b"")
-            return
+            await msg.respond(b"")  # answered here, without a crossing; still passed on below, as a
+            # heartbeat: it tells the caller's stall detection that the worker is alive
         # A caller that stopped reading loses replies; its gap detection reports a short stream.
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             inbox.send_nowait(msg)

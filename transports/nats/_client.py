@@ -35,16 +35,22 @@ MAX_ATTEMPTS = 4
 FIRST_BACKOFF = 0.01
 # Bound on unsubscribing an inbox and on closing the connection, which run shielded during cleanup.
 CLEANUP_TIMEOUT = 5.0
+# A stream that hears nothing from its worker for this long (no reply, no liveness probe) is reported
+# as lost. Workers probe every caller_check_interval (2 s by default), so this leaves room for several.
+DEFAULT_STALL_TIMEOUT = 10.0
 
 
 class NatsClient:
-    def __init__(self, client: Any, namespace: str) -> None:
+    def __init__(self, client: Any, namespace: str, stall_timeout: float) -> None:
         self._client = client
         self.namespace = namespace
+        self.stall_timeout = stall_timeout
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, url: str, *, namespace: str = "ingress") -> AsyncIterator[NatsClient]:
+    async def connect(
+        cls, url: str, *, namespace: str = "ingress", stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    ) -> AsyncIterator[NatsClient]:
         """Connect for the duration of the block (the block owns its trio-asyncio loop)."""
         async with trio_asyncio.open_loop():
             try:
@@ -52,7 +58,7 @@ class NatsClient:
             except Exception as exc:  # nats-py raises several unrelated types for "cannot connect"
                 raise Unavailable(f"cannot connect to {url}: {exc}", retryable=True) from exc
             try:
-                yield cls(client, namespace)
+                yield cls(client, namespace, stall_timeout)
             finally:
                 with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                     await aio.close(client)
@@ -105,7 +111,7 @@ class NatsClient:
             data = json.dumps(request).encode()
             subject = protocol.subject(self.namespace, endpoint)
             await aio.publish_batch(self._client, [aio.Outgoing(subject, data, headers, reply=inbox)])
-            replies = _replies(receive)
+            replies = _replies(receive, self.stall_timeout)
             async with aclosing(replies):
                 async for chunk in replies:
                     yield chunk
@@ -121,23 +127,33 @@ class NatsClient:
         return chunks[0]
 
 
-async def _replies(receive: trio.MemoryReceiveChannel[Msg]) -> AsyncGenerator[Any, None]:
+async def _replies(
+    receive: trio.MemoryReceiveChannel[Msg], stall_timeout: float
+) -> AsyncGenerator[Any, None]:
     expected, received = 0, 0
-    async for msg in receive:
+    while True:
+        with trio.move_on_after(stall_timeout) as stall:
+            msg = await receive.receive()
+        if stall.cancelled_caught:
+            message = (
+                f"no message from the worker for {stall_timeout:g} s (stall_timeout): the stream is lost"
+            )
+            raise RemoteError(ErrorCode.UNAVAILABLE, message, retryable=not received)
         headers = msg.headers or {}
         if headers.get("Status") == "503":
-            raise RemoteError(
-                ErrorCode.UNAVAILABLE, "no worker serves this endpoint (no responders)", retryable=True
-            )
+            message = "no worker serves this endpoint (no responders)"
+            raise RemoteError(ErrorCode.UNAVAILABLE, message, retryable=True)
+        kind = headers.get(protocol.KIND)
+        if kind == protocol.PROBE:
+            continue  # the worker is alive; nothing to deliver
         seq = int(headers.get(protocol.SEQ, "-1"))
         if seq != expected:
             raise RemoteError(
                 ErrorCode.UNAVAILABLE,
                 f"reply stream lost messages (expected #{expected}, got #{seq})",
-                retryable=received == 0,
+                retryable=not received,
             )
         expected += 1
-        kind = headers.get(protocol.KIND)
         if kind == "data":
             received += 1
             yield json.loads(msg.data)
