@@ -137,15 +137,20 @@ async def test_draining_worker_hands_new_requests_to_the_other_and_finishes_its_
 
 
 async def test_caller_gone_cancels_the_handler_within_the_check_interval(nats_url):
-    """A caller that stops listening mid-stream is noticed by the worker's probe and its handler killed."""
+    """A caller that vanishes mid-stream without a word (a crash: its inbox just disappears) is noticed by
+    the worker's probe and its handler killed."""
+    from transports.nats import _aio as aio
+
     cancelled: list[str] = []
     transport = NatsTransport(nats_url, caller_check_interval=0.2)
     async with open_worker(_worker("a", finished=cancelled), [transport]) as handle:
         async with NatsClient.connect(nats_url) as client:
-            stream = client.stream("tokens", {"n": 100000, "gap": 0.01})
-            async with aclosing(stream):
-                await stream.__anext__()
-        # The caller's inbox is gone now: within one check interval (plus a probe) the handler dies.
+            send, receive = trio.open_memory_channel(1024)
+            inbox, subscription = await aio.subscribe_inbox(client._client, send)
+            request = aio.Outgoing("ingress.tokens", b'{"n": 100000, "gap": 0.01}', {}, reply=inbox)
+            await aio.publish_batch(client._client, [request])
+            await receive.receive()  # the stream is running
+            await aio.unsubscribe(subscription)  # the caller is gone, without sending anything
         with trio.fail_after(5):
             await handle.binding("nats", "tokens").tracker.wait_idle()
         labels = {"endpoint": "tokens", "transport": "nats"}
@@ -206,3 +211,20 @@ async def test_a_worker_killed_mid_stream_is_an_explicit_error_not_a_wait(nats_u
                     pass
     assert caught.value.code is ErrorCode.UNAVAILABLE and "stall_timeout" in caught.value.message
     assert caught.value.retryable is False  # chunks had arrived: a retry could duplicate them
+
+
+async def test_leaving_a_stream_early_kills_the_worker_handler_at_once(nats_url):
+    """Breaking out of a stream sends KILL to the worker, which cancels the handler without waiting for
+    its caller probe (the check interval here is far longer than the test)."""
+    cancelled: list[str] = []
+    transport = NatsTransport(nats_url, caller_check_interval=3600)
+    async with open_worker(_worker("a", finished=cancelled), [transport]) as handle:
+        async with NatsClient.connect(nats_url) as client:
+            stream = client.stream("tokens", {"n": 100000, "gap": 0.01})
+            async with aclosing(stream):
+                await stream.__anext__()
+            with trio.fail_after(5):
+                await handle.binding("nats", "tokens").tracker.wait_idle()
+        labels = {"endpoint": "tokens", "transport": "nats"}
+        assert cancelled == ["cancelled"]
+        assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="cancelled") == 1

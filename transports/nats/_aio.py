@@ -67,7 +67,7 @@ async def _subscribe(client: Client, subject: str, queue: str, inbox: trio.Memor
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # draining: the subscription is going away
 
-    return await client.subscribe(subject, queue=queue, cb=deliver)
+    return await client.subscribe(subject, queue=queue, cb=deliver)  # queue "" means every message
 
 
 async def _publish_batch(client: Client, batch: Sequence[Outgoing]) -> None:

@@ -101,6 +101,7 @@ class NatsClient:
     ) -> AsyncGenerator[Any, None]:
         send, receive = trio.open_memory_channel[Msg](STREAM_BUFFER)
         inbox, subscription = await aio.subscribe_inbox(self._client, send)
+        state = _ReplyState()
         try:
             headers = {protocol.REQUEST_ID: request_id}
             effective = deadline if deadline is not None else trio.current_effective_deadline()
@@ -111,12 +112,16 @@ class NatsClient:
             data = json.dumps(request).encode()
             subject = protocol.subject(self.namespace, endpoint)
             await aio.publish_batch(self._client, [aio.Outgoing(subject, data, headers, reply=inbox)])
-            replies = _replies(receive, self.stall_timeout)
+            replies = _replies(receive, self.stall_timeout, state)
             async with aclosing(replies):
                 async for chunk in replies:
                     yield chunk
         finally:
             with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                if state.control and not state.finished:
+                    # Left early (break, error, cancellation): the worker stops now, not at its next probe.
+                    kill = {protocol.KIND: protocol.KILL, protocol.TARGET: inbox}
+                    await aio.publish_batch(self._client, [aio.Outgoing(state.control, b"", kill)])
                 await aio.unsubscribe(subscription)
 
     async def call(self, endpoint: str, request: Any = None, **options: Any) -> Any:
@@ -127,9 +132,20 @@ class NatsClient:
         return chunks[0]
 
 
+class _ReplyState:
+    """What the reply reader learned: where to send KILL, and whether the stream ended on its own."""
+
+    __slots__ = ("control", "finished")
+
+    def __init__(self) -> None:
+        self.control = ""
+        self.finished = False
+
+
 async def _replies(
-    receive: trio.MemoryReceiveChannel[Msg], stall_timeout: float
+    receive: trio.MemoryReceiveChannel[Msg], stall_timeout: float, state: _ReplyState | None = None
 ) -> AsyncGenerator[Any, None]:
+    state = state or _ReplyState()
     expected, received = 0, 0
     while True:
         with trio.move_on_after(stall_timeout) as stall:
@@ -154,12 +170,14 @@ async def _replies(
                 retryable=not received,
             )
         expected += 1
+        state.control = state.control or headers.get(protocol.CONTROL, "")
         if kind == "data":
             received += 1
             yield json.loads(msg.data)
-        elif kind == "end":
-            if int(headers.get(protocol.COUNT, "-1")) != received:
-                raise RemoteError(ErrorCode.UNAVAILABLE, "reply stream lost messages", retryable=not received)
-            return
-        else:
+            continue
+        state.finished = True
+        if kind != "end":
             raise protocol.decode_error(msg.data)
+        if int(headers.get(protocol.COUNT, "-1")) != received:
+            raise RemoteError(ErrorCode.UNAVAILABLE, "reply stream lost messages", retryable=not received)
+        return

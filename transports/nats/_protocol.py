@@ -22,6 +22,13 @@ TIMEOUT_MS = "Ingress-Timeout-Ms"
 METADATA_PREFIX = "Meta-"
 
 
+# On a request's first reply: the subject where the caller sends STOP or KILL for it.
+CONTROL = "Ingress-Control"
+# On a control message: which request (its reply inbox, unique per request).
+TARGET = "Ingress-Target"
+STOP = "stop"
+KILL = "kill"
+
 # The kind of a worker's liveness probe to a caller's inbox; a live caller answers it, and "no responders"
 # means the caller is gone.
 PROBE = "probe"
@@ -33,6 +40,10 @@ def subject(namespace: str, endpoint: str) -> str:
 
 def data_headers(seq: int) -> dict[str, str]:
     return {KIND: "data", SEQ: str(seq)}
+
+
+def control_subject(worker_id: str) -> str:
+    return f"_INGRESS.control.{worker_id}"
 
 
 def end_headers(seq: int, count: int) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +71,10 @@ class NatsTransport:
                 async with trio.open_nursery() as nursery:
                     outbox = _Outbox(client, log)
                     nursery.start_soon(outbox.run)
-                    requests = _Requests(self, client, binding.runtime, outbox, nursery, {})
+                    control = protocol.control_subject(uuid.uuid4().hex)
+                    requests = _Requests(self, client, binding.runtime, outbox, nursery, {}, {}, control)
                     nursery.start_soon(requests.watch_callers)
+                    await nursery.start(requests.serve_control)
                     for endpoint in binding.endpoints.values():
                         await nursery.start(requests.serve_endpoint, endpoint)
                     binding.runtime.logger.info("nats.subscribed", url=self.url, namespace=self.namespace)
@@ -92,6 +95,9 @@ class _Requests:
     nursery: trio.Nursery
     # Every running request with its caller's inbox, for the one task that checks callers are alive.
     running: dict[RequestContext, tuple[EndpointBinding, str]]
+    # The same requests by reply inbox, for STOP/KILL messages from their callers.
+    by_inbox: dict[str, RequestContext]
+    control: str
 
     async def serve_endpoint(
         self, endpoint: EndpointBinding, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -131,20 +137,37 @@ class _Requests:
 
     async def run(self, endpoint: EndpointBinding, ctx: RequestContext, msg: Msg) -> None:
         self.running[ctx] = (endpoint, msg.reply)
+        self.by_inbox[msg.reply] = ctx
         try:
             await self.answer(endpoint, ctx, msg)
         finally:
             del self.running[ctx]
+            self.by_inbox.pop(msg.reply, None)
             endpoint.release(ctx)
 
     async def answer(self, endpoint: EndpointBinding, ctx: RequestContext, msg: Msg) -> None:
-        sink = _NatsSink(self.outbox, msg.reply)
+        sink = _NatsSink(self.outbox, msg.reply, self.control)
         try:
             request = json.loads(msg.data) if msg.data else None
         except ValueError as exc:
             await answer_error(endpoint, ctx, sink, BadRequest(f"request payload is not valid JSON: {exc}"))
             return
         await dispatch(endpoint, ctx, request, sink)
+
+    async def serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """STOP and KILL messages from callers, for the requests this worker is running, honoured at once."""
+        send, receive = trio.open_memory_channel[Msg](INBOX_SIZE)
+        await aio.subscribe(self.client, self.control, "", send)
+        task_status.started()
+        async for msg in receive:
+            headers = msg.headers or {}
+            ctx = self.by_inbox.get(headers.get(protocol.TARGET, ""))
+            if ctx is None:
+                continue  # finished already: the end crossed the control message
+            if headers.get(protocol.KIND) == protocol.KILL:
+                ctx.kill(KillReason.CALLER_KILL)
+            else:
+                ctx.stop_generating()
 
     async def watch_callers(self) -> None:
         """Every interval, probe the inbox of every request that has run at least that long, all in one
@@ -168,11 +191,12 @@ class _Requests:
 class _NatsSink:
     """One request's replies: numbered data messages, then end (with the count) or error."""
 
-    __slots__ = ("count", "outbox", "reply", "seq")
+    __slots__ = ("control", "count", "outbox", "reply", "seq")
 
-    def __init__(self, outbox: _Outbox, reply: str) -> None:
+    def __init__(self, outbox: _Outbox, reply: str, control: str) -> None:
         self.outbox = outbox
         self.reply = reply
+        self.control = control
         self.seq = 0
         self.count = 0
 
@@ -184,7 +208,10 @@ class _NatsSink:
             raise InternalError(
                 f"a chunk of {len(data)} bytes exceeds the NATS server's max_payload ({limit})"
             )
-        await self.outbox.put(aio.Outgoing(self.reply, data, protocol.data_headers(self._next())))
+        headers = protocol.data_headers(self._next())
+        if self.count == 0:
+            headers[protocol.CONTROL] = self.control  # where the caller can send STOP or KILL
+        await self.outbox.put(aio.Outgoing(self.reply, data, headers))
         self.count += 1
 
     async def send_result(self, result: Any) -> None:
