@@ -2,6 +2,7 @@
 sequence numbers, NatsClient. nats-py runs through trio-asyncio; all asyncio code is in ``_aio``."""
 
 from ._client import NatsClient as NatsClient
+from ._client import RetryBudget as RetryBudget
 from ._server import NatsTransport as NatsTransport
 
-__all__ = ["NatsClient", "NatsTransport"]
+__all__ = ["NatsClient", "NatsTransport", "RetryBudget"]

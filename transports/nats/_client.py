@@ -40,16 +40,42 @@ CLEANUP_TIMEOUT = 5.0
 DEFAULT_STALL_TIMEOUT = 10.0
 
 
+class RetryBudget:
+    """Retries may be at most ``ratio`` of requests (plus a small ``reserve`` for a quiet client), so that
+    when a whole fleet is failing, callers do not multiply its load (the Finagle / gRPC retry budget)."""
+
+    def __init__(self, ratio: float = 0.2, reserve: float = 10.0) -> None:
+        self.ratio = ratio
+        self.reserve = reserve
+        self._tokens = reserve
+
+    def request_made(self) -> None:
+        self._tokens = min(self._tokens + self.ratio, self.reserve + 1)
+
+    def try_spend(self) -> bool:
+        """Take one retry from the budget; False means retrying now would feed a stampede."""
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
 class NatsClient:
-    def __init__(self, client: Any, namespace: str, stall_timeout: float) -> None:
+    def __init__(self, client: Any, namespace: str, stall_timeout: float, budget: RetryBudget) -> None:
         self._client = client
         self.namespace = namespace
         self.stall_timeout = stall_timeout
+        self.retry_budget = budget
 
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, url: str, *, namespace: str = "ingress", stall_timeout: float = DEFAULT_STALL_TIMEOUT
+        cls,
+        url: str,
+        *,
+        namespace: str = "ingress",
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        retry_budget: RetryBudget | None = None,
     ) -> AsyncIterator[NatsClient]:
         """Connect for the duration of the block (the block owns its trio-asyncio loop)."""
         async with trio_asyncio.open_loop():
@@ -58,7 +84,7 @@ class NatsClient:
             except Exception as exc:  # nats-py raises several unrelated types for "cannot connect"
                 raise Unavailable(f"cannot connect to {url}: {exc}", retryable=True) from exc
             try:
-                yield cls(client, namespace, stall_timeout)
+                yield cls(client, namespace, stall_timeout, retry_budget or RetryBudget())
             finally:
                 with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                     await aio.close(client)
@@ -75,8 +101,10 @@ class NatsClient:
         """Yield the chunks of one request; the deadline defaults to the caller's cancel scope.
 
         A retryable error before the first chunk (draining worker, overload, no responders) is retried
-        up to MAX_ATTEMPTS times with backoff; after a chunk, errors are raised as they come."""
+        up to MAX_ATTEMPTS times with backoff, while the client's retry budget allows; after a chunk,
+        errors are raised as they come."""
         request_id = request_id or new_request_id()
+        self.retry_budget.request_made()
         for attempt in range(MAX_ATTEMPTS):
             chunks = 0
             try:
@@ -87,7 +115,8 @@ class NatsClient:
                         yield chunk
                 return
             except RemoteError as error:
-                if chunks or not error.retryable or attempt == MAX_ATTEMPTS - 1:
+                last = attempt == MAX_ATTEMPTS - 1
+                if chunks or not error.retryable or last or not self.retry_budget.try_spend():
                     raise
             await trio.sleep(FIRST_BACKOFF * 2**attempt)
 
