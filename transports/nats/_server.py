@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -54,6 +55,8 @@ class NatsTransport:
     # How often a running request checks that its caller still listens; a caller that has gone away
     # is noticed within this long (plus one probe round trip).
     caller_check_interval: float = 2.0
+    # Passed to nats.connect as they are: token, user/password, user_credentials, tls, ...
+    connect_options: Mapping[str, Any] = field(default_factory=dict)
     name: str = "nats"
 
     async def serve(
@@ -66,7 +69,7 @@ class NatsTransport:
             log.warning("nats.reconnected" if connected else "nats.disconnected", url=self.url)
 
         async with trio_asyncio.open_loop():
-            client = await aio.connect(self.url, on_connected)
+            client = await aio.connect(self.url, on_connected, self.connect_options)
             try:
                 async with trio.open_nursery() as nursery:
                     outbox = _Outbox(client, log)
