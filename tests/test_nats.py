@@ -278,3 +278,46 @@ async def test_token_authentication_passes_through(nats_url):
             server.terminate()
             with trio.move_on_after(10, shield=True):
                 await server.wait()
+
+
+async def test_a_request_that_arrives_after_its_deadline_is_not_started(nats_url):
+    """A request delayed past its absolute deadline (say, in a reconnect buffer) is refused unrun."""
+    import time
+
+    from transports.nats import _aio as aio
+    from transports.nats import _protocol as protocol
+
+    async with open_worker(_worker("a"), [NatsTransport(nats_url)]) as handle:
+        async with NatsClient.connect(nats_url) as client:
+            send, receive = trio.open_memory_channel(16)
+            inbox, subscription = await aio.subscribe_inbox(client._client, send)
+            late = {protocol.TIMEOUT_MS: "5000", protocol.DEADLINE: f"{time.time() - 1:.3f}"}
+            await aio.publish_batch(client._client, [aio.Outgoing("ingress.echo", b"{}", late, reply=inbox)])
+            reply = await receive.receive()
+            await aio.unsubscribe(subscription)
+        error = protocol.decode_error(reply.data)
+        assert error.code is ErrorCode.DEADLINE_EXCEEDED and "already passed" in error.message
+        labels = {"endpoint": "echo", "transport": "nats", "reason": "deadline"}
+        assert sample(handle.runtime, "ingress_rejections_total", **labels) == 1
+
+
+async def test_gaps_and_short_ends_are_explicit_errors():
+    """A missing sequence number, or an end whose count disagrees, raises instead of truncating silently."""
+    from types import SimpleNamespace
+
+    from transports.nats import _protocol as protocol
+    from transports.nats._client import _replies
+
+    def message(kind: str, seq: int, **extra: str) -> SimpleNamespace:
+        return SimpleNamespace(headers={protocol.KIND: kind, protocol.SEQ: str(seq), **extra}, data=b"1")
+
+    for replies, expected in (
+        ([message("data", 0), message("data", 2)], "expected #1, got #2"),
+        ([message("data", 0), message("end", 1, **{protocol.COUNT: "2"})], "lost messages"),
+    ):
+        send, receive = trio.open_memory_channel(8)
+        for reply in replies:
+            send.send_nowait(reply)
+        with pytest.raises(RemoteError, match=expected) as caught:
+            [chunk async for chunk in _replies(receive, 5.0)]
+        assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retryable is False

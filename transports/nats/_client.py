@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
@@ -136,8 +137,9 @@ class NatsClient:
             headers = {protocol.REQUEST_ID: request_id}
             effective = deadline if deadline is not None else trio.current_effective_deadline()
             if not math.isinf(effective):
-                remaining_ms = math.ceil((effective - trio.current_time()) * 1000)
-                headers[protocol.TIMEOUT_MS] = str(max(1, remaining_ms))
+                remaining = effective - trio.current_time()
+                headers[protocol.TIMEOUT_MS] = str(max(1, math.ceil(remaining * 1000)))
+                headers[protocol.DEADLINE] = f"{time.time() + remaining:.3f}"
             headers.update({protocol.METADATA_PREFIX + k: v for k, v in (metadata or {}).items()})
             data = json.dumps(request).encode()
             subject = protocol.subject(self.namespace, endpoint)

@@ -18,6 +18,9 @@ SEQ = "Ingress-Seq"
 COUNT = "Ingress-Count"
 REQUEST_ID = "Ingress-Request-Id"
 TIMEOUT_MS = "Ingress-Timeout-Ms"
+# The same deadline as wall-clock Unix seconds: a request that sat in a client's reconnect buffer arrives
+# with its relative timeout intact, so only the absolute form shows that it is already too late.
+DEADLINE = "Ingress-Deadline"
 # Other headers of a request become the handler's metadata, without this prefix.
 METADATA_PREFIX = "Meta-"
 

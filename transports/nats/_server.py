@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -124,7 +125,6 @@ class _Requests:
         if not msg.reply:
             return  # a publish with nowhere to answer: nothing can be delivered, so nothing is run
         headers = msg.headers or {}
-        timeout_ms = headers.get(protocol.TIMEOUT_MS, "")
         prefix = protocol.METADATA_PREFIX
         ctx = RequestContext(
             id=headers.get(protocol.REQUEST_ID) or new_request_id(),
@@ -132,7 +132,7 @@ class _Requests:
             transport="nats",
             runtime=self.runtime,
             peer=msg.reply,
-            deadline=trio.current_time() + int(timeout_ms) / 1000 if timeout_ms.isdigit() else math.inf,
+            deadline=_deadline(headers),
             metadata={k[len(prefix) :]: v for k, v in headers.items() if k.startswith(prefix)},
         )
         endpoint.accept(ctx)  # counted from now: the drain must not see zero while the task starts
@@ -189,6 +189,19 @@ class _Requests:
                 if not is_alive and not ctx.is_killed:
                     endpoint.metrics.disconnect("gone")
                     ctx.kill(KillReason.DISCONNECTED)
+
+
+def _deadline(headers: Mapping[str, str]) -> float:
+    """The earlier of the relative timeout (from arrival) and the absolute deadline, in Trio time."""
+    deadline = math.inf
+    timeout_ms = headers.get(protocol.TIMEOUT_MS, "")
+    if timeout_ms.isdigit():
+        deadline = trio.current_time() + int(timeout_ms) / 1000
+    try:
+        absolute = float(headers[protocol.DEADLINE])
+    except (KeyError, ValueError):
+        return deadline
+    return min(deadline, trio.current_time() + (absolute - time.time()))
 
 
 class _NatsSink:
