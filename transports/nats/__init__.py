@@ -1,5 +1,6 @@
-"""The NATS transport (first slice, issue 4): queue-group subscriptions per endpoint, streamed replies with
-sequence numbers, NatsClient. nats-py runs through trio-asyncio; all asyncio code is in ``_aio``."""
+"""The NATS transport: queue-group subscriptions per endpoint, streamed replies with sequence numbers,
+caller-gone probes, STOP/KILL, and NatsClient. nats-py runs through trio-asyncio; all asyncio code is in
+``_aio``. See docs/protocol-nats.md."""
 
 from ._client import NatsClient as NatsClient
 from ._client import RetryBudget as RetryBudget
