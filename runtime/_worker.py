@@ -18,7 +18,7 @@ import trio
 from ._admission import Admission
 from ._config import EXIT_DRAIN_FORCED, EXIT_OK, EndpointOptions, WorkerConfig
 from ._context import RuntimeContext
-from ._endpoint import Endpoint, Handler, TransportBinding, bind_transport
+from ._endpoint import Endpoint, EndpointBinding, Handler, TransportBinding, bind_transport
 from ._inflight import GlobalInFlight, InFlightStatistics
 from ._logging import get_logger
 from ._metrics import Metrics
@@ -76,7 +76,8 @@ class WorkerHandle:
     def statistics(self) -> InFlightStatistics:
         return self._global.statistics()
 
-    def binding(self, transport: str, endpoint: str) -> Any:
+    def binding(self, transport: str, endpoint: str) -> EndpointBinding:
+        """The binding of ``endpoint`` on ``transport``: its tracker, metrics and scope (for tests, ops)."""
         return next(b for b in self._bindings if b.name == transport).lookup(endpoint)
 
     @property

@@ -37,6 +37,9 @@ from hypercorn.events import Closed, Event, Updated
 from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio.tcp_server import TCPServer
 
+# Bound on closing an idle connection (it runs shielded, so it must end by itself).
+CLOSE_TIMEOUT = 5.0
+
 
 class ContainedTCPServer(TCPServer):
     _served_a_request = False
@@ -59,7 +62,8 @@ class ContainedTCPServer(TCPServer):
                 await trio.sleep_forever()  # a fresh connection's first request is always answered
         if draining is not None and draining.is_set() and self._request_waiting():
             return  # read and answered explicitly; the idle task runs again after that answer
-        with trio.CancelScope(shield=True):
+        # hypercorn shields this without a bound; a close that cannot finish must not pin the task.
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
             await self._initiate_server_close()
 
     def _request_waiting(self) -> bool:
