@@ -34,7 +34,7 @@ async def baseline(url: str) -> None:
     client = await nats.connect(url)
 
     async def echo(msg: nats.aio.msg.Msg) -> None:
-        await client.publish(msg.reply, msg.data, headers={"Ingress-Kind": "data", "Ingress-Seq": "0"})
+        await client.publish(msg.reply, msg.data, headers={"Ingress-Kind": "result", "Ingress-Seq": "0"})
 
     async def generate(msg: nats.aio.msg.Msg) -> None:
         count = json.loads(msg.data).get("max_tokens", 16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -85,6 +86,24 @@ async def _call_raw(client: NatsClient, endpoint: str, payload: bytes) -> None:
         [chunk async for chunk in _replies(receive, 5.0)]
     finally:
         await aio.unsubscribe(subscription)
+
+
+async def test_a_unary_answer_is_one_message_a_plain_nats_request_can_take(nats_url):
+    """A unary reply is a single ``result`` message: the next reply on the same inbox is the next answer."""
+    from transports.nats import _aio as aio
+    from transports.nats import _protocol as protocol
+
+    async with open_worker(_worker("a"), [NatsTransport(nats_url)]), NatsClient.connect(nats_url) as client:
+        send, receive = trio.open_memory_channel(16)
+        inbox, subscription = await aio.subscribe_inbox(client._client, send)
+        replies = []
+        for n in (1, 2):
+            request = aio.Outgoing("ingress.echo", b'{"n": %d}' % n, {}, reply=inbox)
+            await aio.publish_batch(client._client, [request])
+            replies.append(await receive.receive())
+        await aio.unsubscribe(subscription)
+    assert [r.headers[protocol.KIND] for r in replies] == ["result", "result"]
+    assert [json.loads(r.data)["request"] for r in replies] == [{"n": 1}, {"n": 2}]
 
 
 async def test_queue_group_spreads_requests_across_workers(nats_url):

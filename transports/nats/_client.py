@@ -203,12 +203,15 @@ async def _replies(
             )
         expected += 1
         state.control = state.control or headers.get(protocol.CONTROL, "")
-        if kind == "data":
+        if kind == protocol.DATA:
             received += 1
             yield json.loads(msg.data)
             continue
         state.finished = True
-        if kind != "end":
+        if kind == protocol.RESULT:
+            yield json.loads(msg.data)
+            return
+        if kind != protocol.END:
             raise protocol.decode_error(msg.data)
         if int(headers.get(protocol.COUNT, "-1")) != received:
             raise RemoteError(ErrorCode.UNAVAILABLE, "reply stream lost messages", retryable=not received)

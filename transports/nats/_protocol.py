@@ -4,6 +4,7 @@ A request is published to ``{namespace}.{endpoint}`` (queue group of the same na
 inbox as reply subject. Every reply message carries ``Ingress-Kind`` (data, end, error) and
 ``Ingress-Seq`` (0, 1, 2, ... per request); ``end`` carries ``Ingress-Count``, the number of data
 messages, so a caller can tell a complete stream from one that lost messages (NATS core is at most once).
+A unary answer is a single ``result`` message: data and end in one, so a plain ``nc.request`` gets it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from typing import Any
 from runtime import ErrorCode, IngressError, RemoteError
 
 KIND = "Ingress-Kind"
+DATA = "data"
+END = "end"
+RESULT = "result"
+ERROR = "error"
 SEQ = "Ingress-Seq"
 COUNT = "Ingress-Count"
 REQUEST_ID = "Ingress-Request-Id"
@@ -42,7 +47,7 @@ def subject(namespace: str, endpoint: str) -> str:
 
 
 def data_headers(seq: int) -> dict[str, str]:
-    return {KIND: "data", SEQ: str(seq)}
+    return {KIND: DATA, SEQ: str(seq)}
 
 
 def control_subject(worker_id: str) -> str:
@@ -50,12 +55,17 @@ def control_subject(worker_id: str) -> str:
 
 
 def end_headers(seq: int, count: int) -> dict[str, str]:
-    return {KIND: "end", SEQ: str(seq), COUNT: str(count)}
+    return {KIND: END, SEQ: str(seq), COUNT: str(count)}
+
+
+def result_headers(seq: int) -> dict[str, str]:
+    """A unary answer: one message that is both the data and the end of the request."""
+    return {KIND: RESULT, SEQ: str(seq)}
 
 
 def error_message(seq: int, error: IngressError, retryable: bool) -> tuple[bytes, dict[str, str]]:
     body = {"code": error.code.name, "message": error.message, "retryable": retryable}
-    return json.dumps(body).encode(), {KIND: "error", SEQ: str(seq)}
+    return json.dumps(body).encode(), {KIND: ERROR, SEQ: str(seq)}
 
 
 def decode_error(data: bytes) -> RemoteError:
