@@ -340,3 +340,21 @@ async def test_gaps_and_short_ends_are_explicit_errors():
         with pytest.raises(RemoteError, match=expected) as caught:
             [chunk async for chunk in _replies(receive, 5.0)]
         assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retryable is False
+
+
+async def test_replies_still_queued_at_close_are_published_before_the_connection_closes(nats_url):
+    """Phase 3 closes the publisher: replies of finished requests still in its queue go out first."""
+    from transports.nats import _aio as aio
+
+    async with NatsClient.connect(nats_url) as listener:
+        send, receive = trio.open_memory_channel(16)
+        inbox, subscription = await aio.subscribe_inbox(listener._client, send)
+        client = await aio.connect(nats_url)
+        publisher = aio.Publisher(client, lambda: None, lambda count, exc: None)
+        for n in range(3):  # the publishing task never ran: these are the leftovers
+            publisher.put_nowait(aio.Outgoing(inbox, b"%d" % n, {}))
+        await publisher.close()
+        with trio.fail_after(5):
+            received = [(await receive.receive()).data for _ in range(3)]
+        await aio.unsubscribe(subscription)
+    assert received == [b"0", b"1", b"2"] and client.is_closed

@@ -1,9 +1,11 @@
 """The asyncio side of the NATS transport: the only module where asyncio code lives.
 
 nats-py is asyncio; the runtime is Trio. Every function here states its flavour. Crossings go only
-through ``trio_asyncio.aio_as_trio``, and they are batched: incoming messages reach Trio through a
-memory channel fed synchronously from the asyncio callback (no crossing per message), and outgoing
-messages are published a whole batch per crossing (``publish_batch``).
+through ``trio_asyncio.aio_as_trio``, and the hot paths avoid them: incoming messages reach Trio through
+a memory channel fed synchronously from the asyncio callback, and a worker's replies reach the asyncio
+``Publisher`` task through a synchronous queue (no crossing per message or per batch). Trio and asyncio
+share one thread under trio-asyncio, so a sync call from either side into the other's objects is safe
+as long as it does not wait.
 """
 
 from __future__ import annotations
@@ -84,6 +86,67 @@ async def _publish_batch(client: Client, batch: Sequence[Outgoing]) -> None:
     latency of every small request; nats-py's own flusher writes the pending buffer out promptly."""
     for message in batch:
         await client.publish(message.subject, message.data, reply=message.reply, headers=message.headers)
+
+
+class Publisher:
+    """Publishes the worker's replies from one long-lived asyncio task, so that Trio hands messages over
+    with a plain method call instead of a crossing per batch.
+
+    ``put_nowait`` (sync, any flavour) queues a message and, on the first of a batch, wakes the task;
+    ``run`` (asyncio) publishes everything queued into nats-py's pending buffer, whose flusher writes
+    the whole batch out in one go. ``on_taken`` (sync) is called each time the queue is emptied, so the
+    Trio side can release callers it held back; ``on_failed(count, exc)`` when a batch cannot be
+    published (an outage longer than nats-py's reconnect buffer)."""
+
+    def __init__(
+        self,
+        client: Client,
+        on_taken: Callable[[], object],
+        on_failed: Callable[[int, Exception], None],
+    ) -> None:
+        self._client = client
+        self._on_taken = on_taken
+        self._on_failed = on_failed
+        self._queue: list[Outgoing] = []
+        self._wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put_nowait(self, message: Outgoing) -> None:
+        """sync: queue one message; only the first of a batch costs a wake-up of the asyncio task."""
+        self._queue.append(message)
+        if len(self._queue) == 1:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        """asyncio: publish batches until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._publish_queued()
+
+    async def _publish_queued(self) -> None:
+        """asyncio: publish what is queued now."""
+        batch, self._queue = self._queue, []
+        self._on_taken()
+        try:
+            await _publish_batch(self._client, batch)
+        except Exception as exc:
+            self._on_failed(len(batch), exc)
+
+    async def _close(self) -> None:
+        """asyncio: publish what is left, flush it, and close the connection (phase 3)."""
+        await self._publish_queued()
+        await _close(self._client)
+
+    async def run(self) -> None:
+        """trio: the publishing task, for the transport's nursery (cancelled in phase 3)."""
+        await trio_asyncio.aio_as_trio(self._run)()
+
+    async def close(self) -> None:
+        """trio: publish what is left and close the connection."""
+        await trio_asyncio.aio_as_trio(self._close)()
 
 
 async def _drain_subscription(subscription: Any) -> None:

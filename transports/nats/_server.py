@@ -4,7 +4,7 @@ The worker's nursery owns the trio-asyncio loop (``open_loop`` inside ``serve``)
 outlives the transport. Each endpoint's intake (its subscription loop) runs inside that endpoint's scope;
 phase 1 cancels it, drains the subscription (NATS routes new requests to other workers of the queue
 group) and answers anything already delivered but not started with a retryable UNAVAILABLE. Replies from
-every request go through one outbox, published a batch per crossing.
+every request go through one outbox to an asyncio publisher task, with no crossing per message.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ class NatsTransport:
 
         async with trio_asyncio.open_loop():
             client = await aio.connect(self.url, on_connected, self.connect_options)
+            outbox = _Outbox(client, log)
             try:
                 async with trio.open_nursery() as nursery:
-                    outbox = _Outbox(client, log)
-                    nursery.start_soon(outbox.run)
+                    nursery.start_soon(outbox.publisher.run)
                     control = protocol.control_subject(uuid.uuid4().hex)
                     requests = _Requests(self, client, binding.runtime, outbox, nursery, {}, {}, control)
                     nursery.start_soon(requests.watch_callers)
@@ -84,8 +84,10 @@ class NatsTransport:
                     binding.runtime.logger.info("nats.subscribed", url=self.url, namespace=self.namespace)
                     task_status.started(self.url)
             finally:
+                # Phase 3: the last replies may still be queued (their requests are done and counted
+                # out), so they are published before the connection is flushed and closed.
                 with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                    await aio.close(client)
+                    await outbox.publisher.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,14 @@ class _Requests:
         with endpoint.scope:  # the endpoint scope: cancelled in phase 1
             async for msg in receive:
                 self.start(endpoint, msg)
+                # Start everything else already delivered in this same turn: a checkpoint per message
+                # would cost a whole scheduler pass (an epoll) per request under load.
+                while True:
+                    try:
+                        msg = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    self.start(endpoint, msg)
         # Phase 1: no new deliveries; what was delivered but not started goes back to the caller.
         await aio.drain_subscription(subscription)
         send.close()
@@ -252,34 +262,22 @@ class _NatsSink:
 
 
 class _Outbox:
-    """Every reply of the worker, published a batch per crossing into asyncio by one task."""
+    """Every reply of the worker, handed to the asyncio publisher without a crossing; callers wait
+    here (back-pressure) while the publisher is a whole high-water mark behind."""
 
     def __init__(self, client: Any, log: Any) -> None:
-        self._client = client
-        self._log = log
         # Headers and framing take a little of the server's limit: keep room for them.
         self.max_payload = int(client.max_payload) - 1024
-        self._queue: list[aio.Outgoing] = []
-        self._wake = trio.Event()
         self._space = trio.lowlevel.ParkingLot()
+        self._log = log
+        self.publisher = aio.Publisher(client, self._space.unpark_all, self._failed)
 
     async def put(self, message: aio.Outgoing) -> None:
-        while len(self._queue) >= OUTBOX_HIGH_WATER:
+        while len(self.publisher) >= OUTBOX_HIGH_WATER:
             await self._space.park()
-        self._queue.append(message)
-        self._wake.set()
+        self.publisher.put_nowait(message)
 
-    async def run(self) -> None:
-        while True:
-            if not self._queue:
-                self._wake = trio.Event()
-                await self._wake.wait()
-                continue
-            batch, self._queue = self._queue, []
-            self._space.unpark_all()
-            try:
-                await aio.publish_batch(self._client, batch)
-            except Exception as exc:
-                # An outage longer than nats-py's reconnect buffer: these replies are lost, which their
-                # callers see as a gap or a missing end (explicit errors). The worker itself goes on.
-                self._log.warning("nats.publish_failed", messages=len(batch), error=repr(exc))
+    def _failed(self, count: int, exc: Exception) -> None:
+        # An outage longer than nats-py's reconnect buffer: these replies are lost, which their callers
+        # see as a gap or a missing end (explicit errors). The worker itself goes on.
+        self._log.warning("nats.publish_failed", messages=count, error=repr(exc))
