@@ -34,7 +34,10 @@ from ._errors import NotFound as NotFound
 from ._errors import Overloaded as Overloaded
 from ._errors import RemoteError as RemoteError
 from ._errors import ShuttingDown as ShuttingDown
+from ._errors import StartupFailed as StartupFailed
 from ._errors import Unavailable as Unavailable
+from ._errors import describe as describe
+from ._errors import sole_exception as sole_exception
 from ._inflight import GlobalInFlight as GlobalInFlight
 from ._inflight import InFlight as InFlight
 from ._inflight import InFlightStatistics as InFlightStatistics
@@ -79,6 +82,7 @@ __all__ = [
     "ShutdownCoordinator",
     "ShutdownResult",
     "ShuttingDown",
+    "StartupFailed",
     "Transport",
     "TransportBinding",
     "Unavailable",
@@ -86,7 +90,9 @@ __all__ = [
     "WorkerHandle",
     "answer_error",
     "configure_logging",
+    "describe",
     "dispatch",
     "new_request_id",
     "open_worker",
+    "sole_exception",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from ._config import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, WorkerConfig
-from ._errors import IngressError
+from ._errors import IngressError, StartupFailed
 from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from ._worker import Transport, Worker
 
@@ -165,7 +165,10 @@ def _serve(args: argparse.Namespace) -> int:
     config = WorkerConfig(
         drain_timeout=args.drain_timeout, shutdown_delay=args.shutdown_delay, access_log=args.access_log
     )
-    return worker.run(transports, config, metrics_address=args.metrics)
+    try:
+        return worker.run(transports, config, metrics_address=args.metrics)
+    except StartupFailed:
+        return EXIT_FAILURE  # the worker logged why (worker.startup_failed); a traceback adds nothing
 
 
 def _call(args: argparse.Namespace) -> int:

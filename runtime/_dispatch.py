@@ -17,7 +17,7 @@ import trio
 from ._admission import Rejected
 from ._context import KillReason, RequestContext
 from ._endpoint import CallerGone, EndpointBinding, ResponseSink
-from ._errors import DeadlineExceeded, IngressError, InternalError
+from ._errors import DeadlineExceeded, IngressError, InternalError, sole_exception
 
 # How each kill reason is recorded in ingress_requests_total{outcome}.
 _KILL_OUTCOMES = {
@@ -204,6 +204,5 @@ class _Run:
 
 def _single_ingress_error(exc: BaseException) -> IngressError | None:
     """A handler that used a nursery raises its IngressError wrapped in a group: unwrap a lone one."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+    exc = sole_exception(exc)
     return exc if isinstance(exc, IngressError) else None

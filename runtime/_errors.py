@@ -100,3 +100,26 @@ class RemoteError(IngressError):
     def __str__(self) -> str:
         hint = "retryable" if self.retryable else "not retryable"
         return f"{self.code.name}: {self.message} ({hint})"
+
+
+class StartupFailed(Exception):
+    """A worker could not start: a transport failed to come up (port in use, server refused, ...).
+
+    Not an IngressError: no request was involved. ``ingress serve`` logs it and exits 1."""
+
+    def __init__(self, transport: str, cause: BaseException) -> None:
+        super().__init__(f"transport {transport!r} could not start: {describe(cause)}")
+        self.transport = transport
+
+
+def sole_exception(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) groups of one, as nurseries wrap a lone error; else ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line account of an error for a log or a message: its text, or its type when it has none."""
+    exc = sole_exception(exc)
+    return str(exc) or type(exc).__name__

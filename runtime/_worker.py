@@ -19,6 +19,7 @@ from ._admission import Admission
 from ._config import EXIT_DRAIN_FORCED, EXIT_OK, EndpointOptions, WorkerConfig
 from ._context import RuntimeContext
 from ._endpoint import Endpoint, EndpointBinding, Handler, TransportBinding, bind_transport
+from ._errors import StartupFailed
 from ._inflight import GlobalInFlight, InFlightStatistics
 from ._logging import get_logger
 from ._metrics import Metrics
@@ -150,22 +151,37 @@ class Worker:
         for binding in bindings:
             binding.is_ready = lambda: coordinator.ready
         handle = WorkerHandle(runtime, {}, coordinator, global_inflight, bindings)
+        failure: StartupFailed | None = None
         async with trio.open_nursery() as primary:
             if handle_signals:
                 await primary.start(watch_signals, coordinator)
-            if metrics_address is not None:
-                probes = OpsProbes(lambda: coordinator.ready, runtime.metrics.render)
-                handle.addresses["metrics"] = await primary.start(serve_ops, *metrics_address, probes)
-            for transport, binding in zip(transports, bindings, strict=True):
-                handle.addresses[transport.name] = await primary.start(transport.serve, binding)
-            coordinator.mark_ready()
-            runtime.logger.info(
-                "worker.ready", addresses=_printable(handle.addresses), endpoints=sorted(self._endpoints)
-            )
-            task_status.started(handle)
-            handle.result = await coordinator.run()
-            handle._drained.set()
-            primary.cancel_scope.cancel(reason="shutdown phase 3")
+            # A shutdown asked for while transports are still coming up (say, a NATS server that is
+            # not there yet) stops the start-up: nothing was accepted, so there is nothing to drain.
+            with trio.CancelScope() as startup:
+                primary.start_soon(_cancel_on_shutdown, coordinator, startup)
+                try:
+                    await _start_transports(primary, transports, bindings, handle, metrics_address)
+                except StartupFailed as exc:
+                    failure = exc
+                    runtime.logger.error("worker.startup_failed", transport=exc.transport, error=str(exc))
+                    primary.cancel_scope.cancel(reason="start-up failed")
+            if failure is None:
+                if startup.cancelled_caught:
+                    runtime.logger.info("worker.startup_aborted", started=sorted(handle.addresses))
+                else:
+                    coordinator.mark_ready()
+                    runtime.logger.info(
+                        "worker.ready",
+                        addresses=_printable(handle.addresses),
+                        endpoints=sorted(self._endpoints),
+                    )
+                task_status.started(handle)
+                handle.result = await coordinator.run()
+                handle._drained.set()
+                primary.cancel_scope.cancel(reason="shutdown phase 3")
+        if failure is not None:
+            raise failure
+        assert handle.result is not None
         runtime.logger.info("worker.stopped", forced=handle.result.forced, exit_code=handle.exit_code)
         assert handle.exit_code is not None
         return handle.exit_code
@@ -210,3 +226,30 @@ def _printable(addresses: dict[str, Any]) -> dict[str, str]:
         name: f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         for name, addr in addresses.items()
     }
+
+
+async def _cancel_on_shutdown(coordinator: ShutdownCoordinator, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` (the start-up) when a shutdown is requested; harmless once it has ended."""
+    await coordinator.wait_requested()
+    scope.cancel(reason="shutdown requested during start-up")
+
+
+async def _start_transports(
+    primary: trio.Nursery,
+    transports: Sequence[Transport],
+    bindings: Sequence[TransportBinding],
+    handle: WorkerHandle,
+    metrics_address: tuple[str, int] | None,
+) -> None:
+    """Start the ops server and every transport in ``primary``; StartupFailed names the culprit."""
+    if metrics_address is not None:
+        probes = OpsProbes(lambda: handle.ready, handle.runtime.metrics.render)
+        try:
+            handle.addresses["metrics"] = await primary.start(serve_ops, *metrics_address, probes)
+        except Exception as exc:
+            raise StartupFailed("metrics", exc) from exc
+    for transport, binding in zip(transports, bindings, strict=True):
+        try:
+            handle.addresses[transport.name] = await primary.start(transport.serve, binding)
+        except Exception as exc:
+            raise StartupFailed(transport.name, exc) from exc

@@ -210,8 +210,9 @@ class WorkerProcess:
 
 
 @asynccontextmanager
-async def worker_process(*serve_args: str) -> AsyncIterator[WorkerProcess]:
-    """Start ``python -m runtime serve ARGS --log-format json`` and wait until it is ready.
+async def worker_process(*serve_args: str, wait_ready: bool = True) -> AsyncIterator[WorkerProcess]:
+    """Start ``python -m runtime serve ARGS --log-format json`` and wait until it is ready (unless
+    ``wait_ready`` is false: to watch a start-up that fails or waits).
 
     Pass ``--tcp 127.0.0.1:0`` (and ``--metrics 127.0.0.1:0``) to get ephemeral ports; they are read
     from the ``worker.ready`` log line into ``addresses``. The process is killed if still running at exit.
@@ -219,12 +220,12 @@ async def worker_process(*serve_args: str) -> AsyncIterator[WorkerProcess]:
     import sys
 
     command = [sys.executable, "-m", "runtime", "serve", *serve_args, "--log-format", "json"]
-    async with spawn_process(command) as worker:
+    async with spawn_process(command, wait_ready=wait_ready) as worker:
         yield worker
 
 
 @asynccontextmanager
-async def spawn_process(command: list[str]) -> AsyncIterator[WorkerProcess]:
+async def spawn_process(command: list[str], *, wait_ready: bool = True) -> AsyncIterator[WorkerProcess]:
     """Start any server that prints JSON lines and announces itself with a ``worker.ready`` line
     carrying ``addresses`` (as ``ingress serve`` does); used for baselines in benchmarks too."""
     import subprocess
@@ -234,10 +235,11 @@ async def spawn_process(command: list[str]) -> AsyncIterator[WorkerProcess]:
         worker = WorkerProcess(process)
         nursery.start_soon(worker._read_logs)
         try:
-            with trio.fail_after(STARTUP_TIMEOUT):
-                await worker._ready.wait()
-            if not worker.addresses:
-                raise RuntimeError(f"worker exited during start-up: {worker.events[-5:]}")
+            if wait_ready:
+                with trio.fail_after(STARTUP_TIMEOUT):
+                    await worker._ready.wait()
+                if not worker.addresses:
+                    raise RuntimeError(f"worker exited during start-up: {worker.events[-5:]}")
             yield worker
         finally:
             if process.returncode is None:

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
-from runtime import ErrorCode, RemoteError, RequestContext, Worker, WorkerConfig, open_worker
+from runtime import (
+    ErrorCode,
+    RemoteError,
+    RequestContext,
+    StartupFailed,
+    Unavailable,
+    Worker,
+    WorkerConfig,
+    open_worker,
+)
 from runtime.testing import nats_server, sample, start_nats_server, wait_for
 from transports.nats import NatsClient, NatsTransport
 
@@ -297,6 +308,68 @@ async def test_token_authentication_passes_through(nats_url):
             server.terminate()
             with trio.move_on_after(10, shield=True):
                 await server.wait()
+
+
+async def test_a_connection_the_server_refuses_fails_at_once_and_is_not_retryable():
+    """A wrong token fails NatsClient.connect and the worker's start-up at once, with the server's words."""
+    async with trio.open_nursery() as servers:
+        server, url = await start_nats_server(servers, extra_args=["--auth", "s3cret"])
+        wrong = {"token": "wrong"}
+        try:
+            with trio.fail_after(10):  # nats-py on its own retries a refused connection forever
+                with pytest.raises(Unavailable) as client_refused:
+                    async with NatsClient.connect(url, connect_options=wrong):
+                        pass
+                with pytest.raises(StartupFailed) as worker_refused:
+                    async with open_worker(_worker("a"), [NatsTransport(url, connect_options=wrong)]):
+                        pass
+        finally:
+            server.terminate()
+            with trio.move_on_after(10, shield=True):
+                await server.wait()
+    assert client_refused.value.retryable is False
+    assert "Authorization Violation" in client_refused.value.message
+    assert worker_refused.value.transport == "nats" and "Authorization Violation" in str(worker_refused.value)
+
+
+async def test_a_server_that_is_down_is_a_retryable_error_for_a_client():
+    """Connecting to a port nobody listens on raises a retryable UNAVAILABLE (not a group, not a hang)."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"nats://127.0.0.1:{unused.getsockname()[1]}"
+        with trio.fail_after(10), pytest.raises(Unavailable) as down:
+            async with NatsClient.connect(url):
+                pass
+    assert down.value.retryable is True and "cannot connect" in down.value.message
+
+
+async def test_a_worker_started_before_its_server_keeps_trying_and_serves_once_it_is_up():
+    """At start-up the worker retries an unreachable server (logging each try) and serves once it is up."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"nats://127.0.0.1:{port}"
+    started: list[trio.Process] = []
+
+    async def start_server_after_a_failed_attempt(logs: list[dict]) -> None:
+        await wait_for(lambda: any(e["event"] == "nats.connect_failed" for e in logs))
+        server, _ = await start_nats_server(servers, port)
+        started.append(server)
+
+    with capture_logs() as logs, trio.fail_after(30):
+        async with trio.open_nursery() as servers:
+            servers.start_soon(start_server_after_a_failed_attempt, logs)
+            try:
+                async with open_worker(_worker("a"), [NatsTransport(url)]) as handle:
+                    assert handle.ready
+                    async with NatsClient.connect(url) as client:
+                        answer = await client.call("echo", "late")
+            finally:
+                for server in started:
+                    server.terminate()
+                    with trio.move_on_after(10, shield=True):
+                        await server.wait()
+    assert answer["request"] == "late" and len(started) == 1
 
 
 async def test_a_request_that_arrives_after_its_deadline_is_not_started(nats_url):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import subprocess
 import sys
 
 import httpx
 import trio
 
-from runtime import EXIT_DRAIN_FORCED, EXIT_OK, EXIT_USAGE, ErrorCode, RemoteError
+from runtime import EXIT_DRAIN_FORCED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ErrorCode, RemoteError
 from runtime.testing import worker_process
 from transports.tcp import TcpClient
 
@@ -158,3 +160,30 @@ def test_cli_call_to_a_closed_port_says_unavailable():
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr and "retryable: true" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_transport_that_cannot_start_exits_one_with_a_log_line_not_a_traceback():
+    """A port already in use fails the start-up: exit 1 and a worker.startup_failed line naming it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _cli("serve", "--tcp", f"127.0.0.1:{port}", "--log-format", "json")
+    assert result.returncode == EXIT_FAILURE
+    failed = [json.loads(line) for line in result.stdout.splitlines() if "worker.startup_failed" in line]
+    assert failed and failed[0]["transport"] == "tcp" and "Address already in use" in failed[0]["error"]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+async def test_sigterm_while_waiting_for_nats_at_start_up_exits_zero_at_once():
+    """A worker still trying to reach NATS at start-up stops on SIGTERM (nothing to drain), exit 0."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"nats://127.0.0.1:{unused.getsockname()[1]}"
+        async with worker_process("--nats", url, wait_ready=False) as worker:
+            with trio.fail_after(20):
+                await worker.wait_event("nats.connect_failed")
+                worker.send_signal(signal.SIGTERM)
+                assert await worker.wait_exit() == EXIT_OK
+    assert [e for e in worker.events if e["event"] == "worker.startup_aborted"]
+    assert not [e for e in worker.events if e["event"] == "worker.ready"]

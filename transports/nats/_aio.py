@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+import ssl
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +22,10 @@ import nats
 import nats.errors
 import trio
 import trio_asyncio
-from nats.aio.client import Client
+from nats.aio.client import DEFAULT_RECONNECT_TIME_WAIT, Client
 from nats.aio.msg import Msg
+
+from runtime import sole_exception
 
 _INBOX_FULL = b'{"code":"OVERLOADED","message":"worker inbox is full","retryable":true}'
 
@@ -37,28 +41,89 @@ class Outgoing:
 # ---- asyncio flavour ------------------------------------------------------------------------------
 
 
+class ConnectFailed(Exception):
+    """A connection attempt failed; ``refused`` when the server answered and said no (credentials,
+    TLS): trying again will not help, unlike a server that is down or unreachable."""
+
+    def __init__(self, message: str, *, refused: bool) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
 async def _connect(
-    url: str, on_connected: Callable[[bool], None] | None = None, options: Mapping[str, Any] | None = None
+    url: str,
+    on_connected: Callable[[bool], None] | None = None,
+    options: Mapping[str, Any] | None = None,
+    on_error: Callable[[Exception], None] | None = None,
 ) -> Client:
-    """asyncio: connect, reconnecting forever in the background (the worker outlives server restarts);
-    ``on_connected(False/True)`` is told when the connection is lost and when it is back; ``options``
-    go to ``nats.connect`` as they are (token, user_credentials, tls, ...)."""
+    """asyncio: one attempt to connect (``ConnectFailed`` otherwise: whether and when to try again is
+    the caller's choice); once connected, reconnect forever in the background, since a worker
+    outlives server restarts. ``on_connected(False/True)`` is told when the connection is lost and
+    when it is back, ``on_error`` of errors nats-py reports. ``options`` go to ``nats.connect`` as they
+    are (token, user_credentials, tls, ...) and win over these defaults."""
+    seen: list[Exception] = []  # errors of the first connect: the cause for ConnectFailed
+    connected = False
+
+    async def error_cb(exc: Exception) -> None:
+        if not connected:
+            seen.append(exc)
+        elif on_error is not None:
+            on_error(exc)
 
     async def disconnected() -> None:
-        if on_connected is not None:
+        if connected and on_connected is not None:  # not for the attempts of the first connect
             on_connected(False)
 
     async def reconnected() -> None:
         if on_connected is not None:
             on_connected(True)
 
-    settings: dict[str, Any] = {
-        "max_reconnect_attempts": -1,
+    options = dict(options or {})
+    # Once connected: reconnect forever, unless the caller chose otherwise.
+    afterwards = {**_RECONNECT_FOREVER, **{k: options[k] for k in _RECONNECT_FOREVER if k in options}}
+    settings = {
         "disconnected_cb": disconnected,
         "reconnected_cb": reconnected,
+        "error_cb": error_cb,
+        **options,
+        **_FIRST_CONNECT,
     }
-    settings.update(options or {})  # the caller's choices win over these defaults
-    return await nats.connect(url, **settings)
+    client = Client()
+    try:
+        await client.connect(url, **settings)
+    except Exception as exc:
+        with contextlib.suppress(Exception):  # nats-py leaves the refused socket open otherwise
+            await client.close()
+        cause = seen[0] if seen else exc  # nats-py may end with "no servers"; the first error says why
+        raise ConnectFailed(str(cause) or repr(cause), refused=_is_refusal(cause)) from cause
+    connected = True  # from now on errors go to on_error
+    # nats-py reads these options afresh at each reconnect, so they take effect from here on.
+    client.options.update(afterwards)
+    return client
+
+
+# nats-py's first connect otherwise loops forever, a refused one included ("0" means "no limit" to
+# its server pool); these make it give up after one round.
+_FIRST_CONNECT = {"allow_reconnect": False, "max_reconnect_attempts": 1, "reconnect_time_wait": 0}
+_RECONNECT_FOREVER = {
+    "allow_reconnect": True,
+    "max_reconnect_attempts": -1,
+    "reconnect_time_wait": DEFAULT_RECONNECT_TIME_WAIT,
+}
+
+
+def _is_refusal(exc: Exception) -> bool:
+    """The server answered and refused us: credentials, permissions or TLS, not an outage."""
+    refusals = (
+        nats.errors.AuthorizationError,
+        nats.errors.InvalidUserCredentialsError,
+        nats.errors.SecureConnRequiredError,
+        nats.errors.SecureConnWantedError,
+        ssl.SSLCertVerificationError,
+    )
+    # A plain nats.errors.Error at connect time carries the server's -ERR line ('Authorization
+    # Violation', ...); its subclasses are the client's own conditions (timeouts, no servers, ...).
+    return type(exc) is nats.errors.Error or isinstance(exc, refusals)
 
 
 async def _subscribe(client: Client, subject: str, queue: str, inbox: trio.MemorySendChannel[Msg]) -> Any:
@@ -209,7 +274,29 @@ async def _unsubscribe(subscription: Any) -> None:
     await subscription.unsubscribe()
 
 
-# ---- trio flavour: the crossings -------------------------------------------------------------------
+# ---- trio flavour: the loop and the crossings -------------------------------------------------------
+
+
+@asynccontextmanager
+async def open_loop() -> AsyncIterator[None]:
+    """trio: ``trio_asyncio.open_loop()``, except that an error raised by the block comes out as itself,
+    not wrapped in two layers of the loop's nursery groups (so ``except Unavailable`` works around a
+    client block)."""
+    body_error: BaseException | None = None
+    try:
+        async with trio_asyncio.open_loop():
+            try:
+                yield
+            except BaseException as exc:
+                body_error = exc
+                raise
+    except BaseExceptionGroup as group:
+        if body_error is not None and sole_exception(group) is body_error:
+            raise body_error from None
+        raise
+
+
+# The crossings.
 
 connect = trio_asyncio.aio_as_trio(_connect)
 subscribe = trio_asyncio.aio_as_trio(_subscribe)

@@ -20,7 +20,6 @@ from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import trio
-import trio_asyncio
 from nats.aio.msg import Msg
 
 from runtime import ErrorCode, IngressError, RemoteError, Unavailable, new_request_id
@@ -80,10 +79,13 @@ class NatsClient:
         connect_options: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[NatsClient]:
         """Connect for the duration of the block (the block owns its trio-asyncio loop)."""
-        async with trio_asyncio.open_loop():
+        async with aio.open_loop():
             try:
                 client = await aio.connect(url, None, connect_options)
-            except Exception as exc:  # nats-py raises several unrelated types for "cannot connect"
+            except aio.ConnectFailed as exc:
+                if exc.refused:
+                    message = f"{url} refused the connection: {exc} (check the credentials or TLS options)"
+                    raise Unavailable(message, retryable=False) from exc
                 raise Unavailable(f"cannot connect to {url}: {exc}", retryable=True) from exc
             try:
                 yield cls(client, namespace, stall_timeout, retry_budget or RetryBudget())

@@ -9,16 +9,16 @@ every request go through one outbox to an asyncio publisher task, with no crossi
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-import trio_asyncio
 from nats.aio.msg import Msg
 
 from runtime import (
@@ -32,6 +32,7 @@ from runtime import (
     TransportBinding,
     Unavailable,
     answer_error,
+    describe,
     dispatch,
     new_request_id,
 )
@@ -45,6 +46,9 @@ INBOX_SIZE = 1024
 OUTBOX_HIGH_WATER = 4096
 # Bound on the final drain of the connection in phase 3.
 CLOSE_TIMEOUT = 5.0
+# Waits between connection attempts at start-up, doubling from the first to the last.
+FIRST_CONNECT_BACKOFF = 0.1
+MAX_CONNECT_BACKOFF = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,10 @@ class NatsTransport:
     caller_check_interval: float = 2.0
     # Passed to nats.connect as they are: token, user/password, user_credentials, tls, ...
     connect_options: Mapping[str, Any] = field(default_factory=dict)
+    # At start-up, how long to keep trying a server that cannot be reached before the worker gives up
+    # (exit 1, for its supervisor to restart it). A server that refuses us (credentials, TLS) fails the
+    # start-up at once. Once connected, a lost connection is re-established for as long as it takes.
+    startup_timeout: float = 30.0
     name: str = "nats"
 
     async def serve(
@@ -69,8 +77,11 @@ class NatsTransport:
             binding.connected = connected  # readiness follows: not ready while NATS is unreachable
             log.warning("nats.reconnected" if connected else "nats.disconnected", url=self.url)
 
-        async with trio_asyncio.open_loop():
-            client = await aio.connect(self.url, on_connected, self.connect_options)
+        def on_error(exc: Exception) -> None:
+            log.warning("nats.error", url=self.url, error=describe(exc))
+
+        async with aio.open_loop():
+            client = await self._connect(log, on_connected, on_error)
             outbox = _Outbox(client, log)
             try:
                 async with trio.open_nursery() as nursery:
@@ -88,6 +99,28 @@ class NatsTransport:
                 # out), so they are published before the connection is flushed and closed.
                 with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                     await outbox.publisher.close()
+
+    async def _connect(
+        self, log: Any, on_connected: Callable[[bool], None], on_error: Callable[[Exception], None]
+    ) -> Any:
+        """Connect, trying again with backoff while the server cannot be reached (see startup_timeout)."""
+        give_up_at = trio.current_time() + self.startup_timeout
+        backoff = FIRST_CONNECT_BACKOFF
+        for attempt in itertools.count(1):
+            try:
+                return await aio.connect(self.url, on_connected, self.connect_options, on_error)
+            except aio.ConnectFailed as exc:
+                if exc.refused:
+                    raise Unavailable(f"{self.url} refused the connection: {exc}", retryable=False) from exc
+                if trio.current_time() + backoff > give_up_at:
+                    message = f"cannot reach {self.url} within {self.startup_timeout:g} s: {exc}"
+                    raise Unavailable(message, retryable=True) from exc
+                log.warning(
+                    "nats.connect_failed", url=self.url, attempt=attempt, error=str(exc), retry_in=backoff
+                )
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_CONNECT_BACKOFF)
+        raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True, slots=True)
