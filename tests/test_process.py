@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 import trio
 
 from runtime import EXIT_DRAIN_FORCED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ErrorCode, RemoteError
@@ -154,9 +155,10 @@ def test_cli_usage_errors_exit_two_with_a_message():
     assert bad_app.returncode == EXIT_USAGE and "not a runtime.Worker" in bad_app.stderr
 
 
-def test_cli_call_to_a_closed_port_says_unavailable():
+@pytest.mark.parametrize("target", [("--tcp", "127.0.0.1:1"), ("--nats", "nats://127.0.0.1:1")])
+def test_cli_call_to_a_closed_port_says_unavailable(target):
     """Calling a port nobody listens on fails fast with a retryable UNAVAILABLE, not a traceback."""
-    result = _cli("call", "echo", "--tcp", "127.0.0.1:1")
+    result = _cli("call", "echo", *target)
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr and "retryable: true" in result.stderr
     assert "Traceback" not in result.stderr
