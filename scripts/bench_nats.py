@@ -5,7 +5,9 @@ One nats-server on 127.0.0.1. Two responders, each its own process: the mocker u
 (namespace ``base``: ``echo`` replies once, ``generate`` publishes one message per token and an end
 message, with the same headers). The load is a third process, pure asyncio nats-py: 32 concurrent
 requesters for round trips, and 32 concurrent streams for streamed messages/s. Median of three rounds,
-responders alternated; read the ratios.
+responders alternated; read the ratios. It also prints each responder's CPU time per message (from
+/proc, so Linux only): on 2 shared cores the load generator and nats-server compete with the responder,
+so throughput ratios understate what a busy worker costs, and CPU per message says it directly.
 
     python scripts/bench_nats.py            # full run
     python scripts/bench_nats.py --quick
@@ -55,18 +57,16 @@ async def baseline(url: str) -> None:
 # ---- the load (asyncio) -----------------------------------------------------------------------------
 
 
-async def load(url: str, namespace: str, calls: int, tokens: int) -> None:
+async def load(url: str, namespace: str, mode: str, count: int) -> None:
+    """Round trips (``count`` per requester) or streams (``count`` tokens each), 32 at a time."""
     import nats
 
     client = await nats.connect(url)
 
-    async def round_trips() -> None:
-        for i in range(calls):
+    async def round_trips() -> int:
+        for i in range(count):
             await client.request(f"{namespace}.echo", json.dumps({"i": i}).encode(), timeout=10)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(round_trips() for _ in range(REQUESTERS)))
-    rtt = REQUESTERS * calls / (time.perf_counter() - start)
+        return count
 
     async def one_stream() -> int:
         done = asyncio.get_running_loop().create_future()
@@ -81,17 +81,30 @@ async def load(url: str, namespace: str, calls: int, tokens: int) -> None:
 
         inbox = client.new_inbox()
         subscription = await client.subscribe(inbox, cb=on_reply)
-        request = json.dumps({"max_tokens": tokens}).encode()
+        request = json.dumps({"max_tokens": count}).encode()
         await client.publish(f"{namespace}.generate", request, reply=inbox)
-        count = await asyncio.wait_for(done, timeout=60)
+        received_all = await asyncio.wait_for(done, timeout=60)
         await subscription.unsubscribe()
-        return int(count)
+        return int(received_all)
 
+    work = round_trips if mode == "round_trips" else one_stream
     start = time.perf_counter()
-    counts = await asyncio.gather(*(one_stream() for _ in range(REQUESTERS)))
-    streamed = sum(counts) / (time.perf_counter() - start)
+    counts = await asyncio.gather(*(work() for _ in range(REQUESTERS)))
+    elapsed = time.perf_counter() - start
     await client.close()
-    print(json.dumps({"round_trips": rtt, "streamed": streamed, "complete": counts == [tokens] * REQUESTERS}))
+    print(
+        json.dumps({"messages": sum(counts), "seconds": elapsed, "complete": counts == [count] * REQUESTERS})
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    import os
+    from pathlib import Path
+
+    # After the command name in parentheses: field 3 (state) first, so utime/stime (14/15) are 11/12.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---- orchestration (trio) -----------------------------------------------------------------------------
@@ -102,34 +115,51 @@ async def run(quick: bool) -> None:
 
     from runtime.testing import nats_server, spawn_process, worker_process
 
-    calls, tokens = (50, 200) if quick else (300, 1000)
+    sizes = {"round_trips": 50 if quick else 300, "streamed": 200 if quick else 1000}
+    rates: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     async with nats_server() as url:
         ours_args = ("--nats", url, "--namespace", "bench", "--no-access-log")
-        async with worker_process(*ours_args), spawn_process([sys.executable, __file__, "--baseline", url]):
-            results: dict[str, list[dict[str, float]]] = {"bench": [], "base": []}
+        async with (
+            worker_process(*ours_args) as ours,
+            spawn_process([sys.executable, __file__, "--baseline", url]) as base,
+        ):
+            responders = {"bench": ours.pid, "base": base.pid}
             for _ in range(3):
-                for namespace in results:
-                    command = [sys.executable, __file__, "--load", url, namespace, str(calls), str(tokens)]
-                    done = await trio.run_process(command, capture_stdout=True)
-                    measured = json.loads(done.stdout.decode().strip().splitlines()[-1])
-                    if not measured["complete"]:
-                        raise RuntimeError(f"{namespace}: a stream came back short")
-                    results[namespace].append(measured)
-    print(f"{'workload':34} {'ingress':>12} {'asyncio nats-py':>16} {'ratio':>7}  goal")
-    for key, label, goal in (
+                for mode, size in sizes.items():
+                    for namespace, pid in responders.items():
+                        command = [sys.executable, __file__, "--load", url, namespace, mode, str(size)]
+                        before = cpu_seconds(pid)
+                        done = await trio.run_process(command, capture_stdout=True)
+                        used = cpu_seconds(pid) - before
+                        measured = json.loads(done.stdout.decode().strip().splitlines()[-1])
+                        if not measured["complete"]:
+                            raise RuntimeError(f"{namespace}: a stream came back short")
+                        key = (mode, namespace)
+                        rates.setdefault(key, []).append(measured["messages"] / measured["seconds"])
+                        cpu.setdefault(key, []).append(used / measured["messages"] * 1e6)
+    print(f"{'workload':38} {'ingress':>10} {'asyncio nats-py':>16} {'ratio':>7}  goal")
+    for mode, label, goal in (
         ("round_trips", f"round trips/s, {REQUESTERS} requesters", ">= 0.5x"),
         ("streamed", f"streamed msgs/s, {REQUESTERS} streams", ">= 0.8x"),
     ):
-        ours = statistics.median(r[key] for r in results["bench"])
-        base = statistics.median(r[key] for r in results["base"])
-        print(f"{label:34} {ours:12.0f} {base:16.0f} {ours / base:6.2f}x  {goal}")
+        ours_rate = statistics.median(rates[mode, "bench"])
+        base_rate = statistics.median(rates[mode, "base"])
+        print(f"{label:38} {ours_rate:10.0f} {base_rate:16.0f} {ours_rate / base_rate:6.2f}x  {goal}")
+    for mode, label in (
+        ("round_trips", "responder CPU us per round trip"),
+        ("streamed", "responder CPU us per msg"),
+    ):
+        ours_cpu = statistics.median(cpu[mode, "bench"])
+        base_cpu = statistics.median(cpu[mode, "base"])
+        print(f"{label:38} {ours_cpu:10.1f} {base_cpu:16.1f} {ours_cpu / base_cpu:6.2f}x  (lower is better)")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--baseline":
         asyncio.run(baseline(sys.argv[2]))
     elif len(sys.argv) > 2 and sys.argv[1] == "--load":
-        asyncio.run(load(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])))
+        asyncio.run(load(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])))
     else:
         parser = argparse.ArgumentParser(
             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
