@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -431,3 +433,22 @@ async def test_replies_still_queued_at_close_are_published_before_the_connection
             received = [(await receive.receive()).data for _ in range(3)]
         await aio.unsubscribe(subscription)
     assert received == [b"0", b"1", b"2"] and client.is_closed
+
+
+def _pending_asyncio_tasks() -> list[asyncio.Task]:
+    """Every asyncio task object still alive and not finished (collected garbage included)."""
+    return [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Task) and not obj.done()]
+
+
+async def test_no_asyncio_task_outlives_the_worker_or_the_client(nats_url):
+    """After the worker and the client are closed, no asyncio task they started is left pending."""
+    before = {id(task) for task in _pending_asyncio_tasks()}
+    async with open_worker(_worker("a"), [NatsTransport(nats_url)]), NatsClient.connect(nats_url) as client:
+        chunks = [chunk["i"] async for chunk in client.stream("tokens", {"n": 5})]
+        async with aclosing(client.stream("tokens", {"n": 1000, "gap": 0.01})) as early:
+            async for _ in early:
+                break  # left early: the client sends KILL, the worker's handler is cancelled
+        answer = await client.call("echo", 1)
+    left = [task for task in _pending_asyncio_tasks() if id(task) not in before]
+    assert chunks == list(range(5)) and answer["request"] == 1
+    assert not left, left
