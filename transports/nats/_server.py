@@ -9,7 +9,6 @@ every request go through one outbox to an asyncio publisher task, with no crossi
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -106,7 +105,9 @@ class NatsTransport:
         """Connect, trying again with backoff while the server cannot be reached (see startup_timeout)."""
         give_up_at = trio.current_time() + self.startup_timeout
         backoff = FIRST_CONNECT_BACKOFF
-        for attempt in itertools.count(1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return await aio.connect(self.url, on_connected, self.connect_options, on_error)
             except aio.ConnectFailed as exc:
@@ -120,7 +121,6 @@ class NatsTransport:
                 )
             await trio.sleep(backoff)
             backoff = min(backoff * 2, MAX_CONNECT_BACKOFF)
-        raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True, slots=True)
