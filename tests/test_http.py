@@ -452,6 +452,24 @@ async def test_slowloris_head_is_closed_after_keep_alive_timeout():
         assert closed and 0.4 < elapsed < 5
 
 
+async def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes():
+    """A complete head followed by a stalled body is answered 408 after body_timeout, then closed."""
+    async with serving(Probe(), body_timeout=0.2) as (handle, client):
+        async with await trio.open_tcp_stream(*handle.addresses["http"]) as slow:
+            head = b"POST /v1/echo HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n\r\n"
+            await slow.send_all(head + b'{"x": ')  # ... and the other 94 bytes never come
+            with trio.fail_after(10):
+                response = b""
+                while chunk := await slow.receive_some():  # until the server closes
+                    response += chunk
+        assert (await client.post("/v1/echo", json={"still": "served"})).status_code == 200
+    status, _, rest = response.partition(b"\r\n")
+    assert status == b"HTTP/1.1 408 "
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert "body_timeout" in error["message"] and error["retryable"] is True
+    assert sample(handle.runtime, "ingress_inflight_requests") == 0
+
+
 @pytest.fixture
 def self_signed(tmp_path):
     """A throwaway certificate for 127.0.0.1, made with the openssl command line."""

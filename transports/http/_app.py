@@ -58,9 +58,17 @@ NDJSON = "application/x-ndjson"
 class IngressApp:
     """One ASGI app serving every endpoint of a worker's HTTP binding."""
 
-    def __init__(self, binding: TransportBinding, *, max_body_size: int, stream_high_water: int) -> None:
+    def __init__(
+        self,
+        binding: TransportBinding,
+        *,
+        max_body_size: int,
+        stream_high_water: int,
+        body_timeout: float = math.inf,
+    ) -> None:
         self.binding = binding
         self.max_body_size = max_body_size
+        self.body_timeout = body_timeout
         self.stream_high_water = stream_high_water
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -106,7 +114,13 @@ class IngressApp:
                 binding.metrics.rejection("unavailable")
                 raise Unavailable("worker is draining; send new requests elsewhere", retryable=True)
             deadline = _deadline(headers.get(TIMEOUT_HEADER))
-            request = await self._read_json(receive)
+            with trio.move_on_after(self.body_timeout) as body_timer:
+                request = await self._read_json(receive)
+            if body_timer.cancelled_caught:
+                # The rest of a body may still come; the connection cannot be reused (HTTP/1.1).
+                close = [(b"connection", b"close")] if _is_http1(scope) else []
+                await _error(send, 408, _body_timed_out(self.body_timeout), extra=id_header + close)
+                return
         except _BodyTooLarge as too_large:
             await _error(send, 413, too_large.error, extra=id_header)
             return
@@ -173,6 +187,12 @@ class _GoneBeforeBody(Unavailable):
 
     def __init__(self) -> None:
         super().__init__("client disconnected before sending the request body")
+
+
+def _body_timed_out(body_timeout: float) -> BadRequest:
+    # Nothing was started, so sending it again (faster) is safe.
+    message = f"the request body did not arrive within {body_timeout:g} s (body_timeout)"
+    return BadRequest(message, retryable=True)
 
 
 def _is_http1(scope: Scope) -> bool:

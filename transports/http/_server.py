@@ -36,6 +36,9 @@ class HttpTransport:
     max_concurrent_streams: int = 100
     # Idle keep-alive connections are closed after this long.
     keep_alive_timeout: float = 5.0
+    # The whole request body must arrive within this long once its head has (a slow body would
+    # otherwise hold its connection forever): past it, 408 and the connection closes.
+    body_timeout: float = 30.0
     # Per-stream bound on queued SSE/NDJSON bytes before the handler feels back-pressure.
     stream_high_water: int = 64 * 1024
     # TLS: with both set, the port speaks HTTPS only, and ALPN offers h2 then http/1.1.
@@ -71,7 +74,12 @@ class HttpTransport:
     ) -> None:
         """Serve until cancelled (phase 3); reports the bound (host, port)."""
         _hypercorn_patch.install()
-        app = IngressApp(binding, max_body_size=self.max_body_size, stream_high_water=self.stream_high_water)
+        app = IngressApp(
+            binding,
+            max_body_size=self.max_body_size,
+            body_timeout=self.body_timeout,
+            stream_high_water=self.stream_high_water,
+        )
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(
                 lambda task_status: serve(
