@@ -36,6 +36,7 @@ from runtime import (
 
 from .._writer import FrameWriter, WriterClosed
 from . import _codec as codec
+from ._keepalive import enable_keepalive
 
 # One read takes what the kernel has, up to this much: large enough to take many frames per syscall.
 RECEIVE_SIZE = 65536
@@ -58,6 +59,9 @@ class TcpTransport:
     handshake_timeout: float = 10.0
     # After a protocol error: how long the connection's last ERROR frame may take to go out.
     close_timeout: float = 1.0
+    # Seconds of silence before the kernel probes a client (see _keepalive.py): a client that vanished
+    # without closing is noticed, and its handlers cancelled, within about twice this. None: off.
+    keepalive: float | None = 30.0
     name: str = "tcp"
 
     async def serve(
@@ -87,6 +91,8 @@ class TcpTransport:
     async def _serve_connection(
         self, binding: TransportBinding, registry: set[_ServerConnection], stream: trio.SocketStream
     ) -> None:
+        if self.keepalive is not None:
+            enable_keepalive(stream.socket, self.keepalive)
         connection = _ServerConnection(self, binding, stream)
         registry.add(connection)
         try:
