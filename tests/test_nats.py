@@ -452,3 +452,34 @@ async def test_no_asyncio_task_outlives_the_worker_or_the_client(nats_url):
     left = [task for task in _pending_asyncio_tasks() if id(task) not in before]
     assert chunks == list(range(5)) and answer["request"] == 1
     assert not left, left
+
+
+async def test_replies_wait_for_the_publisher_once_a_megabyte_is_queued(nats_url):
+    """The worker's outbox is bounded in bytes: a handler's reply waits while the publisher is that far
+    behind, and goes out once it catches up (back-pressure, not buffering)."""
+    import structlog
+    from trio.testing import wait_all_tasks_blocked
+
+    from transports.nats import _aio as aio
+    from transports.nats._server import OUTBOX_HIGH_WATER, _Outbox
+
+    async with NatsClient.connect(nats_url) as client:
+        outbox = _Outbox(client._client, structlog.get_logger())
+        half = aio.Outgoing("bench.sink", b"x" * (OUTBOX_HIGH_WATER // 2), {})
+        await outbox.put(half)
+        await outbox.put(half)  # the publisher is not running: the outbox is now full
+        sent = trio.Event()
+
+        async def reply() -> None:
+            await outbox.put(aio.Outgoing("bench.sink", b"late", {}))
+            sent.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reply)
+            await wait_all_tasks_blocked()
+            waited = not sent.is_set()
+            nursery.start_soon(outbox.publisher.run)
+            with trio.fail_after(10):
+                await sent.wait()
+            nursery.cancel_scope.cancel()
+    assert waited and outbox.publisher.queued_bytes < OUTBOX_HIGH_WATER

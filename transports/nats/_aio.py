@@ -153,6 +153,10 @@ async def _publish_batch(client: Client, batch: Sequence[Outgoing]) -> None:
         await client.publish(message.subject, message.data, reply=message.reply, headers=message.headers)
 
 
+# Subject, headers and bookkeeping of one queued message, counted against the back-pressure bound.
+MESSAGE_OVERHEAD = 256
+
+
 class Publisher:
     """Publishes the worker's replies from one long-lived asyncio task, so that Trio hands messages over
     with a plain method call instead of a crossing per batch.
@@ -174,13 +178,13 @@ class Publisher:
         self._on_failed = on_failed
         self._queue: list[Outgoing] = []
         self._wake = asyncio.Event()
-
-    def __len__(self) -> int:
-        return len(self._queue)
+        # What is queued and not yet handed to nats-py, for the caller's back-pressure.
+        self.queued_bytes = 0
 
     def put_nowait(self, message: Outgoing) -> None:
         """sync: queue one message; only the first of a batch costs a wake-up of the asyncio task."""
         self._queue.append(message)
+        self.queued_bytes += len(message.data) + MESSAGE_OVERHEAD
         if len(self._queue) == 1:
             self._wake.set()
 
@@ -194,6 +198,7 @@ class Publisher:
     async def _publish_queued(self) -> None:
         """asyncio: publish what is queued now."""
         batch, self._queue = self._queue, []
+        self.queued_bytes = 0
         self._on_taken()
         try:
             await _publish_batch(self._client, batch)

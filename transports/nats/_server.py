@@ -41,8 +41,9 @@ from . import _protocol as protocol
 
 # Messages delivered to one endpoint and not yet started; past this the asyncio side refuses them.
 INBOX_SIZE = 1024
-# Reply messages queued for publishing before handlers feel back-pressure.
-OUTBOX_HIGH_WATER = 4096
+# Reply bytes queued for publishing before handlers feel back-pressure (bounded in bytes, as the other
+# transports' writers are: one max-size chunk still passes, a flood of them waits).
+OUTBOX_HIGH_WATER = 1024 * 1024
 # Bound on the final drain of the connection in phase 3.
 CLOSE_TIMEOUT = 5.0
 # Waits between connection attempts at start-up, doubling from the first to the last.
@@ -306,7 +307,7 @@ class _Outbox:
         self.publisher = aio.Publisher(client, self._space.unpark_all, self._failed)
 
     async def put(self, message: aio.Outgoing) -> None:
-        while len(self.publisher) >= OUTBOX_HIGH_WATER:
+        while self.publisher.queued_bytes >= OUTBOX_HIGH_WATER:
             await self._space.park()
         self.publisher.put_nowait(message)
 
