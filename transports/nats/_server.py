@@ -73,7 +73,11 @@ class NatsTransport:
     ) -> None:
         log = binding.runtime.logger
 
+        closing = False
+
         def on_connected(connected: bool) -> None:
+            if closing:
+                return  # our own close in phase 3, not an outage
             binding.connected = connected  # readiness follows: not ready while NATS is unreachable
             log.warning("nats.reconnected" if connected else "nats.disconnected", url=self.url)
 
@@ -97,6 +101,7 @@ class NatsTransport:
             finally:
                 # Phase 3: the last replies may still be queued (their requests are done and counted
                 # out), so they are published before the connection is flushed and closed.
+                closing = True
                 with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                     await outbox.publisher.close()
 
