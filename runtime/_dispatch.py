@@ -69,18 +69,20 @@ class _Run:
         self.ended = False
         self.outcome = ""
         self.code: str | None = None
-        self.started = trio.current_time()
+        # Durations are measured from accept (docs/operations.md), which the transport stamped.
+        self.started = ctx.accepted_at
 
     async def execute(self, request: Any) -> None:
         ctx = self.ctx
         try:
-            if ctx.deadline <= self.started:
+            if ctx.deadline <= trio.current_time():
                 # A request that sat in a client buffer (e.g. during a NATS outage) must not start late.
                 raise Rejected("deadline", DeadlineExceeded("deadline had already passed on arrival"))
             # The scope covers the admission queue too, so a kill or a disconnect while queued leaves
             # the queue at once.
             with ctx._scope:
-                ctx._scope.deadline = ctx.deadline
+                if ctx.deadline != math.inf:  # the setter costs even when nothing changes
+                    ctx._scope.deadline = ctx.deadline
                 admission = self.binding.admission
                 await admission.acquire(ctx.deadline)
                 try:

@@ -32,19 +32,17 @@ class Endpoint:
     name: str
     handler: Handler
     options: EndpointOptions
-
-    @property
-    def streaming(self) -> bool:
-        return inspect.isasyncgenfunction(self.handler)
+    streaming: bool  # decided once here, not per request
 
     @classmethod
     def create(cls, name: str, handler: Handler, options: EndpointOptions) -> Endpoint:
-        if not (inspect.isasyncgenfunction(handler) or inspect.iscoroutinefunction(handler)):
+        streaming = inspect.isasyncgenfunction(handler)
+        if not (streaming or inspect.iscoroutinefunction(handler)):
             raise TypeError(
                 f"endpoint {name!r}: handler must be an 'async def' function or an async generator, "
                 f"got {handler!r}"
             )
-        return cls(name, handler, options)
+        return cls(name, handler, options, streaming)
 
 
 class CallerGone(Exception):

@@ -65,6 +65,17 @@ async def test_stream_ok_sends_every_chunk_then_end(autojump_clock):
     assert bound.global_inflight.count == 0
 
 
+async def test_durations_are_measured_from_accept_not_from_when_dispatch_began(autojump_clock):
+    """Time a request spent between the transport's accept and dispatch counts in its duration and TTFC."""
+    bound = bind_for_test(_worker())
+    ctx = bound.context("unary")  # accepted now
+    await trio.sleep(1.0)  # e.g. waiting for its task to be scheduled on a busy worker
+    await dispatch(bound.endpoint("unary"), ctx, "x", RecordingSink())
+    labels = {"endpoint": "unary", "transport": "test"}
+    assert sample(bound.runtime, "ingress_request_duration_seconds_sum", **labels) == pytest.approx(1.0)
+    assert sample(bound.runtime, "ingress_time_to_first_chunk_seconds_sum", **labels) == pytest.approx(1.0)
+
+
 async def test_handler_error_is_sent_with_its_code_and_not_retryable():
     """An IngressError raised by a handler reaches the caller with its code and message."""
     outcome, sink, _ = await _run("unary", "bad")
