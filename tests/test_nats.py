@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import socket
@@ -483,3 +484,43 @@ async def test_replies_wait_for_the_publisher_once_a_megabyte_is_queued(nats_url
                 await sent.wait()
             nursery.cancel_scope.cancel()
     assert waited and outbox.publisher.queued_bytes < OUTBOX_HIGH_WATER
+
+
+async def test_sigterm_while_the_nats_server_is_stalled_still_ends_in_bounded_time():
+    """A worker whose NATS server stops reading (replies back up into nats-py, publishes wait) still ends
+    its shutdown on SIGTERM: drain deadline, kill, then a bounded close; it never waits on the server."""
+    import signal
+
+    from runtime import EXIT_DRAIN_FORCED
+    from runtime.testing import worker_process
+
+    async with trio.open_nursery() as servers:
+        server, url = await start_nats_server(servers)
+        try:
+            async with (
+                worker_process("--nats", url, "--drain-timeout", "1", "--no-access-log") as worker,
+                NatsClient.connect(url) as client,
+                trio.open_nursery() as streams,
+            ):
+                first = trio.Event()
+
+                async def consume() -> None:
+                    with contextlib.suppress(RemoteError):
+                        async for _ in client.stream("generate", {"max_tokens": 10_000_000}):
+                            first.set()
+
+                for _ in range(4):
+                    streams.start_soon(consume)
+                await first.wait()
+                server.send_signal(signal.SIGSTOP)  # the worker's replies now pile up in front of it
+                worker.send_signal(signal.SIGTERM)
+                with trio.fail_after(30):
+                    code = await worker.wait_exit()
+                server.send_signal(signal.SIGCONT)
+                streams.cancel_scope.cancel()
+        finally:
+            server.send_signal(signal.SIGCONT)
+            server.terminate()
+            with trio.move_on_after(10, shield=True):
+                await server.wait()
+    assert code == EXIT_DRAIN_FORCED  # the streams were endless: killed at the drain deadline

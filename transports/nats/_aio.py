@@ -196,14 +196,34 @@ class Publisher:
             await self._publish_queued()
 
     async def _publish_queued(self) -> None:
-        """asyncio: publish what is queued now."""
+        """asyncio: publish what is queued now. A publish can wait (nats-py's pending buffer is full
+        while the socket is backed up); cancelled there (phase 3), the rest of the batch goes back to
+        the queue for ``close`` to publish, not lost."""
         batch, self._queue = self._queue, []
         self.queued_bytes = 0
         self._on_taken()
-        try:
-            await _publish_batch(self._client, batch)
-        except Exception as exc:
-            self._on_failed(len(batch), exc)
+        for index, message in enumerate(batch):
+            try:
+                await self._client.publish(
+                    message.subject, message.data, reply=message.reply, headers=message.headers
+                )
+                # nats-py swallows a cancellation that lands while publish waits for its flusher
+                # (_flush_pending catches CancelledError): without this check a cancelled publisher
+                # would carry on, and phase 3 would wait on a stalled server for ever.
+                if _cancel_requested():
+                    raise asyncio.CancelledError
+            except asyncio.CancelledError:
+                # nats-py puts a message in its pending buffer before it can wait, so this one is
+                # handed over already; the ones after it are not.
+                self._requeue(batch[index + 1 :])
+                raise
+            except Exception as exc:
+                self._on_failed(len(batch) - index, exc)
+                return
+
+    def _requeue(self, unpublished: list[Outgoing]) -> None:
+        self._queue[:0] = unpublished
+        self.queued_bytes += sum(len(message.data) + MESSAGE_OVERHEAD for message in unpublished)
 
     async def _close(self) -> None:
         """asyncio: publish what is left, flush it, and close the connection (phase 3)."""
@@ -217,6 +237,12 @@ class Publisher:
     async def close(self) -> None:
         """trio: publish what is left and close the connection."""
         await trio_asyncio.aio_as_trio(self._close)()
+
+
+def _cancel_requested() -> bool:
+    """asyncio: whether the current task was asked to stop, even if the CancelledError was swallowed."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _drain_subscription(subscription: Any) -> None:
