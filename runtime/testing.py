@@ -309,3 +309,28 @@ async def nats_server(port: int = -1) -> AsyncIterator[str]:
             process.terminate()
             with trio.move_on_after(STARTUP_TIMEOUT, shield=True):
                 await process.wait()
+
+
+def keepalive_settings(sock: trio.socket.SocketType) -> tuple[int, ...]:
+    """A socket's (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT); Linux only."""
+    import socket
+
+    options = (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)
+    enabled = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    return (enabled, *(sock.getsockopt(socket.IPPROTO_TCP, option) for option in options))
+
+
+def accepted_sockets(port: int) -> list[trio.socket.SocketType]:
+    """The sockets a server in this process accepted on ``port``. Transports keep them private, so
+    they are found among live objects: for tests that check how the server set them up."""
+    import gc
+
+    streams = [obj for obj in gc.get_objects() if isinstance(obj, trio.SocketStream)]
+    return [s.socket for s in streams if _accepted_on(s.socket, port)]
+
+
+def _accepted_on(sock: trio.socket.SocketType, port: int) -> bool:
+    try:
+        return bool(sock.getsockname()[1] == port and sock.getpeername())
+    except OSError:  # a listener (no peer), or a closed socket not yet collected
+        return False

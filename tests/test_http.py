@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
@@ -11,7 +12,7 @@ import pytest
 import trio
 
 from runtime import InternalError, RequestContext, Worker, WorkerConfig, open_worker
-from runtime.testing import sample
+from runtime.testing import accepted_sockets, keepalive_settings, sample
 from transports.http import HttpTransport
 
 
@@ -468,6 +469,16 @@ async def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_c
     error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
     assert "body_timeout" in error["message"] and error["retryable"] is True
     assert sample(handle.runtime, "ingress_inflight_requests") == 0
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="keepalive timings are Linux options")
+async def test_accepted_connections_probe_a_silent_client_with_tcp_keepalive():
+    """The worker turns on kernel keepalive for every HTTP connection it accepts (off with None)."""
+    for keepalive, expected in ((12, (1, 12, 4, 3)), (None, (0,))):
+        async with serving(Probe(), keepalive=keepalive) as (handle, client):
+            assert (await client.post("/v1/echo", json={})).status_code == 200  # a connection is open
+            [served, *_] = accepted_sockets(handle.addresses["http"][1])
+            assert keepalive_settings(served)[: len(expected)] == expected
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from runtime import ErrorCode, IngressError, RemoteError, RequestContext, Worker, WorkerConfig, open_worker
-from runtime.testing import sample
+from runtime.testing import accepted_sockets, keepalive_settings, sample
 from transports.tcp import TcpClient, TcpTransport
 from transports.tcp import _codec as codec
 
@@ -320,25 +320,13 @@ async def test_huge_non_ascii_endpoint_name_gets_an_error_not_a_crash():
 async def test_both_ends_probe_a_silent_peer_with_tcp_keepalive():
     """Server and client sockets have kernel keepalive on with the configured timings, so a peer that
     vanishes without a FIN or RST is found; keepalive=None leaves it off."""
-    import gc
-
-    def timings(sock: trio.socket.SocketType) -> tuple[int, int, int, int]:
-        options = (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)
-        on = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
-        return (on, *(sock.getsockopt(socket.IPPROTO_TCP, option) for option in options))
-
-    def server_side(port: int) -> list[trio.socket.SocketType]:
-        """The worker's accepted sockets for ``port`` (found among live objects: they are private)."""
-        streams = [obj for obj in gc.get_objects() if isinstance(obj, trio.SocketStream)]
-        return [s.socket for s in streams if s.socket.getsockname()[1] == port and s.socket.getpeername()]
-
     async with (
         serving(Probe(), keepalive=12) as (_, address),
         TcpClient.connect(*address, keepalive=9) as client,
         TcpClient.connect(*address, keepalive=None) as plain,
     ):
         assert await client.call("context") and await plain.call("context")  # both connections served
-        [served, *_] = server_side(address[1])
-        assert timings(served) == (1, 12, 4, 3)
-        assert timings(client._stream.socket) == (1, 9, 3, 3)
+        [served, *_] = accepted_sockets(address[1])
+        assert keepalive_settings(served) == (1, 12, 4, 3)
+        assert keepalive_settings(client._stream.socket) == (1, 9, 3, 3)
         assert plain._stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0

@@ -37,6 +37,8 @@ from hypercorn.events import Closed, Event, Updated
 from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio.tcp_server import TCPServer
 
+from .._keepalive import enable_keepalive
+
 # Bound on closing an idle connection (it runs shielded, so it must end by itself).
 CLOSE_TIMEOUT = 5.0
 
@@ -80,6 +82,11 @@ class ContainedTCPServer(TCPServer):
             peek.detach()
 
     async def run(self) -> None:
+        keepalive: float | None = getattr(self.config, "ingress_keepalive", None)
+        # TLS wraps the socket stream: the socket is one level down.
+        sock = getattr(getattr(self.stream, "transport_stream", self.stream), "socket", None)
+        if keepalive is not None and sock is not None:
+            enable_keepalive(sock, keepalive)
         try:
             await super().run()
         except Exception as exc:  # one connection's failure, contained (Cancelled is not an Exception)

@@ -36,6 +36,9 @@ class HttpTransport:
     max_concurrent_streams: int = 100
     # Idle keep-alive connections are closed after this long.
     keep_alive_timeout: float = 5.0
+    # Seconds of silence before the kernel probes a client (transports/_keepalive.py): a client that
+    # vanished without closing is noticed, and its handlers cancelled, within about twice this. None: off.
+    keepalive: float | None = 30.0
     # The whole request body must arrive within this long once its head has (a slow body would
     # otherwise hold its connection forever): past it, 408 and the connection closes.
     body_timeout: float = 30.0
@@ -52,8 +55,10 @@ class HttpTransport:
 
     def hypercorn_config(self, draining: trio.Event) -> Config:
         config = Config()
-        # Read by ContainedTCPServer to close idle keep-alive connections; Config has no slot for it.
+        # Read by ContainedTCPServer (to close idle keep-alive connections when draining, and to turn
+        # on TCP keepalive); Config has no slot for them.
         config.ingress_draining = draining  # type: ignore[attr-defined]
+        config.ingress_keepalive = self.keepalive  # type: ignore[attr-defined]
         config.bind = [f"{self.host}:{self.port}"]
         config.graceful_timeout = _NEVER
         config.keep_alive_timeout = self.keep_alive_timeout

@@ -27,9 +27,9 @@ import trio
 from runtime import ErrorCode, IngressError, RemoteError, Unavailable
 from runtime._nursery import open_background_nursery
 
+from .._keepalive import enable_keepalive
 from .._writer import FrameWriter, WriterClosed
 from . import _codec as codec
-from ._keepalive import enable_keepalive
 
 RECEIVE_SIZE = 65536
 # Chunks buffered per stream before the connection's reader waits for that stream's consumer.

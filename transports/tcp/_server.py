@@ -34,9 +34,9 @@ from runtime import (
     new_request_id,
 )
 
+from .._keepalive import enable_keepalive
 from .._writer import FrameWriter, WriterClosed
 from . import _codec as codec
-from ._keepalive import enable_keepalive
 
 # One read takes what the kernel has, up to this much: large enough to take many frames per syscall.
 RECEIVE_SIZE = 65536

@@ -1,4 +1,5 @@
-"""TCP keepalive for connections that must notice a peer that vanished without a word.
+"""TCP keepalive for connections that must notice a peer that vanished without a word (the TCP and
+HTTP transports, and TcpClient).
 
 A peer whose host died or whose network was cut sends no FIN and no RST: without probes, a connection
 with nothing to send waits forever, and so does a handler whose caller is gone (a long unary request
