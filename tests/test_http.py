@@ -166,9 +166,7 @@ async def test_overloaded_is_429_with_retry_after():
 
 
 async def test_drain_answers_new_calls_503_closes_idle_keep_alive_and_finishes_streams():
-    """In phase 1: a new call (on a busy h2 connection, or a new connection) gets 503 + Retry-After before
-    any handler runs, /ready is 503, an idle keep-alive connection is closed, and a stream in flight runs
-    to its end event."""
+    """Phase 1: new calls get 503, idle keep-alive connections close, running streams finish."""
     probe = Probe()
     async with serving(probe) as (handle, h1):
         host, port = handle.addresses["http"]
@@ -339,8 +337,7 @@ async def test_serving_installs_the_contained_server():
     "ignore:Exception ignored in. <async_generator object:pytest.PytestUnraisableExceptionWarning"
 )
 async def test_h2_clients_closing_mid_stream_leave_the_server_and_other_streams_running():
-    """Many h2 clients closing their connections mid-stream neither stop the server nor disturb a
-    stream on another connection; in-flight returns to zero."""
+    """h2 clients closing mid-stream stop neither the server nor a stream on another connection."""
     async with serving(Probe()) as (handle, client):
         host, port = handle.addresses["http"]
         base = f"http://{host}:{port}"

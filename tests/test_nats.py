@@ -138,8 +138,7 @@ async def test_queue_group_spreads_requests_across_workers(nats_url):
 
 
 async def test_draining_worker_hands_new_requests_to_the_other_and_finishes_its_stream(nats_url):
-    """In phase 1 a worker's queue subscription is drained: new requests go to the other worker, and its
-    stream in flight keeps publishing to the end."""
+    """A draining worker's new requests go to the other worker of the group; its running stream ends."""
     started = trio.Event()
     config = WorkerConfig(drain_timeout=10)
     async with (
@@ -170,8 +169,7 @@ async def test_draining_worker_hands_new_requests_to_the_other_and_finishes_its_
 
 
 async def test_caller_gone_cancels_the_handler_within_the_check_interval(nats_url):
-    """A caller that vanishes mid-stream without a word (a crash: its inbox just disappears) is noticed by
-    the worker's probe and its handler killed."""
+    """A caller whose inbox vanishes mid-stream has its handler killed within the check interval."""
     from transports.nats import _aio as aio
 
     cancelled: list[str] = []
@@ -193,8 +191,7 @@ async def test_caller_gone_cancels_the_handler_within_the_check_interval(nats_ur
 
 
 async def test_worker_reconnects_after_a_server_restart_and_is_not_ready_meanwhile():
-    """When nats-server goes away the worker turns unready; when it is back the worker resubscribes by
-    itself, turns ready, and serves again."""
+    """After a server restart the worker resubscribes and serves again; it is unready while cut off."""
     async with trio.open_nursery() as servers:
         first, url = await start_nats_server(servers)
         port = int(url.rsplit(":", 1)[1])
@@ -225,8 +222,7 @@ async def test_chunk_beyond_max_payload_is_an_explicit_error(nats_url):
 
 
 async def test_a_worker_killed_mid_stream_is_an_explicit_error_not_a_wait(nats_url):
-    """When the worker dies (SIGKILL) mid-stream, the caller hears nothing more, not even liveness
-    probes, and reports an explicit UNAVAILABLE after stall_timeout instead of waiting forever."""
+    """A worker SIGKILLed mid-stream becomes an explicit stall error for its caller, not a wait."""
     import signal
 
     from runtime.testing import worker_process
@@ -247,8 +243,7 @@ async def test_a_worker_killed_mid_stream_is_an_explicit_error_not_a_wait(nats_u
 
 
 async def test_leaving_a_stream_early_kills_the_worker_handler_at_once(nats_url):
-    """Breaking out of a stream sends KILL to the worker, which cancels the handler without waiting for
-    its caller probe (the check interval here is far longer than the test)."""
+    """Breaking out of a stream sends KILL; the worker cancels the handler without waiting for a probe."""
     cancelled: list[str] = []
     transport = NatsTransport(nats_url, caller_check_interval=3600)
     async with open_worker(_worker("a", finished=cancelled), [transport]) as handle:
@@ -294,8 +289,7 @@ async def test_retries_stop_when_the_budget_is_spent(nats_url):
 
 
 async def test_token_authentication_passes_through(nats_url):
-    """connect_options reach nats.connect: against a server that requires a token, the worker and the
-    client both work because the token is passed through."""
+    """connect_options reach nats.connect: worker and client both work against a token-protected server."""
     async with trio.open_nursery() as servers:
         server, url = await start_nats_server(servers, extra_args=["--auth", "s3cret"])
         try:
@@ -456,8 +450,7 @@ async def test_no_asyncio_task_outlives_the_worker_or_the_client(nats_url):
 
 
 async def test_replies_wait_for_the_publisher_once_a_megabyte_is_queued(nats_url):
-    """The worker's outbox is bounded in bytes: a handler's reply waits while the publisher is that far
-    behind, and goes out once it catches up (back-pressure, not buffering)."""
+    """The reply outbox is bounded in bytes: a reply waits while the publisher is 1 MiB behind."""
     import structlog
     from trio.testing import wait_all_tasks_blocked
 
@@ -487,8 +480,7 @@ async def test_replies_wait_for_the_publisher_once_a_megabyte_is_queued(nats_url
 
 
 async def test_sigterm_while_the_nats_server_is_stalled_still_ends_in_bounded_time():
-    """A worker whose NATS server stops reading (replies back up into nats-py, publishes wait) still ends
-    its shutdown on SIGTERM: drain deadline, kill, then a bounded close; it never waits on the server."""
+    """SIGTERM to a worker whose NATS server stopped reading still ends the shutdown in bounded time."""
     import signal
 
     from runtime import EXIT_DRAIN_FORCED

@@ -264,8 +264,7 @@ async def test_slow_reader_gets_back_pressure_not_buffering():
 
 
 async def test_drain_refuses_new_streams_and_connections_but_finishes_running_ones():
-    """In phase 1: GOAWAY, new streams get UNAVAILABLE (retryable), new connections are refused, and the
-    stream in flight runs to the end."""
+    """Phase 1: GOAWAY, new streams UNAVAILABLE, new connections refused; running streams finish."""
     probe = Probe()
     async with serving(probe) as (handle, address), raw_connection(address) as (stream, conn):
         await stream.send_all(conn.send(codec.Request(1, "tokens", "", 0, (), b'{"n": 30, "gap": 0.02}')))
@@ -318,8 +317,7 @@ async def test_huge_non_ascii_endpoint_name_gets_an_error_not_a_crash():
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="keepalive timings are Linux options")
 async def test_both_ends_probe_a_silent_peer_with_tcp_keepalive():
-    """Server and client sockets have kernel keepalive on with the configured timings, so a peer that
-    vanishes without a FIN or RST is found; keepalive=None leaves it off."""
+    """Server and client sockets get kernel keepalive with the configured timings; None leaves it off."""
     async with (
         serving(Probe(), keepalive=12) as (_, address),
         TcpClient.connect(*address, keepalive=9) as client,
