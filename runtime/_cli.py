@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="serve the TCP protocol here")
     serve.add_argument("--nats", metavar="URL", help="serve through this NATS server (queue groups)")
     serve.add_argument("--namespace", default="ingress", help="NATS subject prefix (default ingress)")
+    serve.add_argument(
+        "--nats-startup-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="keep trying an unreachable NATS server this long at start-up, then exit 1 (default 30)",
+    )
     _nats_auth_arguments(serve)
     serve.add_argument(
         "--metrics", type=_address, metavar="HOST:PORT", help="serve /metrics, /health and /ready here"
@@ -161,7 +168,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.tcp is not None:
         transports.append(TcpTransport(*args.tcp))
     if args.nats is not None:
-        transports.append(NatsTransport(args.nats, args.namespace, connect_options=_nats_options(args)))
+        transports.append(
+            NatsTransport(
+                args.nats,
+                args.namespace,
+                connect_options=_nats_options(args),
+                startup_timeout=args.nats_startup_timeout,
+            )
+        )
     config = WorkerConfig(
         drain_timeout=args.drain_timeout, shutdown_delay=args.shutdown_delay, access_log=args.access_log
     )

@@ -191,3 +191,16 @@ async def test_sigterm_while_waiting_for_nats_at_start_up_exits_zero_at_once():
                 assert await worker.wait_exit() == EXIT_OK
     assert [e for e in worker.events if e["event"] == "worker.startup_aborted"]
     assert not [e for e in worker.events if e["event"] == "worker.ready"]
+
+
+async def test_a_nats_server_unreachable_for_the_whole_start_up_window_exits_one():
+    """A NATS server that stays unreachable past --nats-startup-timeout fails the start-up: exit 1."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"nats://127.0.0.1:{unused.getsockname()[1]}"
+        async with worker_process("--nats", url, "--nats-startup-timeout", "0.5", wait_ready=False) as worker:
+            with trio.fail_after(20):
+                assert await worker.wait_exit() == EXIT_FAILURE
+                failed = await worker.wait_event("worker.startup_failed")
+    assert failed["transport"] == "nats" and "cannot reach" in failed["error"]
+    assert [e for e in worker.events if e["event"] == "nats.connect_failed"]  # it did try again first
