@@ -37,7 +37,6 @@ from ._errors import ShuttingDown as ShuttingDown
 from ._errors import StartupFailed as StartupFailed
 from ._errors import Unavailable as Unavailable
 from ._errors import describe as describe
-from ._errors import sole_exception as sole_exception
 from ._inflight import GlobalInFlight as GlobalInFlight
 from ._inflight import InFlight as InFlight
 from ._inflight import InFlightStatistics as InFlightStatistics
@@ -94,5 +93,4 @@ __all__ = [
     "dispatch",
     "new_request_id",
     "open_worker",
-    "sole_exception",
 ]

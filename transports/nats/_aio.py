@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ import trio_asyncio
 from nats.aio.client import DEFAULT_RECONNECT_TIME_WAIT, Client
 from nats.aio.msg import Msg
 
-from runtime import sole_exception
+from runtime._nursery import unwrap_body_error
 
 _INBOX_FULL = b'{"code":"OVERLOADED","message":"worker inbox is full","retryable":true}'
 
@@ -308,23 +308,10 @@ async def _unsubscribe(subscription: Any) -> None:
 # ---- trio flavour: the loop and the crossings -------------------------------------------------------
 
 
-@asynccontextmanager
-async def open_loop() -> AsyncIterator[None]:
+def open_loop() -> AbstractAsyncContextManager[Any]:
     """trio: ``trio_asyncio.open_loop()``, except that an error raised by the block comes out as itself,
-    not wrapped in two layers of the loop's nursery groups (so ``except Unavailable`` works around a
-    client block)."""
-    body_error: BaseException | None = None
-    try:
-        async with trio_asyncio.open_loop():
-            try:
-                yield
-            except BaseException as exc:
-                body_error = exc
-                raise
-    except BaseExceptionGroup as group:
-        if body_error is not None and sole_exception(group) is body_error:
-            raise body_error from None
-        raise
+    not wrapped in the loop's nursery groups (so ``except Unavailable`` works around a client block)."""
+    return unwrap_body_error(trio_asyncio.open_loop())
 
 
 # The crossings.
