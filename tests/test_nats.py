@@ -430,6 +430,26 @@ async def test_replies_still_queued_at_close_are_published_before_the_connection
     assert received == [b"0", b"1", b"2"] and client.is_closed
 
 
+async def test_closing_after_the_server_went_away_with_messages_buffered_is_clean():
+    """Phase 3 after the server died, with replies in nats-py's buffer, closes cleanly on every Python."""
+    from transports.nats import _aio as aio
+
+    before = {id(task) for task in _pending_asyncio_tasks()}
+    async with trio.open_nursery() as servers, aio.open_loop():
+        server, url = await start_nats_server(servers)
+        client = await aio.connect(url)
+        server.terminate()
+        await server.wait()
+        with trio.fail_after(10):
+            await wait_for(lambda: not client.is_connected)
+        # Buffered while the connection is down: close() has something to hand to the lost transport.
+        await aio.publish_batch(client, [aio.Outgoing("ingress.late", b"reply", {})])
+        await aio.close(client)
+    left = [task for task in _pending_asyncio_tasks() if id(task) not in before]
+    assert client.is_closed
+    assert not left, left
+
+
 def _pending_asyncio_tasks() -> list[asyncio.Task]:
     """Every asyncio task object still alive and not finished (collected garbage included)."""
     return [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Task) and not obj.done()]

@@ -204,3 +204,34 @@ async def test_a_nats_server_unreachable_for_the_whole_start_up_window_exits_one
                 failed = await worker.wait_event("worker.startup_failed")
     assert failed["transport"] == "nats" and "cannot reach" in failed["error"]
     assert [e for e in worker.events if e["event"] == "nats.connect_failed"]  # it did try again first
+
+
+@pytest.mark.parametrize("server_at_sigterm", ["back", "gone again"])
+async def test_a_worker_survives_a_nats_server_restart_and_exits_zero_on_sigterm(server_at_sigterm):
+    """After a NATS server restart the worker serves again and a later SIGTERM exits 0, server up or not."""
+    from runtime.testing import start_nats_server
+    from transports.nats import NatsClient
+
+    async with trio.open_nursery() as servers:
+        first, url = await start_nats_server(servers)
+        async with worker_process("--nats", url, "--tcp", "127.0.0.1:0") as worker:
+            first.terminate()
+            await first.wait()
+            second, _ = await start_nats_server(servers, int(url.rsplit(":", 1)[1]))
+            try:
+                with trio.fail_after(20):
+                    await worker.wait_event("nats.reconnected")
+                    async with NatsClient.connect(url) as client:
+                        answer = await client.call("echo", {"back": True})
+                    if server_at_sigterm == "gone again":
+                        second.terminate()
+                        await second.wait()
+                        await worker.wait_event("nats.disconnected", nth=2)
+                    worker.send_signal(signal.SIGTERM)
+                    assert await worker.wait_exit() == EXIT_OK
+            finally:
+                second.terminate()
+                with trio.move_on_after(10, shield=True):
+                    await second.wait()
+    assert answer == {"back": True}
+    assert not [e for e in worker.events if e["event"] == "unparsed" and "Traceback" in e["line"]]

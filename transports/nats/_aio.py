@@ -92,6 +92,7 @@ async def _connect(
     try:
         await client.connect(url, **settings)
     except Exception as exc:
+        _drop_unsendable(client)
         with contextlib.suppress(Exception):  # nats-py leaves the refused socket open otherwise
             await client.close()
         cause = seen[0] if seen else exc  # nats-py may end with "no servers"; the first error says why
@@ -245,9 +246,16 @@ def _cancel_requested() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-async def _drain_subscription(subscription: Any) -> None:
+async def _drain_subscription(client: Client, subscription: Any) -> None:
     """asyncio: stop receiving; messages already delivered are still processed. A connection that is
-    down cannot take the drain; the intake is closing anyway, so that must not fail the shutdown."""
+    down cannot take the drain (its PING would wait for a PONG that never comes), and the intake is
+    closing anyway, so that must neither fail nor hold up the shutdown.
+
+    The caller must not cancel this halfway (shield it, bounded): nats-py's drain waits for a PONG, and
+    a cancelled wait leaves a cancelled future in its PONG queue; the PONG that arrives later raises
+    ``InvalidStateError`` in nats-py's read loop, which prints a traceback and stops reading."""
+    if not client.is_connected:
+        return
     with contextlib.suppress(Exception):
         await subscription.drain()
 
@@ -261,9 +269,28 @@ async def _close(client: Client) -> None:
         return
     with contextlib.suppress(Exception):  # a server already gone cannot take a flush
         await client.flush(timeout=1)
+    _drop_unsendable(client)
     # nats-py re-raises a connection error it saw earlier (even after reconnecting); we are closing.
     with contextlib.suppress(OSError):
         await client.close()
+
+
+def _drop_unsendable(client: Client) -> None:
+    """sync: forget what nats-py still holds for a connection that is already lost.
+
+    ``Client.close()`` hands its pending buffer to ``writelines`` on the current transport. On CPython
+    3.12 and 3.13.0 the selector transport's ``writelines`` lacks the lost-connection guard that
+    ``write`` has and calls a handler it already cleared: ``TypeError: 'NoneType' object is not
+    callable`` (python/cpython#136234, fixed upstream later), so a worker whose server went away
+    (a restart it had not yet recovered from, or a server stopped before the worker) failed in phase 3
+    instead of exiting cleanly, and the rest of nats-py's close (subscription tasks, callbacks) never
+    ran. Nothing can be sent on a lost connection anyway; ``write`` would drop it too. Remove once
+    every supported Python carries the fix. Private attributes of nats-py, hence the getattr."""
+    writer = getattr(client._transport, "_io_writer", None)  # nats-py's TcpTransport
+    transport = getattr(writer, "transport", None)
+    if transport is not None and transport.is_closing():
+        client._pending = []
+        client._pending_data_size = 0
 
 
 async def _probe(client: Client, inbox: str, patience: float) -> bool:

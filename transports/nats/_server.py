@@ -163,12 +163,15 @@ class _Requests:
                         break
                     self.start(endpoint, msg)
         # Phase 1: no new deliveries; what was delivered but not started goes back to the caller.
-        await aio.drain_subscription(subscription)
-        send.close()
-        async for msg in receive:
-            if msg.reply:
-                data, headers = protocol.error_message(0, Unavailable("worker is draining"), True)
-                await self.outbox.put(aio.Outgoing(msg.reply, data, headers))
+        # Phase 3 may begin meanwhile (phase 1 waits for requests, not for this): shielded, so that
+        # neither the drain's round trip nor those answers are cut off halfway, and bounded.
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            await aio.drain_subscription(self.client, subscription)
+            send.close()
+            async for msg in receive:
+                if msg.reply:
+                    data, headers = protocol.error_message(0, Unavailable("worker is draining"), True)
+                    await self.outbox.put(aio.Outgoing(msg.reply, data, headers))
 
     def start(self, endpoint: EndpointBinding, msg: Msg) -> None:
         if not msg.reply:
