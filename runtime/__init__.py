@@ -19,6 +19,7 @@ from ._context import RuntimeContext as RuntimeContext
 from ._context import new_request_id as new_request_id
 from ._dispatch import answer_error as answer_error
 from ._dispatch import dispatch as dispatch
+from ._dispatch import dispatch_payload as dispatch_payload
 from ._endpoint import CallerGone as CallerGone
 from ._endpoint import Endpoint as Endpoint
 from ._endpoint import EndpointBinding as EndpointBinding
@@ -91,6 +92,7 @@ __all__ = [
     "configure_logging",
     "describe",
     "dispatch",
+    "dispatch_payload",
     "new_request_id",
     "open_worker",
 ]

@@ -17,7 +17,8 @@ import trio
 from ._admission import Rejected
 from ._context import KillReason, RequestContext
 from ._endpoint import CallerGone, EndpointBinding, ResponseSink
-from ._errors import DeadlineExceeded, IngressError, InternalError, sole_exception
+from ._errors import BadRequest, DeadlineExceeded, IngressError, InternalError, sole_exception
+from ._payload import decode_payload, encode_json, parse_deadline
 
 # How each kill reason is recorded in ingress_requests_total{outcome}.
 _KILL_OUTCOMES = {
@@ -41,6 +42,28 @@ async def dispatch(binding: EndpointBinding, ctx: RequestContext, request: Any, 
         binding.release(ctx)
         run.record()
     return run.outcome
+
+
+async def dispatch_payload(
+    binding: EndpointBinding,
+    ctx: RequestContext,
+    payload: bytes | bytearray | memoryview,
+    sink: ResponseSink,
+    *,
+    timeout_ms: str | int | None = None,
+    deadline_unix: str | None = None,
+    timeout_name: str = "timeout",
+) -> str:
+    """``dispatch`` for a request as it came off the wire: its payload and deadline headers are decoded
+    here, the one place every transport goes through, and any failure of either is BAD_REQUEST for
+    this request alone (counted like any other outcome). Returns the outcome."""
+    try:
+        ctx.deadline = parse_deadline(ctx.accepted_at, timeout_ms, deadline_unix, timeout_name=timeout_name)
+        request = decode_payload(payload)
+    except BadRequest as error:
+        await answer_error(binding, ctx, sink, error)
+        return "error"
+    return await dispatch(binding, ctx, request, sink)
 
 
 async def answer_error(
@@ -110,9 +133,10 @@ class _Run:
         endpoint = self.binding.endpoint
         if not endpoint.streaming:
             result = await endpoint.handler(request, self.ctx)
+            data = encode_json(result)
             self.binding.metrics.ttfc.observe(trio.current_time() - self.started)
             self.chunks = 1
-            await self.sink.send_result(result)
+            await self.sink.send_result(data)
         else:
             await self._stream(endpoint.handler(request, self.ctx))
             await self.sink.send_end()
@@ -145,10 +169,11 @@ class _Run:
             raise DeadlineExceeded(f"stream produced nothing for {idle_limit:g} s (inactivity_timeout)")
 
     async def _send_chunk(self, chunk: Any) -> None:
+        data = encode_json(chunk)  # before counting: a chunk that cannot be encoded is never sent
         if self.chunks == 0:
             self.binding.metrics.ttfc.observe(trio.current_time() - self.started)
         self.chunks += 1
-        await self.sink.send_chunk(chunk)
+        await self.sink.send_chunk(data)
 
     async def _after_handler(self) -> None:
         ctx = self.ctx

@@ -55,13 +55,15 @@ class ResponseSink(Protocol):
     A streaming request ends with exactly one ``send_end`` or ``send_error``, a unary one with one
     ``send_result`` or ``send_error``, unless the caller is gone.
     ``send_chunk`` applies back-pressure: it blocks while the caller is behind.
+    Chunks and results arrive as compact JSON already (the core encodes them, runtime/_payload.py):
+    a sink frames bytes and never sees a value that is not JSON.
     """
 
-    async def send_chunk(self, chunk: Any) -> None: ...
+    async def send_chunk(self, data: bytes) -> None: ...
 
     async def send_end(self) -> None: ...
 
-    async def send_result(self, result: Any) -> None:
+    async def send_result(self, data: bytes) -> None:
         """A unary endpoint's whole answer: the transport sends it as one response (TCP: DATA + END)."""
         ...
 

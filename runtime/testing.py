@@ -7,6 +7,7 @@ transport so a test can call ``dispatch`` directly, with no sockets, on the mock
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,11 +39,11 @@ class RecordingSink:
     gone: bool = False
     chunk_sent: trio.Event = field(default_factory=trio.Event)
 
-    async def send_chunk(self, chunk: Any) -> None:
+    async def send_chunk(self, data: bytes) -> None:
         if self.gate is not None:
             await self.gate.wait()
         self._check()
-        self.chunks.append(chunk)
+        self.chunks.append(json.loads(data))  # recorded as the caller would decode it
         self.chunk_sent.set()
         await trio.lowlevel.checkpoint()
 
@@ -50,8 +51,8 @@ class RecordingSink:
         self._check()
         self.ended = True
 
-    async def send_result(self, result: Any) -> None:
-        await self.send_chunk(result)
+    async def send_result(self, data: bytes) -> None:
+        await self.send_chunk(data)
         await self.send_end()
 
     async def send_error(self, error: IngressError, retryable: bool) -> None:
@@ -194,8 +195,6 @@ class WorkerProcess:
         self._new_event.set()
 
     def _record(self, line: bytes) -> None:
-        import json
-
         try:
             event = json.loads(line)
         except ValueError:

@@ -51,7 +51,11 @@ def _worker(probe: Probe) -> Worker:
 
     @worker.endpoint("echo")
     async def echo(request, ctx: RequestContext):
-        return {"request": request, "id": ctx.id, "remaining": ctx.time_remaining()}
+        return {
+            "request": request,
+            "id": ctx.id,
+            "remaining": min(ctx.time_remaining(), 1e9),
+        }  # JSON has no Infinity
 
     @worker.endpoint("slow", max_concurrency=1)
     async def slow(request, ctx):

@@ -53,7 +53,7 @@ def _worker(name: str, started: trio.Event | None = None, finished: list[str] | 
         return {
             "request": request,
             "worker": name,
-            "remaining": ctx.time_remaining(),
+            "remaining": min(ctx.time_remaining(), 1e9),  # JSON has no Infinity
             "meta": dict(ctx.metadata),
         }
 

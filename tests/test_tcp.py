@@ -51,7 +51,7 @@ def _worker(probe: Probe) -> Worker:
     @worker.endpoint("context")
     async def context(request, ctx: RequestContext):
         return {
-            "remaining": ctx.time_remaining(),
+            "remaining": min(ctx.time_remaining(), 1e9),  # JSON has no Infinity
             "metadata": dict(ctx.metadata),
             "peer": ctx.peer,
             "id": ctx.id,

@@ -28,7 +28,7 @@ from runtime import (
     RequestContext,
     TransportBinding,
     Unavailable,
-    dispatch,
+    dispatch_payload,
     new_request_id,
 )
 
@@ -113,9 +113,8 @@ class IngressApp:
             if not binding.accepting:
                 binding.metrics.rejection("unavailable")
                 raise Unavailable("worker is draining; send new requests elsewhere", retryable=True)
-            deadline = _deadline(headers.get(TIMEOUT_HEADER))
             with trio.move_on_after(self.body_timeout) as body_timer:
-                request = await self._read_json(receive)
+                body = await self._read_body(receive)
             if body_timer.cancelled_caught:
                 # The rest of a body may still come; the connection cannot be reused (HTTP/1.1).
                 close = [(b"connection", b"close")] if _is_http1(scope) else []
@@ -138,27 +137,28 @@ class IngressApp:
             transport="http",
             runtime=self.binding.runtime,
             peer=f"{client[0]}:{client[1]}" if client else None,
-            deadline=deadline,
             metadata=headers,
         )
         binding.accept(ctx)
         ndjson = NDJSON in headers.get("accept", "")
-        await self._run(
-            binding, ctx, request, _HttpSink(send, ndjson, id_header, self.stream_high_water), receive
-        )
+        sink = _HttpSink(send, ndjson, id_header, self.stream_high_water)
+        await self._run(binding, ctx, bytes(body), sink, receive)
 
     async def _run(
-        self, binding: EndpointBinding, ctx: RequestContext, request: Any, sink: _HttpSink, receive: Receive
+        self, binding: EndpointBinding, ctx: RequestContext, body: bytes, sink: _HttpSink, receive: Receive
     ) -> None:
+        timeout_ms = ctx.metadata.get(TIMEOUT_HEADER)
         async with trio.open_nursery() as nursery:
             sink.nursery = nursery
             nursery.start_soon(_watch_disconnect, receive, binding, ctx, sink)
             try:
-                await dispatch(binding, ctx, request, sink)
+                await dispatch_payload(
+                    binding, ctx, body, sink, timeout_ms=timeout_ms, timeout_name=TIMEOUT_HEADER
+                )
             finally:
                 nursery.cancel_scope.cancel(reason="request finished")
 
-    async def _read_json(self, receive: Receive) -> Any:
+    async def _read_body(self, receive: Receive) -> bytearray:
         body = bytearray()
         while True:
             message = await receive()
@@ -168,13 +168,7 @@ class IngressApp:
             if len(body) > self.max_body_size:
                 raise _BodyTooLarge(BadRequest(f"request body is larger than {self.max_body_size} bytes"))
             if not message.get("more_body", False):
-                break
-        if not body:
-            return None
-        try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+                return body
 
 
 class _BodyTooLarge(Exception):
@@ -197,14 +191,6 @@ def _body_timed_out(body_timeout: float) -> BadRequest:
 
 def _is_http1(scope: Scope) -> bool:
     return str(scope.get("http_version", "1.1")).startswith("1")
-
-
-def _deadline(header: str | None) -> float:
-    if header is None:
-        return math.inf
-    if not header.isdigit() or int(header) == 0:
-        raise BadRequest(f"{TIMEOUT_HEADER} must be a positive integer of milliseconds, got {header!r}")
-    return trio.current_time() + int(header) / 1000
 
 
 async def _watch_disconnect(
@@ -244,16 +230,14 @@ class _HttpSink:
         self.finished = False
         self.chunks = 0
 
-    async def send_result(self, result: Any) -> None:
-        body = json.dumps(result).encode()
+    async def send_result(self, data: bytes) -> None:
         # Finished before the last send: hypercorn reports http.disconnect as soon as the response is
         # complete, and that must not read as the client leaving early.
         self.finished = True
-        await _respond(self.send, 200, b"application/json", body, self.headers)
+        await _respond(self.send, 200, b"application/json", data, self.headers)
 
-    async def send_chunk(self, chunk: Any) -> None:
+    async def send_chunk(self, data: bytes) -> None:
         writer = self.writer or await self._start_stream()
-        data = json.dumps(chunk, separators=(",", ":")).encode()
         self.chunks += 1
         await writer.write(data + b"\n" if self.ndjson else b"data: " + data + b"\n\n")
 

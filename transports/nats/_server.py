@@ -9,9 +9,6 @@ every request go through one outbox to an asyncio publisher task, with no crossi
 
 from __future__ import annotations
 
-import json
-import math
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +18,6 @@ import trio
 from nats.aio.msg import Msg
 
 from runtime import (
-    BadRequest,
     EndpointBinding,
     IngressError,
     InternalError,
@@ -30,9 +26,8 @@ from runtime import (
     RuntimeContext,
     TransportBinding,
     Unavailable,
-    answer_error,
     describe,
-    dispatch,
+    dispatch_payload,
     new_request_id,
 )
 
@@ -184,7 +179,6 @@ class _Requests:
             transport="nats",
             runtime=self.runtime,
             peer=msg.reply,
-            deadline=_deadline(headers),
             metadata={k[len(prefix) :]: v for k, v in headers.items() if k.startswith(prefix)},
         )
         endpoint.accept(ctx)  # counted from now: the drain must not see zero while the task starts
@@ -202,12 +196,16 @@ class _Requests:
 
     async def answer(self, endpoint: EndpointBinding, ctx: RequestContext, msg: Msg) -> None:
         sink = _NatsSink(self.outbox, msg.reply, self.control)
-        try:
-            request = json.loads(msg.data) if msg.data else None
-        except ValueError as exc:
-            await answer_error(endpoint, ctx, sink, BadRequest(f"request payload is not valid JSON: {exc}"))
-            return
-        await dispatch(endpoint, ctx, request, sink)
+        headers = msg.headers or {}
+        await dispatch_payload(
+            endpoint,
+            ctx,
+            msg.data,
+            sink,
+            timeout_ms=headers.get(protocol.TIMEOUT_MS),
+            deadline_unix=headers.get(protocol.DEADLINE),
+            timeout_name=protocol.TIMEOUT_MS,
+        )
 
     async def serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """STOP and KILL messages from callers, for the requests this worker is running, honoured at once."""
@@ -243,19 +241,6 @@ class _Requests:
                     ctx.kill(KillReason.DISCONNECTED)
 
 
-def _deadline(headers: Mapping[str, str]) -> float:
-    """The earlier of the relative timeout (from arrival) and the absolute deadline, in Trio time."""
-    deadline = math.inf
-    timeout_ms = headers.get(protocol.TIMEOUT_MS, "")
-    if timeout_ms.isdigit():
-        deadline = trio.current_time() + int(timeout_ms) / 1000
-    try:
-        absolute = float(headers[protocol.DEADLINE])
-    except (KeyError, ValueError):
-        return deadline
-    return min(deadline, trio.current_time() + (absolute - time.time()))
-
-
 class _NatsSink:
     """One request's replies: numbered data messages, then end (with the count) or error."""
 
@@ -268,17 +253,17 @@ class _NatsSink:
         self.seq = 0
         self.count = 0
 
-    async def send_chunk(self, chunk: Any) -> None:
-        data = self._encode(chunk)
+    async def send_chunk(self, data: bytes) -> None:
+        self._check_size(data)
         headers = protocol.data_headers(self._next())
         if self.count == 0:
             headers[protocol.CONTROL] = self.control  # where the caller can send STOP or KILL
         await self.outbox.put(aio.Outgoing(self.reply, data, headers))
         self.count += 1
 
-    async def send_result(self, result: Any) -> None:
+    async def send_result(self, data: bytes) -> None:
         # One message, not data + end: half the publishes, and a plain ``nc.request`` gets the answer.
-        data = self._encode(result)
+        self._check_size(data)
         await self.outbox.put(aio.Outgoing(self.reply, data, protocol.result_headers(self._next())))
 
     async def send_end(self) -> None:
@@ -288,15 +273,13 @@ class _NatsSink:
         data, headers = protocol.error_message(self._next(), error, retryable)
         await self.outbox.put(aio.Outgoing(self.reply, data, headers))
 
-    def _encode(self, chunk: Any) -> bytes:
-        data = json.dumps(chunk, separators=(",", ":")).encode()
+    def _check_size(self, data: bytes) -> None:
         limit = self.outbox.max_payload
         if len(data) > limit:
             # NATS would refuse it; say so rather than let the caller see a gap.
             raise InternalError(
                 f"a chunk of {len(data)} bytes exceeds the NATS server's max_payload ({limit})"
             )
-        return data
 
     def _next(self) -> int:
         seq, self.seq = self.seq, self.seq + 1

@@ -10,10 +10,8 @@ retryable UNAVAILABLE, while streams in flight run to the end; phase 3 closes th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import trio
 
@@ -29,8 +27,7 @@ from runtime import (
     RequestContext,
     TransportBinding,
     Unavailable,
-    answer_error,
-    dispatch,
+    dispatch_payload,
     new_request_id,
 )
 
@@ -220,26 +217,20 @@ class _ServerConnection:
             transport="tcp",
             runtime=self.binding.runtime,
             peer=self.peer,
-            deadline=trio.current_time() + request.timeout_ms / 1000 if request.timeout_ms else float("inf"),
             metadata=dict(request.metadata),
         )
         self.streams[request.stream_id] = (binding, ctx)
         binding.accept(ctx)  # counted from now: the drain must not see zero while the task starts
-        nursery.start_soon(self._run_stream, request.stream_id, binding, ctx, request.payload)
+        nursery.start_soon(self._run_stream, request, binding, ctx)
 
     async def _run_stream(
-        self, stream_id: int, binding: EndpointBinding, ctx: RequestContext, payload: bytes
+        self, request: codec.Request, binding: EndpointBinding, ctx: RequestContext
     ) -> None:
+        stream_id = request.stream_id
         sink = _StreamSink(self, stream_id)
+        timeout_ms = request.timeout_ms or None  # 0 on the wire means "no deadline"
         try:
-            try:
-                body = json.loads(payload) if payload else None
-            except ValueError as exc:
-                await answer_error(
-                    binding, ctx, sink, BadRequest(f"request payload is not valid JSON: {exc}")
-                )
-                return
-            await dispatch(binding, ctx, body, sink)
+            await dispatch_payload(binding, ctx, request.payload, sink, timeout_ms=timeout_ms)
         finally:
             binding.release(ctx)  # a no-op unless the task was cancelled before dispatch ran
             del self.streams[stream_id]
@@ -296,11 +287,10 @@ class _StreamSink:
         self.conn = conn
         self.stream_id = stream_id
 
-    async def send_chunk(self, chunk: Any) -> None:
-        await self._write(self._data_frame(chunk))
+    async def send_chunk(self, data: bytes) -> None:
+        await self._write(self._data_frame(data))
 
-    def _data_frame(self, chunk: Any) -> bytes:
-        payload = json.dumps(chunk, separators=(",", ":")).encode()
+    def _data_frame(self, payload: bytes) -> bytes:
         try:
             return self.conn.codec.send_data(self.stream_id, payload)
         except codec.LocalProtocolError:
@@ -312,9 +302,9 @@ class _StreamSink:
     async def send_end(self) -> None:
         await self._write(self.conn.codec.send(codec.End(self.stream_id)), final=True)
 
-    async def send_result(self, result: Any) -> None:
-        data = self._data_frame(result) + self.conn.codec.send(codec.End(self.stream_id))
-        await self._write(data, final=True)
+    async def send_result(self, data: bytes) -> None:
+        frames = self._data_frame(data) + self.conn.codec.send(codec.End(self.stream_id))
+        await self._write(frames, final=True)
 
     async def send_error(self, error: IngressError, retryable: bool) -> None:
         await self._write(self.conn.codec.send(_error_event(self.stream_id, error, retryable)), final=True)
