@@ -1,4 +1,6 @@
-"""SIGTERM and SIGINT start the shutdown; the next one skips the drain (coordinator.request twice)."""
+"""SIGTERM, SIGINT and SIGHUP start the shutdown; the next one skips the drain (coordinator.request
+twice). SIGHUP is a closed terminal or a supervisor's stop: Python's default would kill the process at
+once, cutting every stream, so it drains like the others (docs/operations.md has the signal table)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import trio
 
 from ._shutdown import ShutdownCoordinator
 
-SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 async def watch_signals(

@@ -46,12 +46,13 @@ async def _start_streams(
     return results
 
 
-async def test_sigterm_mid_stream_finishes_every_stream_and_exits_zero():
-    """A worker given SIGTERM with streams in flight completes all of them, then exits 0."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+async def test_a_shutdown_signal_mid_stream_finishes_every_stream_and_exits_zero(signum):
+    """A worker given SIGTERM, SIGINT or SIGHUP with streams in flight completes all of them, exits 0."""
     async with worker_process(*EPHEMERAL) as worker:
         async with TcpClient.connect(*worker.addresses["tcp"]) as client, trio.open_nursery() as nursery:
             results = await _start_streams(nursery, client, {"max_tokens": 40, "itl_ms": 10}, 8)
-            worker.send_signal(signal.SIGTERM)
+            worker.send_signal(signum)
         assert await worker.wait_exit() == EXIT_OK
     assert results == {k: list(range(40)) for k in range(8)}
     assert any(e["event"] == "shutdown.phase3.started" and e["forced"] is False for e in worker.events)
