@@ -328,3 +328,67 @@ async def test_both_ends_probe_a_silent_peer_with_tcp_keepalive():
         assert keepalive_settings(served) == (1, 12, 4, 3)
         assert keepalive_settings(client._stream.socket) == (1, 9, 3, 3)
         assert plain._stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+def _client_ready_to_send() -> codec.Connection:
+    """A client codec that has seen a server HELLO, so it encodes frames before any socket exists."""
+    client = codec.Connection(codec.Role.CLIENT)
+    server = codec.Connection(codec.Role.SERVER)
+    client.receive_data(server.send(server.local_hello))
+    assert isinstance(client.next_event(), codec.Hello)
+    return client
+
+
+async def test_hello_and_first_request_in_one_write_are_answered_without_more_bytes():
+    """Frames that arrive in the same segment as the HELLO are served; the client sends nothing more."""
+    request = codec.Request(1, "tokens", "r1", 0, (), b'{"n": 2}')
+    encoder = _client_ready_to_send()
+    one_write = encoder.send(encoder.local_hello) + encoder.send(request)
+    async with serving(Probe()) as (_, address), await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(one_write)
+        reader = _reading_client()
+        with trio.fail_after(10):
+            await _raw_events(stream, reader, codec.Hello)
+            reader.send(request)  # already on the wire: this only opens stream 1 in the reader's state
+            events = await _raw_events(stream, reader, codec.End)
+    assert [json.loads(e.payload)["i"] for e in events if isinstance(e, codec.Data)] == [0, 1]
+
+
+def _reading_client() -> codec.Connection:
+    """A client codec used only to parse what the server sends (its own HELLO went out by hand)."""
+    reader = codec.Connection(codec.Role.CLIENT)
+    reader.send(reader.local_hello)
+    return reader
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ((7, 1 << 20, 128), "unsupported protocol version 7"),
+        ((1, 100, 128), "frame limit below 1024"),
+        ((1, 1 << 20, 0), "no streams"),
+    ],
+    ids=["version", "frame-limit", "no-streams"],
+)
+async def test_a_bad_hello_gets_the_servers_hello_and_a_connection_error_before_the_close(fields, says):
+    """A wrong version or out-of-range limits are answered with HELLO + ERROR on stream 0, then EOF."""
+    bad_hello = codec.MAGIC + codec.HEADER.pack(10, codec.FrameType.HELLO, 0) + struct.pack("!HII", *fields)
+    async with serving(Probe()) as (_, address), await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(bad_hello)
+        with trio.fail_after(10):
+            events = await _raw_events(stream, _reading_client(), codec.ConnectionClosed)
+    assert isinstance(events[0], codec.Hello) and events[0].version == codec.PROTOCOL_VERSION
+    error = events[1]
+    assert isinstance(error, codec.Error) and error.stream_id == 0 and error.code == ErrorCode.BAD_REQUEST
+    assert says in error.message
+
+
+def test_a_refusal_fits_any_peer_and_keeps_its_text_valid_utf8():
+    """send_refusal cuts a long message on a character boundary so the smallest peer limit takes it."""
+    server = codec.Connection(codec.Role.SERVER)
+    client = _reading_client()
+    client.receive_data(server.send_refusal(codec.Error(0, ErrorCode.BAD_REQUEST, False, "é" * 5000)))
+    assert isinstance(client.next_event(), codec.Hello)
+    error = client.next_event()
+    assert isinstance(error, codec.Error) and 0 < len(error.message.encode()) <= 1021
+    assert set(error.message) == {"é"}

@@ -330,6 +330,18 @@ class Connection:
             raise LocalProtocolError(f"DATA on stream {stream_id}, which is not open on the server side")
         return self._frame(FrameType.DATA, stream_id, payload)
 
+    def send_refusal(self, error: Error) -> bytes:
+        """The bytes that end a connection with a connection ERROR (stream 0) even while the handshake
+        is unfinished (a bad HELLO): our preface and HELLO go first if they have not yet, since a peer
+        parses nothing before them. The message is cut to fit the smallest frame limit any peer has."""
+        if error.stream_id != 0:
+            raise LocalProtocolError("a refusal is a connection error, on stream 0")
+        preface = b"" if self._hello_sent else self._send_hello()
+        # Cut on a character boundary: the peer rejects a message that is not valid UTF-8.
+        message = error.message.encode()[: MIN_MAX_FRAME_SIZE - _ERROR_HEAD.size].decode(errors="ignore")
+        payload = _ERROR_HEAD.pack(error.code, int(error.retryable)) + message.encode()
+        return preface + HEADER.pack(len(payload), FrameType.ERROR, 0) + payload
+
     def _send_hello(self) -> bytes:
         if self._hello_sent:
             raise LocalProtocolError("HELLO was already sent")

@@ -154,11 +154,11 @@ class _ServerConnection:
                 await self._handshake()
             if self.binding.intake_closed.is_set():
                 self.announce_goaway()  # accepted just before the listener closed
-            while True:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                self.codec.receive_data(data)
-                if await self._handle_events(nursery):
-                    return "closed"
+            # Frames that came in the same read as the HELLO are already buffered: act on them
+            # before waiting for more bytes, which a client may never send.
+            while not await self._handle_events(nursery):
+                self.codec.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+            return "closed"
         except trio.TooSlowError:
             return self._protocol_error("handshake not completed in time")
         except codec.RemoteProtocolError as exc:
@@ -272,8 +272,8 @@ class _ServerConnection:
         self.log.warning("tcp.protocol_error", message=message)
         self.binding.runtime.metrics.protocol_errors.labels("tcp").inc()
         error = codec.Error(0, BadRequest.code, False, _fit(f"protocol error: {message}"))
-        if not self.writer.closed and self.codec.peer_hello is not None:
-            self.writer.write_nowait(self.codec.send(error))
+        if not self.writer.closed:  # in the handshake too: the peer learns why (docs/protocol-tcp.md)
+            self.writer.write_nowait(self.codec.send_refusal(error))
         self.writer.finish()
         return "protocol_error"
 
