@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--keyfile", metavar="PEM", help="the private key of --certfile")
     serve.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="serve the TCP protocol here")
-    serve.add_argument("--nats", metavar="URL", help="serve through this NATS server (queue groups)")
+    serve.add_argument(
+        "--nats", type=_nats_url, metavar="URL", help="serve through this NATS server (queue groups)"
+    )
     serve.add_argument("--namespace", default="ingress", help="NATS subject prefix (default ingress)")
     serve.add_argument(
         "--nats-startup-timeout",
@@ -84,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     target = call.add_mutually_exclusive_group()
     target.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="default 127.0.0.1:9000")
     target.add_argument("--http", metavar="URL", help="e.g. http://127.0.0.1:8000")
-    target.add_argument("--nats", metavar="URL", help="e.g. nats://127.0.0.1:4222")
+    target.add_argument("--nats", type=_nats_url, metavar="URL", help="e.g. nats://127.0.0.1:4222")
     call.add_argument("--namespace", default="ingress", help="NATS subject prefix (with --nats)")
     _nats_auth_arguments(call)
     call.add_argument("--timeout", type=_seconds, metavar="S", help="deadline for the whole call")
@@ -122,6 +124,17 @@ def _address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:9000), got {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _nats_url(text: str) -> str:
+    # The same check NatsTransport and NatsClient make, as a usage error (exit 2) instead of a failure;
+    # imported here so that the core does not import a transport at start-up for every command.
+    from transports.nats._protocol import check_url
+
+    try:
+        return check_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _seconds(text: str) -> float:

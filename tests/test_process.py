@@ -236,3 +236,38 @@ async def test_a_worker_survives_a_nats_server_restart_and_exits_zero_on_sigterm
                     await second.wait()
     assert answer == {"back": True}
     assert not [e for e in worker.events if e["event"] == "unparsed" and "Traceback" in e["line"]]
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://127.0.0.1:4222", "nats://", "nats://127.0.0.1:99999"])
+@pytest.mark.parametrize("command", ["serve", "call"])
+def test_a_malformed_nats_url_is_a_usage_error_at_once(command, url):
+    """`--nats` with something that is not a NATS URL exits 2 with the expected form, without retrying."""
+    args = ["serve", "--nats", url] if command == "serve" else ["call", "echo", "--nats", url]
+    result = _cli(*args)
+    assert result.returncode == EXIT_USAGE
+    assert "nats://127.0.0.1:4222" in result.stderr and repr(url) in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url", ["nats://127.0.0.1:4222", "tls://nats.internal", "ws://[::1]:8080", "wss://h"]
+)
+def test_nats_urls_nats_py_can_reach_are_accepted(url):
+    """The URL check lets through every scheme nats-py connects to, with or without a port."""
+    from transports.nats import NatsTransport
+
+    assert NatsTransport(url).url == url
+
+
+def test_a_malformed_nats_url_fails_the_transport_and_the_client_at_once():
+    """Embedding code gets ValueError from NatsTransport and NatsClient.connect for a malformed URL."""
+    from transports.nats import NatsClient, NatsTransport
+
+    with pytest.raises(ValueError, match="expected a NATS URL"):
+        NatsTransport("http://127.0.0.1:4222")
+
+    async def connect() -> None:
+        async with NatsClient.connect("127.0.0.1:4222"):
+            pass
+
+    with pytest.raises(ValueError, match="expected a NATS URL"):
+        trio.run(connect)

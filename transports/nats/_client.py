@@ -78,7 +78,9 @@ class NatsClient:
         retry_budget: RetryBudget | None = None,
         connect_options: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[NatsClient]:
-        """Connect for the duration of the block (the block owns its trio-asyncio loop)."""
+        """Connect for the duration of the block (the block owns its trio-asyncio loop). A malformed
+        ``url`` is ``ValueError`` at once."""
+        protocol.check_url(url)
         async with aio.open_loop():
             try:
                 client = await aio.connect(url, None, connect_options)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from runtime import ErrorCode, IngressError, RemoteError
 
@@ -40,6 +41,25 @@ KILL = "kill"
 # The kind of a worker's liveness probe to a caller's inbox; a live caller answers it, and "no responders"
 # means the caller is gone.
 PROBE = "probe"
+
+
+# What nats-py can connect to; anything else (http://, a bare word) would only fail later, after retries.
+URL_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def check_url(url: str) -> str:
+    """``url`` if it names a NATS server nats-py can reach (scheme, host, a valid port); otherwise
+    ``ValueError`` with a message that shows the expected form. A typo must fail at once, not after a
+    start-up spent retrying a server that cannot exist."""
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in URL_SCHEMES and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # .port: not a number, or out of range
+        valid = False
+    if not valid:
+        schemes = ", ".join(f"{scheme}://" for scheme in URL_SCHEMES)
+        raise ValueError(f"expected a NATS URL such as nats://127.0.0.1:4222 ({schemes}), got {url!r}")
+    return url
 
 
 def subject(namespace: str, endpoint: str) -> str:

@@ -63,6 +63,9 @@ class NatsTransport:
     startup_timeout: float = 30.0
     name: str = "nats"
 
+    def __post_init__(self) -> None:
+        protocol.check_url(self.url)
+
     async def serve(
         self, binding: TransportBinding, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
