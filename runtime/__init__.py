@@ -41,6 +41,9 @@ from ._errors import describe as describe
 from ._inflight import GlobalInFlight as GlobalInFlight
 from ._inflight import InFlight as InFlight
 from ._inflight import InFlightStatistics as InFlightStatistics
+from ._listeners import DEFAULT_BACKLOG as DEFAULT_BACKLOG
+from ._listeners import open_listeners as open_listeners
+from ._listeners import serve_accepting as serve_accepting
 from ._logging import configure_logging as configure_logging
 from ._metrics import Metrics as Metrics
 from ._shutdown import ShutdownCoordinator as ShutdownCoordinator
@@ -51,6 +54,7 @@ from ._worker import WorkerHandle as WorkerHandle
 from ._worker import open_worker as open_worker
 
 __all__ = [
+    "DEFAULT_BACKLOG",
     "EXIT_DRAIN_FORCED",
     "EXIT_FAILURE",
     "EXIT_OK",
@@ -94,5 +98,7 @@ __all__ = [
     "dispatch",
     "dispatch_payload",
     "new_request_id",
+    "open_listeners",
     "open_worker",
+    "serve_accepting",
 ]

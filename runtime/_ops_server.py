@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import h11
+import structlog
 import trio
+
+from ._listeners import open_listeners, serve_accepting
 
 # Probe and scrape requests are a few hundred bytes; anything larger is not one of ours.
 MAX_REQUEST_BYTES = 16 * 1024
@@ -36,9 +39,16 @@ async def serve_ops(
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ops endpoints on ``host:port`` until cancelled; reports the bound address."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await open_listeners(host, port)
     task_status.started(listeners[0].socket.getsockname()[:2])
-    await trio.serve_listeners(partial(_serve_connection, probes), listeners)
+    async with trio.open_nursery() as connections:
+        await serve_accepting(
+            partial(_serve_connection, probes),
+            listeners,
+            handler_nursery=connections,
+            logger=structlog.get_logger("ingress"),
+            listener_name="metrics",
+        )
 
 
 async def _serve_connection(probes: OpsProbes, stream: trio.SocketStream) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -271,3 +272,28 @@ def test_a_malformed_nats_url_fails_the_transport_and_the_client_at_once():
 
     with pytest.raises(ValueError, match="expected a NATS URL"):
         trio.run(connect)
+
+
+@pytest.mark.skipif(
+    shutil.which("prlimit") is None, reason="needs prlimit (util-linux) to lower the fd limit"
+)
+async def test_past_the_descriptor_limit_the_worker_warns_once_and_serves_again():
+    """With RLIMIT_NOFILE exhausted by idle clients: one warning line, no traceback, then served again."""
+    from runtime.testing import spawn_process
+
+    command = ["prlimit", "--nofile=64", sys.executable, "-m", "runtime", "serve", *EPHEMERAL]
+    async with spawn_process([*command, "--log-format", "json"]) as worker:
+        address = worker.addresses["tcp"]
+        hogs = [await trio.open_tcp_stream(*address) for _ in range(80)]  # more than the worker can take
+        with trio.fail_after(20):
+            await worker.wait_event("listener.accept_failing")
+        for hog in hogs:
+            await hog.aclose()
+        with trio.fail_after(20):
+            async with TcpClient.connect(*address) as client:
+                answer = await client.call("echo", {"after": "exhaustion"})
+        worker.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit() == EXIT_OK
+    assert answer == {"after": "exhaustion"}
+    assert len([e for e in worker.events if e["event"] == "listener.accept_failing"]) <= 2
+    assert not [e for e in worker.events if e["event"] == "unparsed" and "Traceback" in e["line"]]

@@ -392,3 +392,20 @@ def test_a_refusal_fits_any_peer_and_keeps_its_text_valid_utf8():
     error = client.next_event()
     assert isinstance(error, codec.Error) and 0 < len(error.message.encode()) <= 1021
     assert set(error.message) == {"é"}
+
+
+async def test_a_burst_of_1024_connections_is_accepted_and_every_one_handshakes():
+    """1,024 clients connecting at once all complete the handshake: the backlog holds the burst."""
+    done = 0
+
+    async def handshake(address: tuple[str, int]) -> None:
+        nonlocal done
+        async with raw_connection(address):
+            done += 1
+
+    async with serving(Probe()) as (_, address):
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(1024):
+                    nursery.start_soon(handshake, address)
+    assert done == 1024

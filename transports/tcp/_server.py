@@ -16,6 +16,7 @@ from functools import partial
 import trio
 
 from runtime import (
+    DEFAULT_BACKLOG,
     BadRequest,
     CallerGone,
     EndpointBinding,
@@ -29,6 +30,8 @@ from runtime import (
     Unavailable,
     dispatch_payload,
     new_request_id,
+    open_listeners,
+    serve_accepting,
 )
 
 from .._keepalive import enable_keepalive
@@ -59,6 +62,9 @@ class TcpTransport:
     # Seconds of silence before the kernel probes a client (see _keepalive.py): a client that vanished
     # without closing is noticed, and its handlers cancelled, within about twice this. None: off.
     keepalive: float | None = 30.0
+    # Connections the kernel queues before they are accepted: a burst must not overflow into SYN
+    # retransmits (runtime/_listeners.py).
+    backlog: int = DEFAULT_BACKLOG
     name: str = "tcp"
 
     async def serve(
@@ -68,7 +74,7 @@ class TcpTransport:
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen until cancelled; reports the bound (host, port)."""
-        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        listeners = await open_listeners(self.host, self.port, self.backlog)
         address = listeners[0].socket.getsockname()[:2]
         binding.runtime.logger.info("tcp.listening", address=f"{address[0]}:{address[1]}")
         open_connections: set[_ServerConnection] = set()
@@ -76,10 +82,12 @@ class TcpTransport:
             task_status.started(address)
             with trio.CancelScope() as accept_scope:
                 connections.start_soon(_close_intake, binding.intake_closed, accept_scope, open_connections)
-                await trio.serve_listeners(
+                await serve_accepting(
                     partial(self._serve_connection, binding, open_connections),
                     listeners,
                     handler_nursery=connections,
+                    logger=binding.runtime.logger,
+                    listener_name="tcp",
                 )
             # Intake closed (phase 1): refuse new connections now, keep the open ones until phase 3.
             for listener in listeners:
