@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import random
 import re
@@ -63,8 +64,11 @@ EXIT_SLACK = 2.0  # "a small constant": process teardown, hypercorn's own close
 DEEP = b"[" * 100_000
 SUPERSCRIPT_TWO = "\u00b2"
 LONG_DIGITS = "9" * 5_000
-NAMESPACE = "hostile"
-BASE_ARGS = ("--no-access-log", "--drain-timeout", "5")
+# Rows run side by side; each NATS row's worker gets its own namespace (queue group), so a request
+# reaches the worker under test and no other.
+PARALLEL_ROWS = 3
+# A healthy worker's drain is instant; a worker stuck in a drain is reported, not waited for long.
+BASE_ARGS = ("--no-access-log", "--drain-timeout", "2")
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class Mode:
 
     @property
     def resets(self) -> int:  # class 10: streams opened and reset per storm
-        return 300 if self.short else 600
+        return 450 if self.short else 600
 
     @property
     def storms(self) -> int:  # class 10: the gauge stuck at 1 after about one storm in four
@@ -142,11 +146,34 @@ async def terminate(worker: WorkerProcess) -> str:
     return "killed"
 
 
-def serve_args(nats_url: str | None = None, *extra: str) -> list[str]:
+@dataclass(frozen=True)
+class Nats:
+    """Where a worker serves NATS: the server and its own subject prefix."""
+
+    url: str
+    namespace: str
+
+
+def serve_args(nats: Nats | None = None) -> list[str]:
     args = ["--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0", *BASE_ARGS]
-    if nats_url is not None:
-        args += ["--nats", nats_url, "--namespace", NAMESPACE]
-    return [*args, *extra]
+    if nats is not None:
+        args += ["--nats", nats.url, "--namespace", nats.namespace]
+    return args
+
+
+async def gather(rows: Sequence[Callable[[], Awaitable[Row]]]) -> list[Row]:
+    """Run independent rows (each with its own worker) side by side, PARALLEL_ROWS at a time, in order."""
+    results: list[Row | None] = [None] * len(rows)
+    limiter = trio.CapacityLimiter(PARALLEL_ROWS)
+
+    async def one(i: int) -> None:
+        async with limiter:
+            results[i] = await rows[i]()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(rows)):
+            nursery.start_soon(one, i)
+    return [row for row in results if row is not None]
 
 
 def crash_line(worker: WorkerProcess) -> str:
@@ -158,11 +185,11 @@ def crash_line(worker: WorkerProcess) -> str:
     return str(worker.events[-1].get("event")) if worker.events else "nothing"
 
 
-async def finish_row(row: Row, worker: WorkerProcess, ok: bool, detail: str, nats_url: str | None) -> Row:
+async def finish_row(row: Row, worker: WorkerProcess, ok: bool, detail: str, nats: Nats | None = None) -> Row:
     """The common tail of a "the worker must survive this" row: alive, healthy, memory, exit code."""
     await trio.sleep(SETTLE)
     row.alive = is_alive(worker)
-    unhealthy = await health_problems(worker, nats_url) if row.alive else ["dead"]
+    unhealthy = await health_problems(worker, nats) if row.alive else ["dead"]
     row.healthy = not unhealthy
     row.rss_after = rss_mb(worker.pid)
     crash = "" if row.alive else f"; worker died (exit {worker.process.returncode}): {crash_line(worker)}"
@@ -173,28 +200,37 @@ async def finish_row(row: Row, worker: WorkerProcess, ok: bool, detail: str, nat
     if row.alive and unhealthy:
         problems.append(f"alive but not served: {', '.join(unhealthy)}")
     if row.alive and row.exit != "0":
-        problems.append(f"exit {row.exit} on SIGTERM")
+        problems.append(f"exit {row.exit} on SIGTERM{_forced(worker)}")
     row.reason = "; ".join(p for p in problems if p) + crash
     return row
+
+
+def _forced(worker: WorkerProcess) -> str:
+    """What a forced drain killed, from the worker's own phase 3 line."""
+    phase3 = [e for e in worker.events if e.get("event") == "shutdown.phase3.started"]
+    if not phase3 or not phase3[-1].get("forced"):
+        return ""
+    return f" (drain forced: {phase3[-1].get('killed')} requests killed)"
 
 
 async def survive(
     name: str,
     transport: str,
     attack: Callable[[WorkerProcess], Awaitable[tuple[bool, str]]],
-    nats_url: str | None = None,
+    nats: Nats | None = None,
+    budget: float = 2 * REPLY_TIMEOUT,
 ) -> Row:
     """Start a worker, throw ``attack`` at it, and check it survived. ``attack`` says whether the answer
     to the hostile input itself was right, and what it saw."""
     row = Row(name, transport)
-    async with worker_process(*serve_args(nats_url)) as worker:
+    async with worker_process(*serve_args(nats)) as worker:
         row.rss_before = rss_mb(worker.pid)
         try:
-            with trio.fail_after(2 * REPLY_TIMEOUT):
+            with trio.fail_after(budget):
                 ok, detail = await attack(worker)
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as error:
             ok, detail = False, f"the hostile exchange failed: {error!r}"[:200]
-        return await finish_row(row, worker, ok, detail, nats_url)
+        return await finish_row(row, worker, ok, detail, nats)
 
 
 # --- HTTP/1.1 over a raw socket -----------------------------------------------------------------
@@ -285,6 +321,7 @@ async def h1_healthy(address: tuple[str, int]) -> bool:
 MAGIC = b"TINGRESS"
 FRAME_HEADER = struct.Struct(">IBI")
 HELLO, REQUEST, DATA, END, ERROR, STOP, KILL, GOAWAY = range(8)
+FRAME_NAMES = ("HELLO", "REQUEST", "DATA", "END", "ERROR", "STOP", "KILL", "GOAWAY")
 BAD_REQUEST = 1
 
 
@@ -315,6 +352,7 @@ class TcpConn:
 
     stream: trio.SocketStream
     buffer: bytearray = field(default_factory=bytearray)
+    received: int = 0
     magic_checked: bool = False
     eof: bool = False
 
@@ -338,6 +376,7 @@ class TcpConn:
                 self.eof = True
                 return None
             self.buffer += chunk
+            self.received += len(chunk)
         return frame
 
     def _parse(self) -> Frame | None:
@@ -420,7 +459,7 @@ async def _aio_exchange(
 
 
 async def nats_exchange(
-    url: str,
+    target: Nats,
     endpoint: str,
     payload: bytes,
     headers: dict[str, str] | None = None,
@@ -430,16 +469,16 @@ async def nats_exchange(
     The asyncio side bounds itself: a thread cannot be cancelled from Trio."""
 
     def run() -> list[NatsReply]:
-        subject = f"{NAMESPACE}.{endpoint}"
-        return asyncio.run(_aio_exchange(url, subject, payload, headers, wait))
+        subject = f"{target.namespace}.{endpoint}"
+        return asyncio.run(_aio_exchange(target.url, subject, payload, headers, wait))
 
     return await trio.to_thread.run_sync(run)
 
 
-async def nats_healthy(url: str) -> bool:
+async def nats_healthy(target: Nats) -> bool:
     try:
-        stream = await nats_exchange(url, "generate", b'{"max_tokens":5}')
-        echo = await nats_exchange(url, "echo", b'{"ping":1}')
+        stream = await nats_exchange(target, "generate", b'{"max_tokens":5}')
+        echo = await nats_exchange(target, "echo", b'{"ping":1}')
     except Exception:  # a timeout, no responders: not healthy, whatever nats-py calls it
         return False
     tokens = [json.loads(reply.data)["index"] for reply in stream if reply.kind == "data"]
@@ -447,15 +486,15 @@ async def nats_healthy(url: str) -> bool:
     return streamed and echo[-1].kind == "result" and json.loads(echo[-1].data) == {"ping": 1}
 
 
-async def health_problems(worker: WorkerProcess, nats_url: str | None = None) -> list[str]:
+async def health_problems(worker: WorkerProcess, nats: Nats | None = None) -> list[str]:
     """The transports on which the worker no longer answers a generate stream and an echo call."""
     checks: list[tuple[str, Callable[[], Awaitable[bool]]]] = []
     if "http" in worker.addresses:
         checks.append(("http", lambda: h1_healthy(worker.addresses["http"])))
     if "tcp" in worker.addresses:
         checks.append(("tcp", lambda: tcp_healthy(worker.addresses["tcp"])))
-    if nats_url is not None:
-        checks.append(("nats", lambda: nats_healthy(nats_url)))
+    if nats is not None:
+        checks.append(("nats", lambda: nats_healthy(nats)))
     problems = []
     for name, check in checks:
         try:
@@ -520,19 +559,22 @@ async def nats_input(mode: Mode) -> list[Row]:
     ]
     rows = []
     async with nats_server() as url:
-        for name, payload, headers in inputs:
+        for i, (name, payload, headers) in enumerate(inputs):
+            target = Nats(url, f"hostile{i}")
 
-            async def attack(worker: WorkerProcess, p: bytes = payload, h: Any = headers) -> tuple[bool, str]:
+            async def attack(
+                worker: WorkerProcess, p: bytes = payload, h: Any = headers, t: Nats = target
+            ) -> tuple[bool, str]:
                 try:
-                    replies = await nats_exchange(url, "generate", p, h, wait=BAD_REPLY_TIMEOUT)
+                    replies = await nats_exchange(t, "generate", p, h, wait=BAD_REPLY_TIMEOUT)
                 except Exception as error:  # no reply at all: a timeout or no responders
                     return False, f"no reply in {BAD_REPLY_TIMEOUT:g} s ({type(error).__name__})"
                 last = replies[-1]
                 code = json.loads(last.data).get("code") if last.kind == "error" else None
                 return code == "BAD_REQUEST", f"reply kind={last.kind} code={code}"
 
-            rows.append(await survive(name, "nats", attack, url))
-    return rows
+            rows.append(functools.partial(survive, name, "nats", attack, target))
+        return await gather(rows)
 
 
 OPS_PATHS = ("/health", "/ready", "/metrics", "/no-such-path")
@@ -577,8 +619,8 @@ async def ops_head(mode: Mode) -> list[Row]:
             async def attack(worker: WorkerProcess, li: str = listener, o: bool = odd) -> tuple[bool, str]:
                 return await _probe_listener(worker, li, o)
 
-            rows.append(await survive(name, f"{listener} port", attack))
-    return rows
+            rows.append(functools.partial(survive, name, f"{listener} port", attack))
+    return await gather(rows)
 
 
 async def _nested_tcp(worker: WorkerProcess) -> tuple[bool, str]:
@@ -594,11 +636,14 @@ async def _nested_tcp(worker: WorkerProcess) -> tuple[bool, str]:
     bad = frames[3]
     bad_ok = len(bad) == 1 and bad[0].kind == ERROR and bad[0].error_code == BAD_REQUEST
     sibling_ok = tcp_completed(sibling, tokens)
-    got = f"stream 3: {[(f.kind, f.error_code) for f in bad]}; sibling {sum(f.kind == DATA for f in sibling)}"
-    connection = "; connection closed" if conn.eof else ""
+    got_bad = ", ".join(
+        FRAME_NAMES[f.kind] + (f" code {f.error_code}" if f.kind == ERROR else "") for f in bad
+    )
+    got = f"bad stream 3 got [{got_bad}]; sibling stream 1 got {sum(f.kind == DATA for f in sibling)}"
+    connection = ", then the connection closed" if conn.eof else ""
     return (
         bad_ok and sibling_ok,
-        f"{got}/{tokens} chunks, ended {sibling[-1].kind if sibling else None}{connection}",
+        f"{got}/{tokens} chunks, last frame {FRAME_NAMES[sibling[-1].kind] if sibling else None}{connection}",
     )
 
 
@@ -620,7 +665,7 @@ async def _bad_http(worker: WorkerProcess, body: bytes, timeout_header: str | No
 
 async def nested_json(mode: Mode) -> list[Row]:
     """3. Deeply nested JSON on a multiplexed TCP connection; the same and bad timeouts over HTTP."""
-    rows = [await survive("100,000 '[' beside a stream", "tcp", _nested_tcp)]
+    rows = [functools.partial(survive, "100,000 '[' beside a stream", "tcp", _nested_tcp)]
     http_inputs = [
         ("100,000 '[' body", DEEP, None),
         ("X-Request-Timeout-Ms: '²'", b"{}", SUPERSCRIPT_TWO),
@@ -631,8 +676,8 @@ async def nested_json(mode: Mode) -> list[Row]:
         async def attack(worker: WorkerProcess, b: bytes = body, t: str | None = timeout) -> tuple[bool, str]:
             return await _bad_http(worker, b, t)
 
-        rows.append(await survive(name, "http/1.1", attack))
-    return rows
+        rows.append(functools.partial(survive, name, "http/1.1", attack))
+    return await gather(rows)
 
 
 def _strict_json(data: bytes) -> bool:
@@ -667,10 +712,13 @@ async def nan(mode: Mode) -> list[Row]:
         ok = all(_strict_json(d) for d in data) and bool(frames)
         return ok, f"frames {[(f.kind, f.payload[:40]) for f in frames]}"
 
-    return [
-        await survive("echo [NaN, Infinity]", "http/1.1", over_http),
-        await survive("echo [NaN, Infinity]", "tcp", over_tcp),
-    ]
+    name = "echo [NaN, Infinity]"
+    return await gather(
+        [
+            functools.partial(survive, name, "http/1.1", over_http),
+            functools.partial(survive, name, "tcp", over_tcp),
+        ]
+    )
 
 
 # --- slow peers, signals and drains -------------------------------------------------------------
@@ -759,15 +807,7 @@ async def slow_shutdown(mode: Mode) -> list[Row]:
         ("non-reading client, endless stream", "h2", _h2_non_reader),
         ("PING flood, nothing in flight", "h2", _h2_ping_flood),
     ]
-    rows: list[Row | None] = [None] * len(peers)
-
-    async def one(i: int) -> None:
-        rows[i] = await _slow_shutdown_row(peers[i][0], peers[i][1], mode, peers[i][2])
-
-    async with trio.open_nursery() as nursery:
-        for i in range(len(peers)):
-            nursery.start_soon(one, i)
-    return [row for row in rows if row is not None]
+    return await gather([functools.partial(_slow_shutdown_row, *peer[:2], mode, peer[2]) for peer in peers])
 
 
 # A worker whose non-reading h2 streams are held back grows by a few buffers (1-3 MB seen), not by the
@@ -825,7 +865,19 @@ async def _read_one_response(stream: trio.SocketStream, buffer: bytearray) -> by
         buffer += chunk
 
 
-async def _keepalive_client(address: tuple[str, int], tally: collections.Counter[str], until: float) -> None:
+def _describe(raw: bytes) -> str:
+    """A bad reply in a few words: its status, and its body bytes against its Content-Length."""
+    response = parse_response(raw)
+    if response is None:
+        return f"{len(raw)} bytes: {raw[:40]!r}"
+    length = response.headers.get("content-length", "?")
+    after = response.headers.get("retry-after")
+    return f"{response.status} with {len(response.body)} of {length} body bytes, Retry-After {after}"
+
+
+async def _keepalive_client(
+    address: tuple[str, int], tally: collections.Counter[str], examples: dict[str, str], until: float
+) -> None:
     """Loop echo requests on one keep-alive connection until the server closes it (bounded by time)."""
     async with await trio.open_tcp_stream(*address) as stream:
         buffer = bytearray()
@@ -834,6 +886,8 @@ async def _keepalive_client(address: tuple[str, int], tally: collections.Counter
             raw = await _read_one_response(stream, buffer)
             outcome = _classify_keepalive(raw)
             tally[outcome] += 1
+            if outcome not in ("200", "503 ok"):
+                examples.setdefault(outcome, _describe(raw))
             if outcome != "200":
                 return
 
@@ -857,6 +911,7 @@ async def keepalive_drain(mode: Mode) -> list[Row]:
     """7. Sixty keep-alive clients looping requests when SIGTERM arrives: no empty or short replies."""
     row = Row("60 keep-alive clients at SIGTERM", "http/1.1")
     tally: collections.Counter[str] = collections.Counter()
+    examples: dict[str, str] = {}
     args = ("--http", "127.0.0.1:0", "--no-access-log", "--drain-timeout", "5")
     async with worker_process(*args) as worker:
         row.rss_before = rss_mb(worker.pid)
@@ -864,7 +919,7 @@ async def keepalive_drain(mode: Mode) -> list[Row]:
         until = time.monotonic() + 5.0
         async with trio.open_nursery() as nursery:
             for _ in range(60):
-                nursery.start_soon(_keepalive_client, worker.addresses["http"], tally, until)
+                nursery.start_soon(_keepalive_client, worker.addresses["http"], tally, examples, until)
             await trio.sleep(0.5)
             row.healthy = tally["200"] > 0
             row.rss_after = rss_mb(worker.pid)
@@ -874,6 +929,9 @@ async def keepalive_drain(mode: Mode) -> list[Row]:
     bad = {k: v for k, v in tally.items() if k not in ("200", "503 ok")}
     row.verdict = "PASS" if not bad and row.exit == "0" else "FAIL"
     row.reason = ", ".join(f"{k}={v}" for k, v in sorted(tally.items()))
+    row.reason += "".join(
+        f"; e.g. {example}" for outcome, example in examples.items() if outcome != "empty reply"
+    )
     return [row]
 
 
@@ -932,7 +990,7 @@ async def tcp_hello(mode: Mode) -> list[Row]:
                 return [f.kind for f in frames] == [DATA, END], f"stream 1: {[f.kind for f in frames]}"
         return False, "no answer within 2 s without further bytes (the request stays in the buffer)"
 
-    rows = [await survive("HELLO + REQUEST in one write", "tcp", together)]
+    rows = [functools.partial(survive, "HELLO + REQUEST in one write", "tcp", together)]
     bad_hellos = [
         ("HELLO version 2", MAGIC + hello(version=2)),
         ("HELLO max_frame_size 100", MAGIC + hello(max_frame_size=100)),
@@ -949,12 +1007,13 @@ async def tcp_hello(mode: Mode) -> list[Row]:
                     while (frame := await conn.next_frame()) is not None:
                         frames.append(frame)
             error = [f for f in frames if f.kind == ERROR and f.stream_id == 0]
-            seen = [(f.kind, f.stream_id, f.payload[3:50]) for f in frames]
+            seen = [f"{FRAME_NAMES[f.kind]} on {f.stream_id} {f.payload[3:50]!r}" for f in frames]
             ending = "EOF" if conn.eof else "still open after 3 s"
-            return bool(error) and conn.eof, f"frames {seen}, then {ending}"
+            got = f"frames [{', '.join(seen)}]" if frames else f"{conn.received} bytes, no frame"
+            return bool(error) and conn.eof, f"{got}, then {ending}"
 
-        rows.append(await survive(name, "tcp", attack))
-    return rows
+        rows.append(functools.partial(survive, name, "tcp", attack))
+    return await gather(rows)
 
 
 async def _metric_sum(address: tuple[str, int], name: str) -> float | None:
@@ -999,11 +1058,14 @@ async def _reset_storm(address: tuple[str, int], streams: int, rng: random.Rando
         nursery.cancel_scope.cancel()
 
 
+SETTLE_LIMIT = 2.0
+
+
 async def _settled_inflight(address: tuple[str, int]) -> float | None:
     """The in-flight gauge once it reaches 0, or its value after 2 s (the mocker's 5 tokens take 4 ms,
     and the storm's connections are closed: nothing may still run)."""
     value = None
-    for _ in range(20):
+    for _ in range(int(SETTLE_LIMIT / 0.1)):
         value = await _metric_sum(address, "ingress_inflight_requests")
         if value == 0:
             break
@@ -1020,10 +1082,17 @@ async def rapid_reset(mode: Mode) -> list[Row]:
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
                     nursery.start_soon(_reset_storm, address, mode.resets // 3, rng)
-            gauges.append(await _settled_inflight(address))
-        return all(g == 0 for g in gauges), f"in-flight after each storm: {gauges}"
+            await trio.sleep(SETTLE)
+            gauges.append(await _metric_sum(address, "ingress_inflight_requests"))
+        final = await _settled_inflight(address)
+        trail = ", ".join(f"{g:g}" if g is not None else "?" for g in gauges)
+        detail = (
+            f"in-flight {SETTLE:g} s after each storm: [{trail}]; {SETTLE_LIMIT:g} s after the last: {final}"
+        )
+        return final == 0, detail
 
-    return [await survive(f"rapid-reset storms, {mode.storms} x {mode.resets} streams", "h2", attack)]
+    name = f"rapid-reset storms, {mode.storms} x {mode.resets} streams"
+    return [await survive(name, "h2", attack, budget=mode.storms * (REPLY_TIMEOUT + SETTLE_LIMIT))]
 
 
 FD_LIMIT = 64
@@ -1097,12 +1166,10 @@ async def burst(mode: Mode) -> list[Row]:
 
 async def bad_nats_url(mode: Mode) -> list[Row]:
     """13. ``--nats notaurl`` and ``--nats http://127.0.0.1:1``: a usage error, exit 2, at once."""
-    urls = ["notaurl", "http://127.0.0.1:1"]
-    rows: list[Row | None] = [None, None]
 
-    async def one(i: int) -> None:
-        row = Row(f"serve --nats {urls[i]}", "cli")
-        async with worker_process("--nats", urls[i], "--no-access-log", wait_ready=False) as worker:
+    async def one(url: str) -> Row:
+        row = Row(f"serve --nats {url}", "cli")
+        async with worker_process("--nats", url, "--no-access-log", wait_ready=False) as worker:
             started = time.monotonic()
             with trio.move_on_after(mode.usage_kill_after):
                 row.exit = str(await worker.wait_exit())
@@ -1114,12 +1181,9 @@ async def bad_nats_url(mode: Mode) -> list[Row]:
         usage = any("usage" in s.lower() or s.startswith("ingress:") for s in said)
         row.verdict = "PASS" if row.exit == "2" and took < 2.0 and usage else "FAIL"
         row.reason = f"exit {row.exit} after {took:.1f} s; said: {' | '.join(s[:70] for s in said[:2])}"
-        rows[i] = row
+        return row
 
-    async with trio.open_nursery() as nursery:
-        for i in range(len(urls)):
-            nursery.start_soon(one, i)
-    return [row for row in rows if row is not None]
+    return await gather([functools.partial(one, url) for url in ("notaurl", "http://127.0.0.1:1")])
 
 
 CLASSES: dict[str, Callable[[Mode], Awaitable[list[Row]]]] = {
@@ -1142,8 +1206,13 @@ CLASSES: dict[str, Callable[[Mode], Awaitable[list[Row]]]] = {
 # --- the run ------------------------------------------------------------------------------------
 
 
-async def run_class(name: str, mode: Mode) -> list[tuple[str, Row]]:
+# Classes that mostly wait (on a worker stalled by a peer, or retrying a bad URL) run beside the others.
+BACKGROUND = ("slow_shutdown", "bad_nats_url")
+
+
+async def run_class(name: str, mode: Mode, took: dict[str, float]) -> list[tuple[str, Row]]:
     """One class, bounded: a hang or an unexpected exception becomes a FAIL row, not a stuck script."""
+    started = time.monotonic()
     try:
         with trio.fail_after(CLASS_TIMEOUT):
             rows = await CLASSES[name](mode)
@@ -1151,6 +1220,7 @@ async def run_class(name: str, mode: Mode) -> list[tuple[str, Row]]:
         rows = [Row("(the whole class)", "-", reason=f"did not finish within {CLASS_TIMEOUT:g} s")]
     except Exception as error:  # the script's own failure must still be a row, and not hide the rest
         rows = [Row("(the whole class)", "-", reason=f"script error: {error!r}"[:200])]
+    took[name] = time.monotonic() - started
     return [(name, row) for row in rows]
 
 
@@ -1191,11 +1261,23 @@ def print_table(results: list[tuple[str, Row]]) -> None:
 
 async def main(mode: Mode, names: list[str]) -> int:
     started = time.monotonic()
-    results: list[tuple[str, Row]] = []
-    for name in names:
-        results += await run_class(name, mode)
+    by_class: dict[str, list[tuple[str, Row]]] = {}
+    took: dict[str, float] = {}
+
+    async def in_background(name: str) -> None:
+        by_class[name] = await run_class(name, mode, took)
+
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            if name in BACKGROUND:
+                nursery.start_soon(in_background, name)
+        for name in names:
+            if name not in BACKGROUND:
+                by_class[name] = await run_class(name, mode, took)
+    results = [row for name in names for row in by_class[name]]
     print_table(results)
     failed = sum(row.verdict == "FAIL" for _, row in results)
+    print("seconds per class: " + ", ".join(f"{name} {took[name]:.1f}" for name in names))
     print(f"hostile: {len(results)} rows, {failed} FAIL, {time.monotonic() - started:.1f} s")
     return 1 if failed else 0
 
