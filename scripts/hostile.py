@@ -41,6 +41,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 import nats
 import trio
@@ -57,6 +58,9 @@ BAD_REPLY_TIMEOUT = 2.0
 SETTLE = 0.3
 # SIGTERM at the end of a row: a healthy worker exits well within this.
 EXIT_TIMEOUT = 10.0
+# Class 13: a usage error is immediate; a worker still running this long is killed (it runs in the
+# background, so the short mode keeps it).
+USAGE_KILL_AFTER = 10.0
 # The worker's drain settings where a row sends SIGTERM under load (class 5); kill_grace is the default.
 DRAIN_TIMEOUT = 1.0
 KILL_GRACE = 1.0
@@ -82,10 +86,6 @@ class Mode:
     @property
     def give_up_after(self) -> float:  # class 5: a worker still running this long after SIGTERM: killed
         return 10.0 if self.short else 20.0
-
-    @property
-    def usage_kill_after(self) -> float:  # class 13: a usage error must not take this long
-        return 5.0 if self.short else 10.0
 
     @property
     def fd_recovery(self) -> float:  # class 11: how long the worker may take to serve again
@@ -495,6 +495,7 @@ async def health_problems(worker: WorkerProcess, nats: Nats | None = None) -> li
     checks: list[tuple[str, Callable[[], Awaitable[bool]]]] = []
     if "http" in worker.addresses:
         checks.append(("http", lambda: h1_healthy(worker.addresses["http"])))
+        checks.append(("h2", lambda: h2_healthy(worker.addresses["http"])))
     if "tcp" in worker.addresses:
         checks.append(("tcp", lambda: tcp_healthy(worker.addresses["tcp"])))
     if nats is not None:
@@ -505,7 +506,13 @@ async def health_problems(worker: WorkerProcess, nats: Nats | None = None) -> li
             with trio.fail_after(REPLY_TIMEOUT):
                 if not await check():
                     problems.append(f"{name} (wrong answer)")
-        except (OSError, trio.BrokenResourceError, ValueError, KeyError) as error:
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            ValueError,
+            KeyError,
+            h2.exceptions.ProtocolError,
+        ) as error:
             problems.append(f"{name} ({type(error).__name__})")
         except trio.TooSlowError:
             problems.append(f"{name} (no answer in {REPLY_TIMEOUT:g} s)")
@@ -549,6 +556,34 @@ class H2Conn:
         self.conn.send_headers(stream_id, headers)
         self.conn.send_data(stream_id, body, end_stream=True)
         return stream_id
+
+
+async def h2_healthy(address: tuple[str, int]) -> bool:
+    """A generate stream and an echo call on one h2 connection (reading and acknowledging everything)."""
+    client = await H2Conn.open(address)
+    bodies: dict[int, bytearray] = {}
+    statuses: dict[int, bytes] = {}
+    async with client.stream:
+        generate = client.post("/v1/generate", b'{"max_tokens":5}')
+        echo = client.post("/v1/echo", b'{"ping":1}')
+        await client.flush()
+        ended: set[int] = set()
+        while ended != {generate, echo}:
+            data = await _receive(client.stream)
+            if not data:
+                return False
+            for event in client.conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = dict(event.headers).get(b":status", b"")
+                elif isinstance(event, h2.events.DataReceived):
+                    bodies.setdefault(event.stream_id, bytearray()).extend(event.data)
+                    client.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    ended.add(event.stream_id)
+            await client.flush()
+    streamed = b'event: end\ndata: {"chunks":5}' in bodies.get(generate, b"")
+    answered = json.loads(bodies.get(echo, b"null")) == {"ping": 1}
+    return statuses == {generate: b"200", echo: b"200"} and streamed and answered
 
 
 # --- the classes of input -----------------------------------------------------------------------
@@ -1129,7 +1164,7 @@ async def fd_limit(mode: Mode) -> list[Row]:
         ]
         tracebacks = sum(str(e.get("line", "")).lstrip(" |+").startswith("Traceback") for e in noisy)
         emfile = [str(e.get("line", e.get("event"))) for e in noisy if "EMFILE" in str(e)]
-        ok = len(noisy) <= WARNING_LINES_LIMIT
+        ok = len(noisy) <= WARNING_LINES_LIMIT and recovered is not None
         detail = (
             f"{len(noisy)} warning/error/raw log lines (limit {WARNING_LINES_LIMIT}):"
             f" {tracebacks} tracebacks,"
@@ -1190,7 +1225,7 @@ async def bad_nats_url(mode: Mode) -> list[Row]:
         row = Row(f"serve --nats {url}", "cli")
         async with worker_process("--nats", url, "--no-access-log", wait_ready=False) as worker:
             started = time.monotonic()
-            with trio.move_on_after(mode.usage_kill_after):
+            with trio.move_on_after(USAGE_KILL_AFTER):
                 row.exit = str(await worker.wait_exit())
             took = time.monotonic() - started
             if row.exit == "-":
