@@ -8,10 +8,12 @@ HTTP/2, plain nats-py (in a thread with its own asyncio loop) for NATS; the proj
 used. After each input the script checks that the worker is still alive and that a healthy ``generate``
 stream and ``echo`` call are still served on every transport it serves, reads the worker's RSS from
 /proc/PID/status before and after, then sends SIGTERM and records the exit code. It prints one table row
-per input (PASS / FAIL / SKIP with a short reason) and exits 0 only if no row failed.
+per input (PASS or FAIL with a short reason saying what came back) and exits 0 only if every row passed.
+Rows with their own workers run side by side (a few at a time), and the classes that mostly wait run
+beside the rest.
 
-    python scripts/hostile.py                        # full run (a few minutes)
-    python scripts/hostile.py --short                # the CI run (well under a minute)
+    python scripts/hostile.py                        # full run (about 75 s)
+    python scripts/hostile.py --short                # the CI run (about 40 s)
     python scripts/hostile.py --only nested_json     # one class (comma-separated for several)
     python scripts/hostile.py --list                 # the class names
 
@@ -68,6 +70,7 @@ EXIT_SLACK = 2.0  # "a small constant": process teardown, hypercorn's own close
 DEEP = b"[" * 100_000
 SUPERSCRIPT_TWO = "\u00b2"
 LONG_DIGITS = "9" * 5_000
+BURST = 1024  # class 12: connections opened at once (the HTTP listener's backlog is 100 on main)
 # Rows run side by side; each NATS row's worker gets its own namespace (queue group), so a request
 # reaches the worker under test and no other.
 PARALLEL_ROWS = 3
@@ -90,10 +93,6 @@ class Mode:
     @property
     def fd_recovery(self) -> float:  # class 11: how long the worker may take to serve again
         return 5.0 if self.short else 15.0
-
-    @property
-    def burst(self) -> int:  # class 12
-        return 1024
 
     @property
     def resets(self) -> int:  # class 10: streams opened and reset per storm
@@ -232,7 +231,15 @@ async def survive(
         try:
             with trio.fail_after(budget):
                 ok, detail = await attack(worker)
-        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as error:
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.TooSlowError,
+            ValueError,
+            KeyError,
+            h2.exceptions.H2Error,
+        ) as error:
+            # ValueError and KeyError: an answer this script cannot parse (JSON, an HTTP head).
             ok, detail = False, f"the hostile exchange failed: {error!r}"[:200]
         return await finish_row(row, worker, ok, detail, nats)
 
@@ -910,8 +917,11 @@ def _describe(raw: bytes) -> str:
     if response is None:
         return f"{len(raw)} bytes: {raw[:40]!r}"
     length = response.headers.get("content-length", "?")
-    after = response.headers.get("retry-after")
-    return f"{response.status} with {len(response.body)} of {length} body bytes, Retry-After {after}"
+    after, connection = response.headers.get("retry-after"), response.headers.get("connection")
+    return (
+        f"{response.status} with {len(response.body)} of {length} body bytes {response.body[:100]!r},"
+        f" Retry-After {after}, Connection {connection}"
+    )
 
 
 async def _keepalive_client(
@@ -942,7 +952,9 @@ def _classify_keepalive(raw: bytes) -> str:
     if not response.complete:
         return f"{response.status} short body"
     if response.status == 503:
-        return "503 ok" if "retry-after" in response.headers else "503 no Retry-After"
+        if "retry-after" not in response.headers:
+            return "503 without Retry-After"
+        return "503 ok" if response.headers.get("connection", "").lower() == "close" else "503 keeps alive"
     return str(response.status)
 
 
@@ -1197,7 +1209,7 @@ async def _hold_connection(address: tuple[str, int], seconds: float) -> None:
 
 async def burst(mode: Mode) -> list[Row]:
     """12. 1,024 connections to the HTTP port at once, one request each: the time until all answered."""
-    row = Row(f"{mode.burst} connects at once", "http/1.1")
+    row = Row(f"{BURST} connects at once", "http/1.1")
     answered = 0
 
     async def one(address: tuple[str, int]) -> None:
@@ -1211,11 +1223,11 @@ async def burst(mode: Mode) -> list[Row]:
         started = time.monotonic()
         with trio.move_on_after(40.0):
             async with trio.open_nursery() as nursery:
-                for _ in range(mode.burst):
+                for _ in range(BURST):
                     nursery.start_soon(one, worker.addresses["http"])
         took = time.monotonic() - started
-        ok = answered == mode.burst
-        return [await finish_row(row, worker, ok, f"{answered}/{mode.burst} answered in {took:.2f} s", None)]
+        ok = answered == BURST
+        return [await finish_row(row, worker, ok, f"{answered}/{BURST} answered in {took:.2f} s", None)]
 
 
 async def bad_nats_url(mode: Mode) -> list[Row]:
