@@ -609,7 +609,10 @@ async def nats_input(mode: Mode) -> list[Row]:
             target = Nats(url, f"hostile{i}")
 
             async def attack(
-                worker: WorkerProcess, p: bytes = payload, h: Any = headers, t: Nats = target
+                worker: WorkerProcess,
+                p: bytes = payload,
+                h: dict[str, str] | None = headers,
+                t: Nats = target,
             ) -> tuple[bool, str]:
                 try:
                     replies = await nats_exchange(t, "generate", p, h, wait=BAD_REPLY_TIMEOUT)
@@ -625,7 +628,6 @@ async def nats_input(mode: Mode) -> list[Row]:
 
 OPS_PATHS = ("/health", "/ready", "/metrics", "/no-such-path")
 ODD_REQUESTS: tuple[tuple[str, bytes], ...] = (
-    ("HEAD", b""),  # filled in per path below
     ("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
     ("BREW", b"BREW /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
     ("DELETE", b"DELETE /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
@@ -638,8 +640,8 @@ ODD_REQUESTS: tuple[tuple[str, bytes], ...] = (
 async def _probe_listener(worker: WorkerProcess, listener: str, odd: bool) -> tuple[bool, str]:
     """HEAD to every path (or every odd request): each gets a parsable response or a plain close."""
     address = worker.addresses[listener]
-    probes = [(f"HEAD {p}", h1_request("HEAD", p)) for p in OPS_PATHS] if not odd else list(ODD_REQUESTS[1:])
-    seen = []
+    probes = [(f"HEAD {p}", h1_request("HEAD", p)) for p in OPS_PATHS] if not odd else list(ODD_REQUESTS)
+    seen: list[str] = []
     for name, raw in probes:
         try:
             data = await h1_exchange(address, raw, read_for=2.0)
