@@ -179,10 +179,15 @@ async def gather(rows: Sequence[Callable[[], Awaitable[Row]]]) -> list[Row]:
     return [row for row in results if row is not None]
 
 
+def raw_exceptions(worker: WorkerProcess) -> list[str]:
+    """The exception lines of the tracebacks the worker printed outside its JSON log."""
+    raw = [str(e["line"]).strip(" |+-") for e in worker.events if e.get("event") == "unparsed"]
+    return [line for line in raw if re.match(r"[\w.]+(Error|Exception)\b.*:", line)]
+
+
 def crash_line(worker: WorkerProcess) -> str:
     """What a dead worker said last: the exception line of its traceback, else its last log event."""
-    raw = [str(e["line"]).strip(" |+-") for e in worker.events if e.get("event") == "unparsed"]
-    errors = [line for line in raw if re.match(r"[\w.]+(Error|Exception)\b.*:", line)]
+    errors = raw_exceptions(worker)
     if errors:
         return errors[-1][:150]
     return str(worker.events[-1].get("event")) if worker.events else "nothing"
@@ -208,12 +213,37 @@ async def finish_row(row: Row, worker: WorkerProcess, ok: bool, detail: str, nat
     return row
 
 
+def _innermost(exception: Any) -> str:
+    """The innermost exception of a structlog JSON ``exception`` field, as ``Type: value``."""
+    while isinstance(exception, list) and exception:
+        last = exception[-1]
+        if isinstance(last, list):
+            exception = last
+        elif isinstance(last, dict) and last.get("exceptions"):
+            exception = last["exceptions"]
+        elif isinstance(last, dict):
+            return f"{last.get('exc_type')}: {str(last.get('exc_value'))[:60]}"
+        else:
+            break
+    return ""
+
+
 def _warnings(worker: WorkerProcess) -> str:
     """The worker's own warning and error events, counted by name: a hint at where a FAIL comes from."""
-    names = collections.Counter(
-        str(e.get("event")) for e in worker.events if e.get("level") in ("warning", "error", "critical")
+    warned = [e for e in worker.events if e.get("level") in ("warning", "error", "critical")]
+    names = collections.Counter(str(e.get("event")) for e in warned)
+    causes = {str(e.get("event")): _innermost(e.get("exception")) for e in reversed(warned)}
+    logged = ", ".join(
+        f"{name} x{count}" + (f" ({causes[name]})" if causes[name] else "")
+        for name, count in names.most_common(4)
     )
-    return "worker logged " + ", ".join(f"{n} x{c}" for n, c in names.most_common(4)) if names else ""
+    logged = f"worker logged {logged}" if logged else ""
+    printed = raw_exceptions(worker) if is_alive(worker) or worker.process.returncode == 0 else []
+    if printed:
+        logged += (
+            f"{'; ' if logged else ''}printed {len(printed)} raw traceback(s), last: {printed[-1][:100]}"
+        )
+    return logged
 
 
 def _forced(worker: WorkerProcess) -> str:
@@ -690,13 +720,16 @@ async def _nested_tcp(worker: WorkerProcess) -> tuple[bool, str]:
         frames = await tcp_collect(conn, {1, 3})
     sibling = ([first] if first else []) + frames[1]
     bad = frames[3]
+    on_connection = [FRAME_NAMES[f.kind] for f in frames.get(0, [])]
     bad_ok = len(bad) == 1 and bad[0].kind == ERROR and bad[0].error_code == BAD_REQUEST
     sibling_ok = tcp_completed(sibling, tokens)
     got_bad = ", ".join(
         FRAME_NAMES[f.kind] + (f" code {f.error_code}" if f.kind == ERROR else "") for f in bad
     )
     got = f"bad stream 3 got [{got_bad}]; sibling stream 1 got {sum(f.kind == DATA for f in sibling)}"
-    connection = ", then the connection closed" if conn.eof else ""
+    connection = (
+        f", then the connection closed (stream 0 got {on_connection or 'nothing'})" if conn.eof else ""
+    )
     return (
         bad_ok and sibling_ok,
         f"{got}/{tokens} chunks, last frame {FRAME_NAMES[sibling[-1].kind] if sibling else None}{connection}",
@@ -843,6 +876,7 @@ async def _slow_shutdown_row(name: str, transport: str, mode: Mode, peer: Peer) 
     row.exit = "killed" if code is None else str(code)
     passed = code in (0, 3) and took <= limit and bool(row.alive) and bool(row.healthy)
     row.verdict = "PASS" if passed else "FAIL"
+    phases = [str(e["event"]) for e in worker.events if str(e.get("event")).startswith("shutdown.")]
     ending = (
         f"still running {took:.1f} s after SIGTERM, killed"
         if code is None
@@ -853,6 +887,8 @@ async def _slow_shutdown_row(name: str, transport: str, mode: Mode, peer: Peer) 
     )
     if not row.healthy:
         row.reason += "; a healthy request failed while the peer stalled"
+    if code is None:
+        row.reason += f"; its last shutdown line: {phases[-1] if phases else 'none'}"
     return row
 
 
@@ -1045,11 +1081,18 @@ async def tcp_hello(mode: Mode) -> list[Row]:
     async def together(worker: WorkerProcess) -> tuple[bool, str]:
         greeting = MAGIC + hello() + request_frame(1, "echo", b'{"x":1}')
         conn = await TcpConn.open(worker.addresses["tcp"], greeting)
+        frames: dict[int, list[Frame]] = {}
+        greeted = False
         async with conn.stream:
             with trio.move_on_after(2.0):
-                frames = (await tcp_collect(conn, {1}))[1]
-                return [f.kind for f in frames] == [DATA, END], f"stream 1: {[f.kind for f in frames]}"
-        return False, "no answer within 2 s without further bytes (the request stays in the buffer)"
+                first = await conn.next_frame()
+                greeted = first is not None and first.kind == HELLO
+                frames = await tcp_collect(conn, {1})
+        answer = [FRAME_NAMES[f.kind] for f in frames.get(1, [])]
+        detail = (
+            f"server HELLO {'received' if greeted else 'not received'}; stream 1 got {answer or 'nothing'}"
+        )
+        return answer == ["DATA", "END"], f"{detail} within 2 s, no further bytes sent"
 
     rows = [functools.partial(survive, "HELLO + REQUEST in one write", "tcp", together)]
     bad_hellos = [
