@@ -73,6 +73,9 @@ class RequestContext:
     _stopped: bool = field(default=False, repr=False)
     _kill_reason: KillReason | None = field(default=None, repr=False)
     _kill_error: IngressError | None = field(default=None, repr=False)
+    # How the caller went away (closed, reset, gone), for the disconnect metric; counted by the
+    # dispatcher once, and only if the request ends that way.
+    _gone_reason: str | None = field(default=None, repr=False)
 
     def stop_generating(self) -> None:
         """Ask a streaming handler to finish early; it should check ``is_stopped`` between chunks."""
@@ -84,6 +87,14 @@ class RequestContext:
             self._kill_reason = reason
             self._kill_error = error or Cancelled("request cancelled by the caller")
         self._scope.cancel(reason=reason.value)
+
+    def caller_gone(self, reason: str) -> None:
+        """The transport saw the caller leave (``reason``: closed, reset, gone): cancel the handler now.
+        The request ends ``disconnected`` and is counted in the disconnect metric under ``reason``,
+        unless it had already ended some other way (a deadline that fired first, say)."""
+        if self._gone_reason is None:
+            self._gone_reason = reason
+        self.kill(KillReason.DISCONNECTED)
 
     @property
     def is_stopped(self) -> bool:

@@ -215,6 +215,10 @@ class _Run:
         metrics = self.binding.metrics
         elapsed = trio.current_time() - self.started
         metrics.outcomes[self.outcome or "cancelled"].inc()
+        if self.outcome == "disconnected":
+            # Counted here, with the outcome, so the two can never disagree; a sink that found the
+            # connection broken before the transport noticed reports no reason: a reset.
+            metrics.disconnect(self.ctx._gone_reason or "reset")
         metrics.duration.observe(elapsed)
         if not self.binding.access_log:
             return

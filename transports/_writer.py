@@ -26,6 +26,8 @@ from typing import Protocol
 
 import trio
 
+from runtime import CallerGone
+
 
 class ByteSink(Protocol):
     """What the writer writes to: a trio SendStream, or the HTTP transport's ASGI body adapter."""
@@ -33,8 +35,10 @@ class ByteSink(Protocol):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None: ...
 
 
-class WriterClosed(Exception):
-    """The connection can no longer be written to (the peer is gone, or we are closing)."""
+class WriterClosed(CallerGone):
+    """The connection can no longer be written to (the peer is gone, or we are closing). A CallerGone,
+    so that a sink that meets it anywhere (a chunk, an end, an error) ends its request as disconnected
+    instead of as a handler failure."""
 
 
 class FrameWriter:

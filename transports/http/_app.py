@@ -23,7 +23,6 @@ from runtime import (
     EndpointBinding,
     ErrorCode,
     IngressError,
-    KillReason,
     NotFound,
     RequestContext,
     TransportBinding,
@@ -201,8 +200,7 @@ async def _watch_disconnect(
         message = await receive()
         if message["type"] == "http.disconnect":
             if not sink.finished:
-                binding.metrics.disconnect("closed")
-                ctx.kill(KillReason.DISCONNECTED)
+                ctx.caller_gone("closed")
             return
 
 

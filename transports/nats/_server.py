@@ -238,10 +238,9 @@ class _Requests:
             if not checked:
                 continue
             alive = await aio.probe_all(self.client, [inbox for _, (_, inbox) in checked], interval)
-            for (ctx, (endpoint, _)), is_alive in zip(checked, alive, strict=True):
+            for (ctx, _), is_alive in zip(checked, alive, strict=True):
                 if not is_alive and not ctx.is_killed:
-                    endpoint.metrics.disconnect("gone")
-                    ctx.kill(KillReason.DISCONNECTED)
+                    ctx.caller_gone("gone")
 
 
 class _NatsSink:

@@ -18,7 +18,6 @@ import trio
 from runtime import (
     DEFAULT_BACKLOG,
     BadRequest,
-    CallerGone,
     EndpointBinding,
     IngressError,
     InternalError,
@@ -271,10 +270,8 @@ class _ServerConnection:
 
     def _drop_streams(self, reason: str) -> None:
         """The caller is gone: kill every stream of this connection and count it, once per stream."""
-        for binding, ctx in self.streams.values():
-            if not ctx.is_killed:
-                binding.metrics.disconnect(reason)
-                ctx.kill(KillReason.DISCONNECTED)
+        for _, ctx in self.streams.values():
+            ctx.caller_gone(reason)
 
     def _protocol_error(self, message: str) -> str:
         self.log.warning("tcp.protocol_error", message=message)
@@ -318,10 +315,7 @@ class _StreamSink:
         await self._write(self.conn.codec.send(_error_event(self.stream_id, error, retryable)), final=True)
 
     async def _write(self, frame: bytes, final: bool = False) -> None:
-        try:
-            await self.conn.writer.write(frame, flush=final)
-        except WriterClosed:
-            raise CallerGone from None
+        await self.conn.writer.write(frame, flush=final)  # WriterClosed is a CallerGone
 
 
 def _error_event(stream_id: int, error: IngressError, retryable: bool) -> codec.Error:
