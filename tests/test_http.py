@@ -165,8 +165,8 @@ async def test_overloaded_is_429_with_retry_after():
     assert response.headers["retry-after"] == "1" and response.json()["error"]["retryable"] is True
 
 
-async def test_drain_answers_new_calls_503_closes_idle_keep_alive_and_finishes_streams():
-    """Phase 1: new calls get 503, idle keep-alive connections close, running streams finish."""
+async def test_drain_answers_new_calls_503_finishes_streams_and_closes_idle_keep_alive_in_phase_3():
+    """Phase 1: new calls get 503, running streams finish; idle keep-alive connections close in phase 3."""
     probe = Probe()
     async with serving(probe) as (handle, h1):
         host, port = handle.addresses["http"]
@@ -195,7 +195,7 @@ async def test_drain_answers_new_calls_503_closes_idle_keep_alive_and_finishes_s
                 on_new_connection = await fresh.post("/v1/echo", json={})
                 ready = await fresh.get("/ready")
             with trio.fail_after(5):
-                assert await idle.receive_some(4096) == b""  # the worker closed it
+                assert await idle.receive_some(4096) == b""  # the worker closed it (phase 3)
         for refused in (on_busy_h2, on_new_connection):
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["code"] == "UNAVAILABLE" and refused.json()["error"]["retryable"]

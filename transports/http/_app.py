@@ -53,6 +53,8 @@ RETRY_AFTER = "1"
 TIMEOUT_HEADER = "x-request-timeout-ms"
 REQUEST_ID_HEADER = "x-request-id"
 NDJSON = "application/x-ndjson"
+# Refusals of a draining worker: on HTTP/1.1 they also close the connection (HTTP/2 forbids the header).
+_DRAINING_CODES = (ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE)
 
 
 class IngressApp:
@@ -143,9 +145,8 @@ class IngressApp:
         )
         binding.accept(ctx)
         ndjson = NDJSON in headers.get("accept", "")
-        await self._run(
-            binding, ctx, request, _HttpSink(send, ndjson, id_header, self.stream_high_water), receive
-        )
+        sink = _HttpSink(send, ndjson, id_header, self.stream_high_water, http1=_is_http1(scope))
+        await self._run(binding, ctx, request, sink, receive)
 
     async def _run(
         self, binding: EndpointBinding, ctx: RequestContext, request: Any, sink: _HttpSink, receive: Receive
@@ -234,8 +235,11 @@ class _HttpSink:
     """Answers one HTTP call. Stream chunks go through a FrameWriter, so when the client is behind the
     queued chunks leave in one ASGI body message instead of one each."""
 
-    def __init__(self, send: Send, ndjson: bool, headers: list[tuple[bytes, bytes]], high_water: int) -> None:
+    def __init__(
+        self, send: Send, ndjson: bool, headers: list[tuple[bytes, bytes]], high_water: int, http1: bool
+    ) -> None:
         self.send = send
+        self.http1 = http1
         self.ndjson = ndjson
         self.headers = headers
         self.high_water = high_water
@@ -266,6 +270,8 @@ class _HttpSink:
     async def send_error(self, error: IngressError, retryable: bool) -> None:
         if self.writer is None:
             extra = [(b"retry-after", RETRY_AFTER.encode())] if retryable else []
+            if error.code in _DRAINING_CODES and self.http1:
+                extra.append((b"connection", b"close"))  # like the UNAVAILABLE refusal: go elsewhere
             self.finished = True  # see send_result
             await _error(self.send, STATUS_FOR_CODE[error.code], error, retryable, self.headers + extra)
             return
