@@ -374,6 +374,11 @@ class _BoundedH2Protocol(H2Protocol):
     async def handle(self, event: Event) -> None:
         await super().handle(event)
         if isinstance(event, Closed):
+            # hypercorn stops its send task on Closed but leaves the stream buffers open, so a response
+            # still being pushed or drained waited forever: its request never ended and stayed counted
+            # in flight (the rapid-reset leak). Closing them lets every writer see the end.
+            for buffer in list(self.stream_buffers.values()):
+                await buffer.close()
             self._room.unpark_all()
 
     async def _close_stream(self, stream_id: int) -> None:

@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from runtime import RequestContext, Worker, open_worker
-from runtime.testing import worker_process
+from runtime.testing import sample, worker_process
 from transports.http import HttpTransport
 
 # The worker must be gone this long after drain_timeout + kill_grace, whatever its peers do.
@@ -53,7 +53,8 @@ class H2Peer:
         self.conn.initiate_connection()
         if window is not None:
             self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
-            self.conn.increment_flow_control_window(window - 65535)
+            if window > 65535:  # the connection's window only grows (RFC 9113 6.9.2)
+                self.conn.increment_flow_control_window(window - 65535)
         self.events: list[h2.events.Event] = []
 
     async def flush(self) -> None:
@@ -66,12 +67,22 @@ class H2Peer:
         self.conn.send_data(stream_id, body, end_stream=True)
         return stream_id
 
-    async def read_until(self, kind: type, stream_id: int) -> None:
+    async def ping_pong(self) -> None:
+        """Send a PING and read until its acknowledgement: the server has handled every earlier frame."""
+        self.conn.ping(b"barrier!")
+        await self.flush()
+        await self.read_until(h2.events.PingAckReceived, None)
+
+    async def read_until(self, kind: type, stream_id: int | None) -> None:
         """Read (without acknowledging data) until an event of ``kind`` arrives on ``stream_id``."""
-        while not any(isinstance(e, kind) and e.stream_id == stream_id for e in self.events):
+        while not any(isinstance(e, kind) and _on(e, stream_id) for e in self.events):
             data = await self.stream.receive_some(65536)
             assert data, "the server closed the connection"
             self.events += self.conn.receive_data(data)
+
+
+def _on(event: h2.events.Event, stream_id: int | None) -> bool:
+    return getattr(event, "stream_id", None) == stream_id
 
 
 # A PING frame (RFC 9113 6.7): length 8, type 6, no flags, stream 0, 8 bytes of payload.
@@ -366,3 +377,116 @@ async def test_a_storm_of_new_connections_is_answered_without_a_dropped_handshak
                 nursery.start_soon(one)
     assert statuses == [b"200"] * STORM_CONNECTIONS
     assert retransmitted == 0  # with hypercorn's backlog of 100, hundreds waited for a retransmission
+
+
+def _short_worker() -> Worker:
+    worker = Worker("resets")
+
+    @worker.endpoint("echo")
+    async def echo(request: Any, ctx: RequestContext) -> Any:
+        return request
+
+    @worker.endpoint("tokens")
+    async def tokens(request: Any, ctx: RequestContext) -> Any:
+        for i in range(request.get("n", 2)):
+            yield {"i": i}
+
+    return worker
+
+
+RESET_ROUNDS = 30
+STREAMS_PER_ROUND = 20
+
+
+def _assert_accounts_balance(handle: Any, endpoints: tuple[str, ...]) -> int:
+    """Each accepted request ended in exactly one outcome; nothing is left in flight; disconnects are
+    counted only for requests whose outcome is ``disconnected``. Returns the requests accepted."""
+    accepted = 0
+    for name in endpoints:
+        labels = {"endpoint": name, "transport": "http"}
+        statistics = handle.binding("http", name).statistics()
+        outcomes = sum(
+            sample(handle.runtime, "ingress_requests_total", **labels, outcome=outcome)
+            for outcome in ("ok", "error", "cancelled", "disconnected", "rejected", "shutdown")
+        )
+        assert sample(handle.runtime, "ingress_inflight_requests", **labels) == 0, name
+        assert statistics.in_flight == 0 and outcomes == statistics.started == statistics.finished, name
+        disconnects = sum(
+            sample(handle.runtime, "ingress_client_disconnects_total", **labels, reason=reason)
+            for reason in ("closed", "reset", "gone")
+        )
+        disconnected = sample(handle.runtime, "ingress_requests_total", **labels, outcome="disconnected")
+        assert disconnects == disconnected, name
+        accepted += statistics.started
+    return accepted
+
+
+async def test_h2_rapid_reset_storm_leaves_every_count_balanced():
+    """Streams opened and reset at once, round after round: every count returns to 0, one outcome each."""
+    async with open_worker(_short_worker(), [HttpTransport(port=0)]) as handle:
+        address = handle.addresses["http"]
+        for _ in range(RESET_ROUNDS):
+            async with await trio.open_tcp_stream(*address) as stream:
+                peer = H2Peer(stream)
+                for index in range(STREAMS_PER_ROUND):
+                    path = "/v1/echo" if index % 2 else "/v1/tokens"
+                    stream_id = peer.post(path, b'{"n": 2}')
+                    peer.conn.reset_stream(stream_id)
+                    await peer.flush()
+                await peer.ping_pong()  # the worker has read every frame of this round
+        # Nothing left to run in the worker (its requests ended, or were refused): the books must balance.
+        with trio.fail_after(10):
+            for name in ("echo", "tokens"):
+                await handle.binding("http", name).tracker.wait_idle()
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+        accepted = _assert_accounts_balance(handle, ("echo", "tokens"))
+        handle.shutdown("test")
+        assert not (await handle.wait_drained()).forced
+    assert accepted > 0
+
+
+def _stalling_worker(deadline_hit: trio.Event) -> Worker:
+    worker = Worker("stall")
+
+    @worker.endpoint("flood")
+    async def flood(request: Any, ctx: RequestContext) -> Any:
+        try:
+            while True:
+                yield CHUNK * 64
+        finally:
+            deadline_hit.set()  # the caller's deadline ended the stream (nothing else does here)
+
+    return worker
+
+
+async def test_a_caller_that_closes_after_its_deadline_is_an_error_not_a_disconnect():
+    """A stream ended by its deadline whose caller then leaves is counted once: error, no disconnect."""
+    deadline_hit = trio.Event()
+    async with open_worker(_stalling_worker(deadline_hit), [HttpTransport(port=0)]) as handle:
+        stream = await _connect(handle.addresses["http"])
+        head = b"POST /v1/flood HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\nx-request-timeout-ms: 200\r\n\r\n"
+        async with stream:
+            await stream.send_all(head + b"{}")  # ... and never reads: the error event cannot leave
+            await deadline_hit.wait()
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with trio.fail_after(10):
+            await handle.binding("http", "flood").tracker.wait_idle()
+        _assert_accounts_balance(handle, ("flood",))
+        labels = {"endpoint": "flood", "transport": "http"}
+        assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="error") == 1
+
+
+async def test_h2_connection_closed_while_responses_wait_for_window_ends_every_request():
+    """Short h2 streams finished but held by a closed window, then the connection closes: none leaks."""
+    async with open_worker(_short_worker(), [HttpTransport(port=0)]) as handle:
+        for _ in range(3):
+            async with await trio.open_tcp_stream(*handle.addresses["http"]) as stream:
+                peer = H2Peer(stream, window=0)  # the server may send headers, never data
+                ids = [peer.post("/v1/tokens", b'{"n": 2}') for _ in range(5)]
+                await peer.flush()
+                for stream_id in ids:
+                    await peer.read_until(h2.events.ResponseReceived, stream_id)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.1)  # every response is stuck
+        with trio.fail_after(10):
+            await handle.binding("http", "tokens").tracker.wait_idle()
+        _assert_accounts_balance(handle, ("tokens",))

@@ -153,9 +153,13 @@ class IngressApp:
     ) -> None:
         async with trio.open_nursery() as nursery:
             sink.nursery = nursery
-            nursery.start_soon(_watch_disconnect, receive, binding, ctx, sink)
+            nursery.start_soon(_watch_disconnect, receive, ctx, sink)
             try:
-                await dispatch(binding, ctx, request, sink)
+                # Counted only when the disconnect decided the outcome (a caller that leaves after its
+                # request failed, say past its deadline, is an error, not also a disconnect), and with
+                # no checkpoint after dispatch's release, so whoever waits for idle sees the count.
+                if await dispatch(binding, ctx, request, sink) == "disconnected":
+                    binding.metrics.disconnect("closed")
             finally:
                 nursery.cancel_scope.cancel(reason="request finished")
 
@@ -208,15 +212,12 @@ def _deadline(header: str | None) -> float:
     return trio.current_time() + int(header) / 1000
 
 
-async def _watch_disconnect(
-    receive: Receive, binding: EndpointBinding, ctx: RequestContext, sink: _HttpSink
-) -> None:
+async def _watch_disconnect(receive: Receive, ctx: RequestContext, sink: _HttpSink) -> None:
     """Kill the handler when the client goes away (hypercorn will not)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             if not sink.finished:
-                binding.metrics.disconnect("closed")
                 ctx.kill(KillReason.DISCONNECTED)
             return
 
