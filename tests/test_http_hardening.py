@@ -192,6 +192,7 @@ async def test_h2_flow_control_stops_the_handler_per_stream_and_per_connection(c
             running = handle.binding("http", "flood").statistics().in_flight
             total = sum(produced.bytes.values())
         handle.shutdown("test")
+    print(f"h2 produced per stream: {sorted(produced.bytes.values())}, total {total}")
     assert running == 10 and len(produced.bytes) == 10
     # Per stream: its writer's buffer, the bytes in the writer's hand, the h2 stream buffer (each
     # about high_water), and its share of the connection window the peer opened (64 KiB in all).
@@ -490,3 +491,10 @@ async def test_h2_connection_closed_while_responses_wait_for_window_ends_every_r
         with trio.fail_after(10):
             await handle.binding("http", "tokens").tracker.wait_idle()
         _assert_accounts_balance(handle, ("tokens",))
+
+
+async def test_http_backlog_flag_sets_the_listen_queue():
+    """`ingress serve --http-backlog N` reaches the listener, which logs the queue it got."""
+    async with worker_process("--http", "127.0.0.1:0", "--http-backlog", "128") as worker:
+        listening = await worker.wait_event("http.listening")
+    assert listening["backlog"] == 128
