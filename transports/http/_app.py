@@ -31,6 +31,7 @@ from runtime import (
     dispatch,
     new_request_id,
 )
+from runtime._ops_server import OPS_PATHS, OpsApp
 
 from .._writer import FrameWriter
 
@@ -72,6 +73,7 @@ class IngressApp:
         self.max_body_size = max_body_size
         self.body_timeout = body_timeout
         self.stream_high_water = stream_high_water
+        self.ops = OpsApp(lambda: binding.is_ready(), binding.runtime.metrics.registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -86,25 +88,11 @@ class IngressApp:
                 await _error(send, 405, BadRequest(f"use POST for {path}"), extra=[(b"allow", b"POST")])
             else:
                 await self._call(scope, receive, send, path[len("/v1/") :])
-        elif path in ("/health", "/ready", "/metrics") and method in ("GET", "HEAD"):
-            await self._probe(send, path)
+        elif path in OPS_PATHS:
+            await self.ops(scope, receive, send)  # the same app as the --metrics listener
         else:
             error = NotFound(f"no route {method} {path}; endpoints are POST /v1/{{endpoint}}")
             await _error(send, 404, error)
-
-    async def _probe(self, send: Send, path: str) -> None:
-        if path == "/metrics":
-            body, content_type = (
-                self.binding.runtime.metrics.render(),
-                b"text/plain; version=0.0.4; charset=utf-8",
-            )
-            await _respond(send, 200, content_type, body)
-        elif path == "/health":
-            await _respond(send, 200, b"text/plain", b"ok\n")
-        elif self.binding.is_ready():
-            await _respond(send, 200, b"text/plain", b"ready\n")
-        else:
-            await _respond(send, 503, b"text/plain", b"not ready: shutting down\n")
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
