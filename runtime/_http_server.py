@@ -9,8 +9,8 @@ everything that touches the socket and every bound (docs/http.md):
   in SYN retransmits).
 - **No unbounded send**: hypercorn shields every ``send_all`` without a bound, so a peer that stops
   reading pins the worker forever after SIGTERM. Here a send is never shielded: cancelling the
-  connection (phase 3) ends it at once. A send cut half-way leaves the byte stream torn, so the whole
-  connection is cancelled then, never written to again.
+  connection (phase 3) ends it at once. A send cut half-way leaves the byte stream torn, so that
+  connection's socket is closed then, never written to again.
 - **h2 back-pressure**: hypercorn's per-stream buffer lets a writer through whenever its sender pops
   nothing (a closed flow-control window pops zero bytes and "unpauses" the writer), so a client that does
   not read made the worker buffer without limit. ``_BoundedH2Protocol`` makes ``stream_send`` wait while
@@ -176,7 +176,6 @@ class Connection:
         self.stream = stream
         self.context = WorkerContext(None)
         self.protocol: _ProtocolSwitch
-        self.scope = trio.CancelScope()
         self._send_lock = trio.Lock()
         self._write_closed = False  # no more bytes go out (half-closed, torn or broken)
         self._closing = False  # the protocol is told Closed; reads are only drained now
@@ -186,19 +185,18 @@ class Connection:
         self._read_scope: trio.CancelScope | None = None
 
     async def run(self) -> None:
-        with self.scope:
-            alpn = await self._handshake()
-            if alpn is None:
-                return
-            sock = self._socket()
-            client = parse_socket_addr(sock.family, sock.getpeername())
-            server = parse_socket_addr(sock.family, sock.getsockname())
-            async with TaskGroup() as task_group:
-                state = ConnectionState({})
-                args = (self.app, self.config, self.context, task_group, state, self._ssl, client, server)
-                self.protocol = _ProtocolSwitch((*args, self.send), self.limits, alpn)
-                await self.protocol.initiate()
-                await self._read()
+        alpn = await self._handshake()
+        if alpn is None:
+            return
+        sock = self._socket()
+        client = parse_socket_addr(sock.family, sock.getpeername())
+        server = parse_socket_addr(sock.family, sock.getsockname())
+        async with TaskGroup() as task_group:
+            state = ConnectionState({})
+            args = (self.app, self.config, self.context, task_group, state, self._ssl, client, server)
+            self.protocol = _ProtocolSwitch((*args, self.send), self.limits, alpn)
+            await self.protocol.initiate()
+            await self._read()
 
     @property
     def _ssl(self) -> bool:
@@ -261,10 +259,9 @@ class Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                 self._write_closed = broken = True
             except BaseException:
-                # Cancelled half-way: the peer may have part of a frame, so nothing more can be
-                # written; the connection ends here (this is also how phase 3 ends a stuck send).
-                self._write_closed = True
-                self.scope.cancel(reason="send interrupted")
+                # Cancelled half-way (phase 3 ending a stuck send, say): the peer may have part of a
+                # frame, so nothing more can be written on this connection.
+                self._abort()
                 raise
         if broken:
             await self._tell_closed()
@@ -273,8 +270,7 @@ class Connection:
         """Half-close (FIN after what was sent), then linger: see the module docstring."""
         if self._send_lock.locked():
             # A send is stuck on a peer that does not read: no orderly close is possible.
-            self._write_closed = True
-            self.scope.cancel(reason="closed while a send was stuck")
+            self._abort()
             return
         async with self._send_lock:
             if not self._write_closed:
@@ -284,6 +280,12 @@ class Connection:
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                         await self.stream.send_eof()
         self._start_lingering()
+
+    def _abort(self) -> None:
+        """End the connection at once: a send or read blocked on it fails (ClosedResourceError), so
+        the protocol hears Closed and its streams a disconnect, as when the peer resets."""
+        self._write_closed = True
+        self._socket().close()
 
     def _start_lingering(self) -> None:
         if not self._closing:
