@@ -90,9 +90,9 @@ async def serve_http(
     """Serve ``app`` on ``host:port`` until cancelled; reports the bound (host, port).
 
     ``prepare`` is called with every accepted socket stream (say, to turn on TCP keepalive)."""
+    ssl_context = config.create_ssl_context()  # first: a bad certificate must not leak bound sockets
     sockets = await trio.open_tcp_listeners(port, host=host, backlog=limits.backlog)
     listeners: list[trio.abc.Listener[Any]] = list(sockets)
-    ssl_context = config.create_ssl_context()
     if ssl_context is not None:
         listeners = [trio.SSLListener(s, ssl_context, https_compatible=True) for s in sockets]
     wrapped = ASGIWrapper(app)  # type: ignore[arg-type]  # hypercorn's Framework union is narrower than ASGI's shape
