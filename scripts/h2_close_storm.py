@@ -2,12 +2,12 @@
 
 Two worker processes serve the mocker over HTTP on 127.0.0.1: one with the runtime's own connection loop
 (runtime/_http_server.py), one with the same app under hypercorn's stock trio server (its TCPServer).
-h2load (from Debian's nghttp2-client; not a Python package, so this is not part of CI)
-opens 20 h2c connections x 10 streams
-of long SSE streams for 2 s, then closes them mid-stream; that is a round. After each round the script
-asks each worker's /health. With stock hypercorn a connection that closes while a stream is sending can
-raise BusyResourceError out of the connection's task group, and hypercorn's serve() ends: the whole
-worker stops answering. With the owned loop that stays one connection's business.
+h2load (from Debian's nghttp2-client; not a Python package, so this is not part of CI) opens 20 h2c
+connections x 10 streams of long SSE streams for 2 s, then closes them mid-stream; that is a round.
+After each round the script asks each worker's /health. With stock hypercorn a connection that closes
+while a stream is sending can raise BusyResourceError out of the connection's task group, and
+hypercorn's serve() ends: the whole worker stops answering. With the owned loop that stays one
+connection's business.
 
     python scripts/h2_close_storm.py            # 8 rounds
     python scripts/h2_close_storm.py --rounds 3
