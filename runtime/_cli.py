@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
         "--certfile", metavar="PEM", help="serve HTTPS (ALPN h2, http/1.1) with this certificate"
     )
     serve.add_argument("--keyfile", metavar="PEM", help="the private key of --certfile")
+    serve.add_argument(
+        "--http-backlog",
+        type=_positive_int,
+        default=4096,
+        metavar="N",
+        help="listen queue of the HTTP port, capped by net.core.somaxconn (default 4096)",
+    )
     serve.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="serve the TCP protocol here")
     serve.add_argument(
         "--nats", type=_nats_url, metavar="URL", help="serve through this NATS server (queue groups)"
@@ -147,6 +154,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def load_app(spec: str) -> Worker:
     """Import ``module:attribute`` and check that it names a Worker."""
     module_name, sep, attribute = spec.partition(":")
@@ -177,7 +190,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise _UsageError("--certfile and --keyfile go together")
     if args.http is not None:
         host, port = args.http
-        transports.append(HttpTransport(host, port, certfile=args.certfile, keyfile=args.keyfile))
+        transports.append(
+            HttpTransport(host, port, certfile=args.certfile, keyfile=args.keyfile, backlog=args.http_backlog)
+        )
     if args.tcp is not None:
         transports.append(TcpTransport(*args.tcp))
     if args.nats is not None:

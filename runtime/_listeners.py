@@ -37,8 +37,8 @@ async def open_listeners(host: str, port: int, backlog: int = DEFAULT_BACKLOG) -
 
 
 async def serve_accepting(
-    handler: Callable[[trio.SocketStream], Awaitable[object]],
-    listeners: Sequence[trio.SocketListener],
+    handler: Callable[[Any], Awaitable[object]],
+    listeners: Sequence[trio.abc.Listener[Any]],
     *,
     handler_nursery: trio.Nursery,
     logger: Any,
@@ -52,8 +52,8 @@ async def serve_accepting(
 
 
 async def _accept_forever(
-    listener: trio.SocketListener,
-    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    listener: trio.abc.Listener[Any],
+    handler: Callable[[Any], Awaitable[object]],
     handler_nursery: trio.Nursery,
     warning: _CapacityWarning,
 ) -> None:

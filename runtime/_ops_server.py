@@ -1,94 +1,82 @@
-"""A small HTTP/1.1 listener for operators: ``/metrics`` (Prometheus text), ``/health`` and ``/ready``.
+"""The operators' routes: ``/health`` (liveness), ``/ready`` (readiness) and ``/metrics`` (Prometheus).
 
-It serves workers that run without the HTTP transport (TCP or NATS only), so probes and scrapes work
-everywhere. One request per connection, bounded in size and time: it never holds a task for a client
-that dawdles.
+``OpsApp`` is one small ASGI app that serves them with the libraries that already do it right:
+prometheus_client's ASGI exposition (OpenMetrics or text by the ``Accept`` header, gzip by
+``Accept-Encoding``, ``name[]`` filtering) and hypercorn's protocol layer for HTTP itself (HEAD answered
+without a body, malformed requests refused with 400 by the parser, never by us). The HTTP transport
+mounts the same app on its own port; ``serve_ops`` (``--metrics HOST:PORT``) runs it alone, for
+workers without the HTTP transport, through the same connection loop (``runtime/_http_server.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from typing import Any
 
-import h11
-import structlog
 import trio
+from hypercorn.config import Config
+from prometheus_client import CollectorRegistry, make_asgi_app
 
-from ._listeners import open_listeners, serve_accepting
+from ._http_server import HttpServerLimits, serve_http
 
-# Probe and scrape requests are a few hundred bytes; anything larger is not one of ours.
-MAX_REQUEST_BYTES = 16 * 1024
-# A scraper that has not sent its request within this long is a stuck or hostile client.
-REQUEST_TIMEOUT = 10.0
+OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
+_ALLOWED = b"GET, HEAD"
+# The ops port sees a scraper and two probes: a small backlog and a short idle time are plenty.
+OPS_LIMITS = HttpServerLimits(backlog=128)
+# A probe or scrape request head is a few hundred bytes; anything larger is not one of ours.
+MAX_REQUEST_HEAD = 16 * 1024
+# A scraper that has not sent its (next) request within this long is closed.
+IDLE_TIMEOUT = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class OpsProbes:
-    """What the ops listener reports: liveness is implicit (the process answers)."""
+class OpsApp:
+    """ASGI app for the ops routes; ``is_ready`` is read per request, the registry at scrape time."""
 
-    is_ready: Callable[[], bool]
-    render_metrics: Callable[[], bytes]
+    def __init__(self, is_ready: Callable[[], bool], registry: CollectorRegistry) -> None:
+        self._is_ready = is_ready
+        self._metrics = make_asgi_app(registry)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return  # a WebSocket upgrade: hypercorn refuses it once the app returns
+        path, method = scope["path"], scope["method"]
+        if path not in OPS_PATHS:
+            await _text(send, 404, b"not found: try /metrics, /health or /ready\n")
+        elif method not in ("GET", "HEAD"):
+            await _text(send, 405, b"only GET and HEAD are served here\n", [(b"allow", _ALLOWED)])
+        elif path == "/metrics":
+            await self._metrics(scope, receive, send)
+        elif path == "/health":
+            await _text(send, 200, b"ok\n")
+        elif self._is_ready():
+            await _text(send, 200, b"ready\n")
+        else:
+            await _text(send, 503, b"not ready: shutting down\n")
+
+
+async def _text(send: Any, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+def ops_config() -> Config:
+    config = Config()
+    config.keep_alive_timeout = IDLE_TIMEOUT
+    config.h11_max_incomplete_size = MAX_REQUEST_HEAD
+    config.include_server_header = False
+    config.accesslog = None
+    return config
 
 
 async def serve_ops(
     host: str,
     port: int,
-    probes: OpsProbes,
+    app: OpsApp,
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the ops endpoints on ``host:port`` until cancelled; reports the bound address."""
-    listeners = await open_listeners(host, port)
-    task_status.started(listeners[0].socket.getsockname()[:2])
-    async with trio.open_nursery() as connections:
-        await serve_accepting(
-            partial(_serve_connection, probes),
-            listeners,
-            handler_nursery=connections,
-            logger=structlog.get_logger("ingress"),
-            listener_name="metrics",
-        )
-
-
-async def _serve_connection(probes: OpsProbes, stream: trio.SocketStream) -> None:
-    try:
-        with trio.move_on_after(REQUEST_TIMEOUT):
-            await _answer_one(probes, stream)
-    except (trio.BrokenResourceError, h11.RemoteProtocolError):
-        pass  # the client went away or spoke nonsense; nothing else depends on this connection
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-async def _answer_one(probes: OpsProbes, stream: trio.SocketStream) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(MAX_REQUEST_BYTES))
-            continue
-        if isinstance(event, h11.Request):
-            status, content_type, body = _route(probes, event.method, event.target)
-            headers = [
-                ("content-type", content_type),
-                ("content-length", str(len(body))),
-                ("connection", "close"),
-            ]
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
-            await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-        return
-
-
-def _route(probes: OpsProbes, method: bytes, target: bytes) -> tuple[int, str, bytes]:
-    path = target.split(b"?", 1)[0]
-    if method not in (b"GET", b"HEAD"):
-        return 405, "text/plain", b"only GET is served here\n"
-    if path == b"/metrics":
-        return 200, "text/plain; version=0.0.4; charset=utf-8", probes.render_metrics()
-    if path == b"/health":
-        return 200, "text/plain", b"ok\n"
-    if path == b"/ready":
-        ready = probes.is_ready()
-        return (200 if ready else 503), "text/plain", b"ready\n" if ready else b"not ready: shutting down\n"
-    return 404, "text/plain", b"not found: try /metrics, /health or /ready\n"
+    """Serve the ops routes on ``host:port`` until cancelled; reports the bound address."""
+    await serve_http(
+        app, ops_config(), OPS_LIMITS, host, port, listener_name="metrics", task_status=task_status
+    )

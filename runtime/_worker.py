@@ -24,7 +24,7 @@ from ._inflight import GlobalInFlight, InFlightStatistics
 from ._logging import get_logger
 from ._metrics import Metrics
 from ._nursery import open_background_nursery
-from ._ops_server import OpsProbes, serve_ops
+from ._ops_server import OpsApp, serve_ops
 from ._shutdown import ShutdownCoordinator, ShutdownResult
 from ._signals import watch_signals
 
@@ -243,9 +243,9 @@ async def _start_transports(
 ) -> None:
     """Start the ops server and every transport in ``primary``; StartupFailed names the culprit."""
     if metrics_address is not None:
-        probes = OpsProbes(lambda: handle.ready, handle.runtime.metrics.render)
+        app = OpsApp(lambda: handle.ready, handle.runtime.metrics.registry)
         try:
-            handle.addresses["metrics"] = await primary.start(serve_ops, *metrics_address, probes)
+            handle.addresses["metrics"] = await primary.start(serve_ops, *metrics_address, app)
         except Exception as exc:
             raise StartupFailed("metrics", exc) from exc
     for transport, binding in zip(transports, bindings, strict=True):

@@ -1,12 +1,13 @@
 """Reproduce hypercorn 0.18's BusyResourceError end to end with h2load, on stock hypercorn and on ours.
 
-Two worker processes serve the mocker over HTTP on 127.0.0.1: one with the runtime's contained TCP server
-(transports/http/_hypercorn_patch.py), one with it left out (stock hypercorn). h2load (from Debian's
-nghttp2-client; not a Python package, so this is not part of CI) opens 20 h2c connections x 10 streams
-of long SSE streams for 2 s, then closes them mid-stream; that is a round. After each round the script
-asks each worker's /health. With stock hypercorn a connection that closes while a stream is sending can
-raise BusyResourceError out of the connection's task group, and hypercorn's serve() ends: the whole
-worker stops answering. With the patch that stays one connection's business.
+Two worker processes serve the mocker over HTTP on 127.0.0.1: one with the runtime's own connection loop
+(runtime/_http_server.py), one with the same app under hypercorn's stock trio server (its TCPServer).
+h2load (from Debian's nghttp2-client; not a Python package, so this is not part of CI) opens 20 h2c
+connections x 10 streams of long SSE streams for 2 s, then closes them mid-stream; that is a round.
+After each round the script asks each worker's /health. With stock hypercorn a connection that closes
+while a stream is sending can raise BusyResourceError out of the connection's task group, and
+hypercorn's serve() ends: the whole worker stops answering. With the owned loop that stays one
+connection's business.
 
     python scripts/h2_close_storm.py            # 8 rounds
     python scripts/h2_close_storm.py --rounds 3
@@ -30,16 +31,38 @@ H2LOAD_TIMEOUT = 30.0  # one h2load round; it runs for 2 s
 BODY = {"max_tokens": 2000, "itl_ms": 1}
 
 
+class StockHttp:
+    """The HTTP transport's app under hypercorn's own ``serve`` (stock TCPServer), for comparison."""
+
+    name = "http"
+
+    async def serve(self, binding, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from urllib.parse import urlsplit
+
+        from hypercorn.trio import serve
+
+        from transports.http import HttpTransport
+        from transports.http._app import IngressApp
+
+        transport = HttpTransport("127.0.0.1", 0)
+        app = IngressApp(binding, max_body_size=transport.max_body_size, stream_high_water=64 * 1024)
+        config = transport.hypercorn_config()
+        config.bind = ["127.0.0.1:0"]
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(lambda task_status: serve(app, config, task_status=task_status))
+            bound = urlsplit(binds[0])
+            task_status.started((bound.hostname, bound.port))
+
+
 def serve(variant: str) -> None:
-    """Run one worker (HTTP on an ephemeral port, JSON logs): ``stock`` skips the hypercorn patch."""
+    """Run one worker (HTTP on an ephemeral port, JSON logs): ``stock`` runs hypercorn's own server."""
     from runtime import WorkerConfig, configure_logging
     from runtime.mocker import create_mocker
-    from transports.http import HttpTransport, _hypercorn_patch
+    from transports.http import HttpTransport
 
-    if variant == "stock":
-        _hypercorn_patch.install = lambda: None  # hypercorn keeps its own TCPServer
     configure_logging("json")
-    create_mocker().run([HttpTransport("127.0.0.1", 0)], WorkerConfig(access_log=False))
+    transport = StockHttp() if variant == "stock" else HttpTransport("127.0.0.1", 0)
+    create_mocker().run([transport], WorkerConfig(access_log=False))
 
 
 async def alive(client: httpx.AsyncClient, address: tuple[str, int]) -> bool:

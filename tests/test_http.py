@@ -169,8 +169,8 @@ async def test_overloaded_is_429_with_retry_after():
     assert response.headers["retry-after"] == "1" and response.json()["error"]["retryable"] is True
 
 
-async def test_drain_answers_new_calls_503_closes_idle_keep_alive_and_finishes_streams():
-    """Phase 1: new calls get 503, idle keep-alive connections close, running streams finish."""
+async def test_drain_answers_new_calls_503_finishes_streams_and_closes_idle_keep_alive_in_phase_3():
+    """Phase 1: new calls get 503, running streams finish; idle keep-alive connections close in phase 3."""
     probe = Probe()
     async with serving(probe) as (handle, h1):
         host, port = handle.addresses["http"]
@@ -199,7 +199,7 @@ async def test_drain_answers_new_calls_503_closes_idle_keep_alive_and_finishes_s
                 on_new_connection = await fresh.post("/v1/echo", json={})
                 ready = await fresh.get("/ready")
             with trio.fail_after(5):
-                assert await idle.receive_some(4096) == b""  # the worker closed it
+                assert await idle.receive_some(4096) == b""  # the worker closed it (phase 3)
         for refused in (on_busy_h2, on_new_connection):
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["code"] == "UNAVAILABLE" and refused.json()["error"]["retryable"]
@@ -303,37 +303,28 @@ class _RecordingProtocol:
         self.events.append(event)
 
 
-def _bare(server_class: type) -> object:
-    server = server_class.__new__(server_class)
-    server.send_lock = trio.Lock()
-    server.stream = _BusyStream()
-    server.protocol = _RecordingProtocol()
-    return server
-
-
 async def test_busy_resource_error_is_contained_to_its_connection():
-    """hypercorn 0.18's TCPServer lets BusyResourceError escape protocol_send; ours treats it as a close."""
+    """A send failing with BusyResourceError (hypercorn 0.18's escape) closes that connection only."""
+    from hypercorn.config import Config
     from hypercorn.events import Closed, RawData
-    from hypercorn.trio.tcp_server import TCPServer
 
-    from transports.http._hypercorn_patch import ContainedTCPServer
+    from runtime._http_server import Connection, HttpServerLimits
 
-    with pytest.raises(trio.BusyResourceError):  # the upstream bug this guards against
-        await _bare(TCPServer).protocol_send(RawData(b"x"))
-    contained = _bare(ContainedTCPServer)
-    await contained.protocol_send(RawData(b"x"))
-    assert [type(e) for e in contained.protocol.events] == [Closed]
+    connection = Connection(None, Config(), HttpServerLimits(), _BusyStream())  # type: ignore[arg-type]
+    connection.protocol = _RecordingProtocol()  # type: ignore[assignment]
+    await connection.send(RawData(b"x"))
+    await connection.send(RawData(b"y"))  # nothing more is written once the stream failed
+    assert [type(e) for e in connection.protocol.events] == [Closed]
 
 
-async def test_serving_installs_the_contained_server():
-    """Once the HTTP transport serves, hypercorn's trio worker builds ContainedTCPServer per connection."""
+async def test_hypercorn_is_not_patched():
+    """Serving HTTP leaves hypercorn's own classes alone: the connection loop is the project's."""
     from hypercorn.trio import run as hypercorn_run
-
-    from transports.http._hypercorn_patch import ContainedTCPServer
+    from hypercorn.trio import tcp_server
 
     async with serving(Probe()) as (_, client):
         assert (await client.get("/health")).status_code == 200
-    assert hypercorn_run.TCPServer is ContainedTCPServer
+    assert hypercorn_run.TCPServer is tcp_server.TCPServer
 
 
 @pytest.mark.filterwarnings(f"ignore:Async generator '{_HTTPCORE_GENERATORS}:ResourceWarning")

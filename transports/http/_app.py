@@ -30,6 +30,7 @@ from runtime import (
     dispatch_payload,
     new_request_id,
 )
+from runtime._ops_server import OPS_PATHS, OpsApp
 
 from .._writer import FrameWriter
 
@@ -52,6 +53,8 @@ RETRY_AFTER = "1"
 TIMEOUT_HEADER = "x-request-timeout-ms"
 REQUEST_ID_HEADER = "x-request-id"
 NDJSON = "application/x-ndjson"
+# Refusals of a draining worker: on HTTP/1.1 they also close the connection (HTTP/2 forbids the header).
+_DRAINING_CODES = (ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE)
 
 
 class IngressApp:
@@ -69,6 +72,7 @@ class IngressApp:
         self.max_body_size = max_body_size
         self.body_timeout = body_timeout
         self.stream_high_water = stream_high_water
+        self.ops = OpsApp(lambda: binding.is_ready(), binding.runtime.metrics.registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -83,25 +87,11 @@ class IngressApp:
                 await _error(send, 405, BadRequest(f"use POST for {path}"), extra=[(b"allow", b"POST")])
             else:
                 await self._call(scope, receive, send, path[len("/v1/") :])
-        elif path in ("/health", "/ready", "/metrics") and method in ("GET", "HEAD"):
-            await self._probe(send, path)
+        elif path in OPS_PATHS:
+            await self.ops(scope, receive, send)  # the same app as the --metrics listener
         else:
             error = NotFound(f"no route {method} {path}; endpoints are POST /v1/{{endpoint}}")
             await _error(send, 404, error)
-
-    async def _probe(self, send: Send, path: str) -> None:
-        if path == "/metrics":
-            body, content_type = (
-                self.binding.runtime.metrics.render(),
-                b"text/plain; version=0.0.4; charset=utf-8",
-            )
-            await _respond(send, 200, content_type, body)
-        elif path == "/health":
-            await _respond(send, 200, b"text/plain", b"ok\n")
-        elif self.binding.is_ready():
-            await _respond(send, 200, b"text/plain", b"ready\n")
-        else:
-            await _respond(send, 503, b"text/plain", b"not ready: shutting down\n")
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -140,7 +130,7 @@ class IngressApp:
         )
         binding.accept(ctx)
         ndjson = NDJSON in headers.get("accept", "")
-        sink = _HttpSink(send, ndjson, id_header, self.stream_high_water)
+        sink = _HttpSink(send, ndjson, id_header, self.stream_high_water, http1=_is_http1(scope))
         await self._run(binding, ctx, bytes(body), sink, receive)
 
     async def _run(
@@ -149,7 +139,7 @@ class IngressApp:
         timeout_ms = ctx.metadata.get(TIMEOUT_HEADER)
         async with trio.open_nursery() as nursery:
             sink.nursery = nursery
-            nursery.start_soon(_watch_disconnect, receive, binding, ctx, sink)
+            nursery.start_soon(_watch_disconnect, receive, ctx, sink)
             try:
                 await dispatch_payload(
                     binding, ctx, body, sink, timeout_ms=timeout_ms, timeout_name=TIMEOUT_HEADER
@@ -192,9 +182,7 @@ def _is_http1(scope: Scope) -> bool:
     return str(scope.get("http_version", "1.1")).startswith("1")
 
 
-async def _watch_disconnect(
-    receive: Receive, binding: EndpointBinding, ctx: RequestContext, sink: _HttpSink
-) -> None:
+async def _watch_disconnect(receive: Receive, ctx: RequestContext, sink: _HttpSink) -> None:
     """Kill the handler when the client goes away (hypercorn will not)."""
     while True:
         message = await receive()
@@ -218,8 +206,11 @@ class _HttpSink:
     """Answers one HTTP call. Stream chunks go through a FrameWriter, so when the client is behind the
     queued chunks leave in one ASGI body message instead of one each."""
 
-    def __init__(self, send: Send, ndjson: bool, headers: list[tuple[bytes, bytes]], high_water: int) -> None:
+    def __init__(
+        self, send: Send, ndjson: bool, headers: list[tuple[bytes, bytes]], high_water: int, http1: bool
+    ) -> None:
         self.send = send
+        self.http1 = http1
         self.ndjson = ndjson
         self.headers = headers
         self.high_water = high_water
@@ -248,6 +239,8 @@ class _HttpSink:
     async def send_error(self, error: IngressError, retryable: bool) -> None:
         if self.writer is None:
             extra = [(b"retry-after", RETRY_AFTER.encode())] if retryable else []
+            if error.code in _DRAINING_CODES and self.http1:
+                extra.append((b"connection", b"close"))  # like the UNAVAILABLE refusal: go elsewhere
             self.finished = True  # see send_result
             await _error(self.send, STATUS_FOR_CODE[error.code], error, retryable, self.headers + extra)
             return

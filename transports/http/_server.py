@@ -1,27 +1,25 @@
-"""The HTTP transport: hypercorn's trio worker inside the worker's own nursery.
+"""The HTTP transport: hypercorn's HTTP/1.1 and h2 protocol layer, driven by the project's own connection
+loop (runtime/_http_server.py) inside the worker's own nursery.
 
-The shutdown coordinator, not hypercorn, decides when streams end. hypercorn's own shutdown is never
-triggered (it would reset connections in the accept backlog and close fresh ones unanswered: see
-_hypercorn_patch): in phase 1 the listener stays open, every new call is answered 503 with Retry-After,
-idle keep-alive connections are closed; phase 3 cancels hypercorn with the rest of the primary scope.
+The shutdown coordinator, not hypercorn, decides when streams end: in phase 1 the listener stays open and
+every new call is answered 503 with Retry-After (``Connection: close`` on HTTP/1.1); nothing is closed
+under a request that may be on the wire; phase 3 cancels the connection loop with the rest of the
+primary scope, and no send can outlive that (see docs/http.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from functools import partial
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from runtime import TransportBinding
+from runtime._http_server import HttpServerLimits, effective_backlog, serve_http
 
-from . import _hypercorn_patch
+from .._keepalive import enable_keepalive
 from ._app import IngressApp
-
-# hypercorn's own drain deadline, out of the coordinator's way (it is never triggered; phase 3 stops it).
-_NEVER = 10.0 * 365 * 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +40,13 @@ class HttpTransport:
     # The whole request body must arrive within this long once its head has (a slow body would
     # otherwise hold its connection forever): past it, 408 and the connection closes.
     body_timeout: float = 30.0
-    # Per-stream bound on queued SSE/NDJSON bytes before the handler feels back-pressure.
+    # Per-stream bound on queued SSE/NDJSON bytes before the handler feels back-pressure (in the
+    # writer, and again in the h2 stream's buffer while the peer's flow-control window is closed).
     stream_high_water: int = 64 * 1024
+    # h2: bound on response bytes queued over all streams of one connection.
+    connection_high_water: int = 1024 * 1024
+    # Listen queue for bursts of new connections (capped by the kernel's net.core.somaxconn).
+    backlog: int = 4096
     # TLS: with both set, the port speaks HTTPS only, and ALPN offers h2 then http/1.1.
     certfile: str | None = None
     keyfile: str | None = None
@@ -52,15 +55,12 @@ class HttpTransport:
     def __post_init__(self) -> None:
         if (self.certfile is None) != (self.keyfile is None):
             raise ValueError("TLS needs both certfile and keyfile (or neither, for cleartext)")
+        if self.backlog < 1:
+            raise ValueError(f"backlog must be at least 1, got {self.backlog}")
 
-    def hypercorn_config(self, draining: trio.Event) -> Config:
+    def hypercorn_config(self) -> Config:
+        """The protocol layer's settings (the connection loop's own are ``limits()``)."""
         config = Config()
-        # Read by ContainedTCPServer (to close idle keep-alive connections when draining, and to turn
-        # on TCP keepalive); Config has no slot for them.
-        config.ingress_draining = draining  # type: ignore[attr-defined]
-        config.ingress_keepalive = self.keepalive  # type: ignore[attr-defined]
-        config.bind = [f"{self.host}:{self.port}"]
-        config.graceful_timeout = _NEVER
         config.keep_alive_timeout = self.keep_alive_timeout
         config.h11_max_incomplete_size = self.max_header_size
         config.h2_max_concurrent_streams = self.max_concurrent_streams
@@ -71,6 +71,13 @@ class HttpTransport:
             config.alpn_protocols = ["h2", "http/1.1"]
         return config
 
+    def limits(self) -> HttpServerLimits:
+        return HttpServerLimits(self.backlog, self.stream_high_water, self.connection_high_water)
+
+    def _prepare(self, stream: trio.SocketStream) -> None:
+        if self.keepalive is not None:
+            enable_keepalive(stream.socket, self.keepalive)
+
     async def serve(
         self,
         binding: TransportBinding,
@@ -78,22 +85,19 @@ class HttpTransport:
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled (phase 3); reports the bound (host, port)."""
-        _hypercorn_patch.install()
         app = IngressApp(
             binding,
             max_body_size=self.max_body_size,
             body_timeout=self.body_timeout,
             stream_high_water=self.stream_high_water,
         )
+        config, limits = self.hypercorn_config(), self.limits()
+        serve = partial(serve_http, app, config, limits, self.host, self.port, prepare=self._prepare)
         async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(
-                lambda task_status: serve(
-                    app,  # type: ignore[arg-type]  # hypercorn's Framework union is narrower than ASGI's shape
-                    self.hypercorn_config(binding.intake_closed),
-                    task_status=task_status,
-                )
+            address: tuple[str, int] = await nursery.start(serve)
+            binding.runtime.logger.info(
+                "http.listening",
+                address=f"{address[0]}:{address[1]}",
+                backlog=effective_backlog(self.backlog),
             )
-            bound = urlsplit(binds[0])
-            address = (bound.hostname or self.host, bound.port or self.port)
-            binding.runtime.logger.info("http.listening", address=f"{address[0]}:{address[1]}")
             task_status.started(address)

@@ -1,0 +1,363 @@
+"""The HTTP server the project owns: an accept loop and one task per connection, driving hypercorn's
+sans-IO protocol layer (``H11Protocol``, ``H2Protocol``) through its event interface.
+
+It lives in ``runtime/`` because both the HTTP transport and the ops listener (``--metrics``) serve
+through it, and ``runtime/`` must not import a transport. hypercorn parses and frames; this module owns
+everything that touches the socket and every bound (docs/http.md):
+
+- **Backlog**: the listen queue is a setting (hypercorn's is 100: a burst of connections waited seconds
+  in SYN retransmits).
+- **No unbounded send**: hypercorn shields every ``send_all`` without a bound, so a peer that stops
+  reading pins the worker forever after SIGTERM. Here a send is never shielded: cancelling the
+  connection (phase 3) ends it at once. A send cut half-way leaves the byte stream torn, so that
+  connection's socket is closed then, never written to again.
+- **h2 back-pressure**: hypercorn's per-stream buffer lets a writer through whenever its sender pops
+  nothing (a closed flow-control window pops zero bytes and "unpauses" the writer), so a client that does
+  not read made the worker buffer without limit. ``_BoundedH2Protocol`` makes ``stream_send`` wait while
+  the stream's queued bytes (or the connection's) are over their bound.
+- **Closing without cutting a response**: a close the protocol asks for (after ``Connection: close``, a
+  protocol error) half-closes the socket and keeps reading, discarding, for ``LINGER_TIMEOUT``. Closing
+  with unread bytes would make the kernel send RST, which destroys a response the client has not read
+  yet (RFC 9112 9.6).
+- **Keep-alive**: a connection with nothing in progress is closed after ``keep_alive_timeout`` (counted
+  from when it became idle, so a slowloris head does not reset it). Draining closes nothing by itself: a
+  request arriving on an idle connection is answered (503 + ``Connection: close`` by the app), so no
+  request on the wire can meet a close; phase 3 cancels what is left.
+- **Containment**: any exception of one connection ends that connection only, logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import structlog
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.events import Body, Data
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import parse_socket_addr
+
+from ._listeners import DEFAULT_BACKLOG, open_listeners, serve_accepting
+
+# Bytes asked of the kernel per read (hypercorn's MAX_RECV).
+MAX_RECV = 64 * 1024
+# After the server closes its side, unread bytes from the peer are read and dropped for at most this long
+# before the socket is closed (a close with unread bytes resets the connection and can destroy the
+# response the peer is still reading).
+LINGER_TIMEOUT = 2.0
+
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpServerLimits:
+    """The bounds the connection loop applies itself (hypercorn's ``Config`` carries the parser limits)."""
+
+    # Listen queue; the kernel caps it at net.core.somaxconn.
+    backlog: int = DEFAULT_BACKLOG
+    # Queued response bytes per h2 stream, and over all streams of one h2 connection, before the
+    # writer waits (HTTP/1.1 has one response at a time: the socket itself is its bound).
+    stream_high_water: int = 64 * 1024
+    connection_high_water: int = 1024 * 1024
+
+
+async def serve_http(
+    app: ASGIApp,
+    config: Config,
+    limits: HttpServerLimits,
+    host: str,
+    port: int,
+    *,
+    prepare: Callable[[trio.SocketStream], None] | None = None,
+    listener_name: str = "http",
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``host:port`` until cancelled; reports the bound (host, port).
+
+    ``prepare`` is called with every accepted socket stream (say, to turn on TCP keepalive)."""
+    ssl_context = config.create_ssl_context()  # first: a bad certificate must not leak bound sockets
+    sockets = await open_listeners(host, port, limits.backlog)
+    listeners: list[trio.abc.Listener[Any]] = list(sockets)
+    if ssl_context is not None:
+        listeners = [trio.SSLListener(s, ssl_context, https_compatible=True) for s in sockets]
+    wrapped = ASGIWrapper(app)  # type: ignore[arg-type]  # hypercorn's Framework union is narrower than ASGI's shape
+    handler = partial(_serve_connection, wrapped, config, limits, prepare)
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started(sockets[0].socket.getsockname()[:2])
+            await serve_accepting(
+                handler,
+                listeners,
+                handler_nursery=nursery,
+                logger=structlog.get_logger("ingress"),
+                listener_name=listener_name,
+            )
+    finally:
+        for listener in listeners:  # closed when the loop is cancelled (phase 3)
+            await trio.aclose_forcefully(listener)
+
+
+def effective_backlog(requested: int) -> int:
+    """The listen queue the kernel will really give (it silently caps it at somaxconn)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return min(requested, int(f.read()))
+    except (OSError, ValueError):
+        return requested
+
+
+async def _serve_connection(
+    app: ASGIWrapper,
+    config: Config,
+    limits: HttpServerLimits,
+    prepare: Callable[[trio.SocketStream], None] | None,
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+) -> None:
+    try:
+        if prepare is not None:
+            prepare(stream.transport_stream if isinstance(stream, trio.SSLStream) else stream)
+        await Connection(app, config, limits, stream).run()
+    except Exception as exc:  # one connection's failure, contained (Cancelled is not an Exception)
+        structlog.get_logger("ingress").warning("http.connection_failed", exc_info=exc)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+class Connection:
+    """One accepted connection: reads into the protocol, writes what it emits, closes it politely."""
+
+    def __init__(
+        self,
+        app: ASGIWrapper,
+        config: Config,
+        limits: HttpServerLimits,
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.limits = limits
+        self.stream = stream
+        self.context = WorkerContext(None)
+        self.protocol: _ProtocolSwitch
+        self._send_lock = trio.Lock()
+        self._write_closed = False  # no more bytes go out (half-closed, torn or broken)
+        self._closing = False  # the protocol is told Closed; reads are only drained now
+        self._told_closed = False
+        self._idle_deadline = trio.current_time() + config.keep_alive_timeout
+        self._linger_deadline = math.inf
+        self._read_scope: trio.CancelScope | None = None
+
+    async def run(self) -> None:
+        alpn = await self._handshake()
+        if alpn is None:
+            return
+        sock = self._socket()
+        client = parse_socket_addr(sock.family, sock.getpeername())
+        server = parse_socket_addr(sock.family, sock.getsockname())
+        async with TaskGroup() as task_group:
+            state = ConnectionState({})
+            args = (self.app, self.config, self.context, task_group, state, self._ssl, client, server)
+            self.protocol = _ProtocolSwitch((*args, self.send), self.limits, alpn)
+            await self.protocol.initiate()
+            await self._read()
+
+    @property
+    def _ssl(self) -> bool:
+        return isinstance(self.stream, trio.SSLStream)
+
+    def _socket(self) -> trio.socket.SocketType:
+        if isinstance(self.stream, trio.SSLStream):
+            inner = self.stream.transport_stream
+            assert isinstance(inner, trio.SocketStream)
+            return inner.socket
+        return self.stream.socket
+
+    async def _handshake(self) -> str | None:
+        """The ALPN protocol to speak (http/1.1 in cleartext), or None if a TLS handshake failed."""
+        if not isinstance(self.stream, trio.SSLStream):
+            return "http/1.1"
+        try:
+            with trio.fail_after(self.config.ssl_handshake_timeout):
+                await self.stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError):
+            return None
+        return self.stream.selected_alpn_protocol() or "http/1.1"
+
+    async def _read(self) -> None:
+        while True:
+            deadline = self._linger_deadline if self._closing else self._idle_deadline
+            with trio.CancelScope(deadline=deadline) as scope:
+                self._read_scope = scope
+                data = await self._receive()
+            self._read_scope = None
+            if scope.cancelled_caught or not data:
+                break  # idle for keep_alive_timeout, done lingering, or the peer closed
+            if not self._closing:  # once closing, what the peer still sends is dropped
+                await self.protocol.handle(RawData(data))
+        await self._tell_closed()
+
+    async def _receive(self) -> bytes:
+        try:
+            return bytes(await self.stream.receive_some(MAX_RECV))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    async def send(self, event: Event) -> None:
+        """What the protocol calls (hypercorn's ``protocol_send``)."""
+        if isinstance(event, RawData):
+            await self._send_bytes(event.data)
+        elif isinstance(event, Closed):
+            await self._close_write()
+            await self._tell_closed()
+        elif isinstance(event, Updated):
+            self._set_idle(event.idle)
+
+    async def _send_bytes(self, data: bytes) -> None:
+        broken = False
+        async with self._send_lock:
+            if self._write_closed:
+                return
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                self._write_closed = broken = True
+            except BaseException:
+                # Cancelled half-way (phase 3 ending a stuck send, say): the peer may have part of a
+                # frame, so nothing more can be written on this connection.
+                self._abort()
+                raise
+        if broken:
+            await self._tell_closed()
+
+    async def _close_write(self) -> None:
+        """Half-close (FIN after what was sent), then linger: see the module docstring."""
+        if self._send_lock.locked():
+            # A send is stuck on a peer that does not read: no orderly close is possible.
+            self._abort()
+            return
+        async with self._send_lock:
+            if not self._write_closed:
+                self._write_closed = True
+                # TLS has no half-close: the final close does it.
+                if isinstance(self.stream, trio.SocketStream):
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self.stream.send_eof()
+        self._start_lingering()
+
+    def _abort(self) -> None:
+        """End the connection at once: a send or read blocked on it fails (ClosedResourceError), so
+        the protocol hears Closed and its streams a disconnect, as when the peer resets."""
+        self._write_closed = True
+        self._socket().close()
+
+    def _start_lingering(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._linger_deadline = trio.current_time() + LINGER_TIMEOUT
+            if self._read_scope is not None:
+                self._read_scope.deadline = self._linger_deadline
+
+    async def _tell_closed(self) -> None:
+        """Tell the protocol (its streams get ``http.disconnect``) once; reads are only drained after."""
+        self._start_lingering()
+        if not self._told_closed:
+            self._told_closed = True
+            await self.protocol.handle(Closed())
+
+    def _set_idle(self, idle: bool) -> None:
+        self._idle_deadline = trio.current_time() + self.config.keep_alive_timeout if idle else math.inf
+        if self._read_scope is not None and not self._closing:
+            self._read_scope.deadline = self._idle_deadline
+
+
+class _ProtocolSwitch:
+    """hypercorn's ``ProtocolWrapper``: HTTP/1.1 or h2 by ALPN, switching to h2 on prior knowledge or
+    an h2c Upgrade; built here so that h2 is the bounded subclass."""
+
+    def __init__(self, args: tuple[Any, ...], limits: HttpServerLimits, alpn: str) -> None:
+        self._args = args
+        self._limits = limits
+        self.protocol: H11Protocol | H2Protocol = self._h2() if alpn == "h2" else H11Protocol(*args)
+
+    def _h2(self) -> _BoundedH2Protocol:
+        return _BoundedH2Protocol(*self._args, limits=self._limits)
+
+    async def initiate(self) -> None:
+        await self.protocol.initiate()
+
+    async def handle(self, event: Event) -> None:
+        try:
+            await self.protocol.handle(event)
+        except H2ProtocolAssumedError as error:
+            self.protocol = self._h2()
+            await self.protocol.initiate()
+            if error.data:
+                await self.protocol.handle(RawData(data=error.data))
+        except H2CProtocolRequiredError as error:
+            self.protocol = self._h2()
+            await self.protocol.initiate(error.headers, error.settings)
+            if error.data:
+                await self.protocol.handle(RawData(data=error.data))
+
+
+class _BoundedH2Protocol(H2Protocol):
+    """hypercorn's h2 protocol with a working bound on queued response bytes (see the module docstring)."""
+
+    def __init__(self, *args: Any, limits: HttpServerLimits) -> None:
+        super().__init__(*args)
+        self._limits = limits
+        self._room = trio.lowlevel.ParkingLot()
+
+    def queued(self, stream_id: int | None = None) -> int:
+        """Response bytes waiting for the peer's window: on one stream, or on the whole connection."""
+        if stream_id is not None:
+            buffer = self.stream_buffers.get(stream_id)
+            return 0 if buffer is None else len(buffer.buffer)
+        return sum(len(buffer.buffer) for buffer in self.stream_buffers.values())
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if isinstance(event, Body | Data):
+            await self._wait_for_room(event.stream_id)
+        await super().stream_send(event)
+
+    async def _wait_for_room(self, stream_id: int) -> None:
+        limits = self._limits
+        while (
+            not self.closed
+            and stream_id in self.stream_buffers
+            and (
+                self.queued(stream_id) >= limits.stream_high_water
+                or self.queued() >= limits.connection_high_water
+            )
+        ):
+            await self._room.park()
+
+    async def _send_data(self, stream_id: int) -> None:
+        await super()._send_data(stream_id)
+        self._room.unpark_all()  # bytes left, or the stream is gone: writers re-check their bound
+
+    async def handle(self, event: Event) -> None:
+        await super().handle(event)
+        if isinstance(event, Closed):
+            # hypercorn stops its send task on Closed but leaves the stream buffers open, so a response
+            # still being pushed or drained waited forever: its request never ended and stayed counted
+            # in flight (the rapid-reset leak). Closing them lets every writer see the end.
+            for buffer in list(self.stream_buffers.values()):
+                await buffer.close()
+            self._room.unpark_all()
+
+    async def _close_stream(self, stream_id: int) -> None:
+        await super()._close_stream(stream_id)
+        self._room.unpark_all()

@@ -1,0 +1,500 @@
+"""The HTTP transport against peers that misbehave: clients that stop reading, bursts of connections,
+rapid resets, keep-alive requests racing a drain. Real sockets on 127.0.0.1, real workers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import struct
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+import trio
+import trio.testing
+
+from runtime import RequestContext, Worker, open_worker
+from runtime.testing import sample, worker_process
+from transports.http import HttpTransport
+
+# The worker must be gone this long after drain_timeout + kill_grace, whatever its peers do.
+EXIT_SLACK = 5.0
+DRAIN_TIMEOUT = 1.0
+KILL_GRACE = 1.0  # WorkerConfig's default, which `ingress serve` uses
+# A stream the mocker would take minutes to finish: it is still running when the drain ends.
+ENDLESS = json.dumps({"max_tokens": 10_000_000, "itl_ms": 0}).encode()
+# h2's largest flow-control window: the client lets the server send until TCP itself blocks.
+MAX_WINDOW = 2**31 - 1
+
+
+def _small_receive_buffer(sock: trio.socket.SocketType) -> None:
+    """So that a client that does not read stalls the server's sends after a few KiB."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+
+async def _connect(address: tuple[str, int]) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    _small_receive_buffer(sock)
+    await sock.connect(address)
+    return trio.SocketStream(sock)
+
+
+class H2Peer:
+    """The client side of h2 (the h2 state machine) on a raw socket, reading only when told to."""
+
+    def __init__(self, stream: trio.SocketStream, window: int | None = None) -> None:
+        self.stream = stream
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        if window is not None:
+            self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+            if window > 65535:  # the connection's window only grows (RFC 9113 6.9.2)
+                self.conn.increment_flow_control_window(window - 65535)
+        self.events: list[h2.events.Event] = []
+
+    async def flush(self) -> None:
+        await self.stream.send_all(self.conn.data_to_send())
+
+    def post(self, path: str, body: bytes) -> int:
+        stream_id: int = self.conn.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "t")]
+        self.conn.send_headers(stream_id, headers)
+        self.conn.send_data(stream_id, body, end_stream=True)
+        return stream_id
+
+    async def ping_pong(self) -> None:
+        """Send a PING and read until its acknowledgement: the server has handled every earlier frame."""
+        self.conn.ping(b"barrier!")
+        await self.flush()
+        await self.read_until(h2.events.PingAckReceived, None)
+
+    async def read_until(self, kind: type, stream_id: int | None) -> None:
+        """Read (without acknowledging data) until an event of ``kind`` arrives on ``stream_id``."""
+        while not any(isinstance(e, kind) and _on(e, stream_id) for e in self.events):
+            data = await self.stream.receive_some(65536)
+            assert data, "the server closed the connection"
+            self.events += self.conn.receive_data(data)
+
+
+def _on(event: h2.events.Event, stream_id: int | None) -> bool:
+    return getattr(event, "stream_id", None) == stream_id
+
+
+# A PING frame (RFC 9113 6.7): length 8, type 6, no flags, stream 0, 8 bytes of payload.
+_PING = struct.pack(">I", 8)[1:] + b"\x06\x00" + b"\x00\x00\x00\x00" + b"pingping"
+
+
+async def _stall_http1(address: tuple[str, int]) -> trio.SocketStream:
+    """An HTTP/1.1 client that asks for an endless stream, reads its head, then stops reading."""
+    stream = await _connect(address)
+    head = b"POST /v1/generate HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % len(ENDLESS)
+    await stream.send_all(head + ENDLESS)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += await stream.receive_some(1)
+    return stream
+
+
+async def _stall_h2(address: tuple[str, int]) -> trio.SocketStream:
+    """An h2 client with huge windows that asks for an endless stream, then stops reading."""
+    stream = await _connect(address)
+    peer = H2Peer(stream, window=MAX_WINDOW)
+    stream_id = peer.post("/v1/generate", ENDLESS)
+    await peer.flush()
+    await peer.read_until(h2.events.ResponseReceived, stream_id)
+    return stream
+
+
+async def _flood_pings(stream: trio.SocketStream) -> None:
+    """Send PINGs and never read the acknowledgements, until the server stops reading too."""
+    peer = H2Peer(stream)
+    batch = _PING * 4096
+    async with stream:
+        await peer.flush()
+        with contextlib.suppress(trio.BrokenResourceError):  # the worker is gone: the test is over
+            while True:
+                await stream.send_all(batch)
+
+
+@pytest.mark.parametrize("peer", ["http1-stream", "h2-stream", "h2-ping-flood"])
+async def test_sigterm_exits_in_bounded_time_whatever_a_non_reading_peer_does(peer):
+    """A client that stops reading cannot keep the worker alive past drain_timeout + kill_grace."""
+    args = ("--http", "127.0.0.1:0", "--drain-timeout", str(DRAIN_TIMEOUT), "--no-access-log")
+    async with worker_process(*args) as worker, trio.open_nursery() as nursery:
+        address = worker.addresses["http"]
+        if peer == "h2-ping-flood":
+            nursery.start_soon(_flood_pings, await _connect(address))
+            # Our sender is blocked: the worker has stopped reading because its own sends are stuck.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+        else:
+            stalled = await (_stall_http1 if peer == "http1-stream" else _stall_h2)(address)
+            nursery.start_soon(_hold_open, stalled)  # open and unread until the test ends
+        worker.send_signal(signal.SIGTERM)
+        with trio.fail_after(DRAIN_TIMEOUT + KILL_GRACE + EXIT_SLACK):
+            code = await worker.wait_exit()
+        nursery.cancel_scope.cancel()
+    # A stream still running when the drain ends is killed: a forced drain (3); pings alone drain (0).
+    assert code == (0 if peer == "h2-ping-flood" else 3)
+
+
+async def _hold_open(stream: trio.SocketStream) -> None:
+    async with stream:
+        await trio.sleep_forever()
+
+
+class Produced:
+    """What a handler yielded, and an event for the test's storm bookkeeping."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = {}
+
+
+CHUNK = "x" * 1000
+# On main the handler had no bound at all; this cap only keeps a failing run from eating the machine.
+PRODUCE_CAP = 20_000
+
+
+def _flooding_worker(produced: Produced) -> Worker:
+    worker = Worker("flood")
+
+    @worker.endpoint("flood")
+    async def flood(request: Any, ctx: RequestContext) -> Any:
+        for _ in range(PRODUCE_CAP):
+            produced.bytes[ctx.id] = produced.bytes.get(ctx.id, 0) + len(CHUNK)
+            yield CHUNK
+
+    return worker
+
+
+@pytest.mark.parametrize("connection_high_water", [None, 64 * 1024])
+async def test_h2_flow_control_stops_the_handler_per_stream_and_per_connection(connection_high_water):
+    """Ten h2 streams whose client reads nothing: each handler stops once its bounded buffers are full."""
+    produced = Produced()
+    high_water = 16 * 1024
+    options: dict[str, Any] = {"stream_high_water": high_water}
+    if connection_high_water is not None:
+        options["connection_high_water"] = connection_high_water
+    else:
+        connection_high_water = 1024 * 1024  # the default
+    transport = HttpTransport(port=0, **options)
+    async with open_worker(_flooding_worker(produced), [transport]) as handle:
+        async with await trio.open_tcp_stream(*handle.addresses["http"]) as stream:
+            peer = H2Peer(stream)  # h2's default windows (64 KiB), never opened further
+            for _ in range(10):
+                peer.post("/v1/flood", b"{}")
+            await peer.flush()
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)  # every handler is held back
+            running = handle.binding("http", "flood").statistics().in_flight
+            total = sum(produced.bytes.values())
+        handle.shutdown("test")
+    print(f"h2 produced per stream: {sorted(produced.bytes.values())}, total {total}")
+    assert running == 10 and len(produced.bytes) == 10
+    # Per stream: its writer's buffer, the bytes in the writer's hand, the h2 stream buffer (each
+    # about high_water), and its share of the connection window the peer opened (64 KiB in all).
+    per_stream = 3 * (high_water + len(CHUNK) + 64)
+    assert max(produced.bytes.values()) <= per_stream + 65535
+    # The connection: the peer's window, plus what can wait before the h2 buffers, plus those buffers.
+    assert total <= 65535 + 10 * 2 * (high_water + len(CHUNK) + 64) + connection_high_water + high_water
+    assert total < PRODUCE_CAP * len(CHUNK)  # far from the unbounded case (20 MB per stream)
+
+
+class Reply:
+    """One HTTP/1.1 reply read off a raw socket: complete, cut (fewer body bytes than announced), or
+    empty (the connection ended before a status line)."""
+
+    def __init__(self, status: int | None, headers: dict[bytes, bytes], body: bytes, complete: bool):
+        self.status, self.headers, self.body, self.complete = status, headers, body, complete
+
+
+async def _read_reply(stream: trio.SocketStream, buffer: bytearray) -> Reply:
+    while b"\r\n\r\n" not in buffer:
+        data = await _receive_or_eof(stream)
+        if not data:
+            return Reply(None, {}, bytes(buffer), False)
+        buffer += data
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    status_line, *lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines)}
+    length = int(headers.get(b"content-length", b"0"))
+    body = bytearray(rest)
+    while len(body) < length:
+        data = await _receive_or_eof(stream)
+        if not data:
+            return Reply(int(status_line.split()[1]), headers, bytes(body), False)
+        body += data
+    buffer[:] = body[length:]
+    return Reply(int(status_line.split()[1]), headers, bytes(body[:length]), True)
+
+
+async def _receive_or_eof(stream: trio.SocketStream) -> bytes:
+    try:
+        return bytes(await stream.receive_some(65536))
+    except trio.BrokenResourceError:  # reset: as empty as a clean EOF for the caller
+        return b""
+
+
+ECHO = b"POST /v1/echo HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}"
+
+
+def _holding_worker(release: trio.Event, holding: trio.Event) -> Worker:
+    worker = Worker("keep-alive")
+
+    @worker.endpoint("echo")
+    async def echo(request: Any, ctx: RequestContext) -> Any:
+        return request
+
+    @worker.endpoint("hold")
+    async def hold(request: Any, ctx: RequestContext) -> Any:
+        holding.set()  # in flight: the drain waits for it, so the test controls when phase 3 comes
+        await release.wait()
+        return "released"
+
+    return worker
+
+
+def _assert_refused_for_draining(reply: Reply) -> None:
+    assert reply.complete and reply.status == 503, (reply.status, reply.body)
+    assert reply.headers[b"retry-after"] == b"1" and reply.headers[b"connection"] == b"close"
+    error = json.loads(reply.body)["error"]
+    # UNAVAILABLE at the door; SHUTTING_DOWN if it passed the door as admission closed: neither ran.
+    assert error["code"] in ("UNAVAILABLE", "SHUTTING_DOWN") and error["retryable"] is True
+
+
+async def test_a_request_on_an_idle_keep_alive_connection_during_the_drain_gets_a_complete_503():
+    """Draining does not close idle keep-alive connections under a request: it answers 503 + close."""
+    release, holding = trio.Event(), trio.Event()
+    async with open_worker(_holding_worker(release, holding), [HttpTransport(port=0)]) as handle:
+        address = handle.addresses["http"]
+        async with await trio.open_tcp_stream(*address) as idle, trio.open_nursery() as nursery:
+            buffer = bytearray()
+            await idle.send_all(ECHO)
+            assert (await _read_reply(idle, buffer)).status == 200  # now idle, having served a request
+            nursery.start_soon(_post_hold, address)
+            await holding.wait()
+            handle.shutdown("test")
+            await handle.wait_intake_closed()
+            await idle.send_all(ECHO)  # on the wire as the drain runs
+            reply = await _read_reply(idle, buffer)
+            end = await _receive_or_eof(idle)
+            release.set()
+        _assert_refused_for_draining(reply)
+        assert end == b"" and not buffer  # then a clean close, nothing after the 503
+
+
+async def _post_hold(address: tuple[str, int]) -> None:
+    async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(b"POST /v1/hold HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}")
+        assert (await _read_reply(stream, bytearray())).status == 200
+
+
+KEEP_ALIVE_CLIENTS = 60
+
+
+async def test_keep_alive_clients_through_a_drain_get_no_empty_or_cut_reply():
+    """60 keep-alive clients looping requests across the start of a drain: every reply is complete."""
+    release, holding = trio.Event(), trio.Event()
+    tally: dict[str, int] = {"200": 0, "503": 0, "empty": 0, "cut": 0}
+    all_served, all_refused = trio.Event(), trio.Event()
+    served_once: set[int] = set()
+
+    async def client(index: int, address: tuple[str, int]) -> None:
+        async with await trio.open_tcp_stream(*address) as stream:
+            buffer = bytearray()
+            while True:
+                await stream.send_all(ECHO)
+                reply = await _read_reply(stream, buffer)
+                if not reply.complete:
+                    tally["empty" if reply.status is None else "cut"] += 1
+                    return
+                tally[str(reply.status)] += 1
+                served_once.add(index)
+                if len(served_once) == KEEP_ALIVE_CLIENTS:
+                    all_served.set()
+                if reply.status == 503:
+                    _assert_refused_for_draining(reply)
+                    if tally["503"] == KEEP_ALIVE_CLIENTS:
+                        all_refused.set()
+                    return  # told to close: a real client goes elsewhere
+
+    async with open_worker(_holding_worker(release, holding), [HttpTransport(port=0)]) as handle:
+        address = handle.addresses["http"]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_post_hold, address)
+            await holding.wait()
+            for index in range(KEEP_ALIVE_CLIENTS):
+                nursery.start_soon(client, index, address)
+            await all_served.wait()
+            handle.shutdown("test")  # while requests are on the wire on every connection
+            await all_refused.wait()
+            release.set()
+    assert tally["empty"] == tally["cut"] == 0, tally
+    assert tally["503"] == KEEP_ALIVE_CLIENTS and tally["200"] >= KEEP_ALIVE_CLIENTS
+    print(f"keep-alive drain: {tally}")
+
+
+STORM_CONNECTIONS = 1024
+# struct tcp_info (linux/tcp.h): eight one-byte fields, then u32s; tcpi_total_retrans is the 24th u32.
+_TOTAL_RETRANS = struct.Struct("=8x92xI")
+
+
+def _retransmits(sock: trio.socket.SocketType) -> int:
+    """Segments this socket had to send again (a SYN or request dropped by a full listen queue)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TOTAL_RETRANS.size)
+    return int(_TOTAL_RETRANS.unpack(info)[0])
+
+
+def _somaxconn() -> int:
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except OSError:
+        return 0
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="TCP_INFO is a Linux option")
+@pytest.mark.skipif(_somaxconn() < STORM_CONNECTIONS, reason="the kernel caps every backlog below the storm")
+async def test_a_storm_of_new_connections_is_answered_without_a_dropped_handshake():
+    """1,024 connections opened at once are all answered, none of them needing a retransmission."""
+    async with worker_process("--http", "127.0.0.1:0", "--no-access-log") as worker:
+        address = worker.addresses["http"]
+        statuses: list[bytes] = []
+        retransmitted = 0
+
+        async def one() -> None:
+            nonlocal retransmitted
+            async with await trio.open_tcp_stream(*address) as stream:
+                await stream.send_all(b"GET /health HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+                reply = await _read_reply(stream, bytearray())
+                statuses.append(b"%d" % (reply.status or 0))
+                retransmitted += _retransmits(stream.socket)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(STORM_CONNECTIONS):
+                nursery.start_soon(one)
+    assert statuses == [b"200"] * STORM_CONNECTIONS
+    assert retransmitted == 0  # with hypercorn's backlog of 100, hundreds waited for a retransmission
+
+
+def _short_worker() -> Worker:
+    worker = Worker("resets")
+
+    @worker.endpoint("echo")
+    async def echo(request: Any, ctx: RequestContext) -> Any:
+        return request
+
+    @worker.endpoint("tokens")
+    async def tokens(request: Any, ctx: RequestContext) -> Any:
+        for i in range(request.get("n", 2)):
+            yield {"i": i}
+
+    return worker
+
+
+RESET_ROUNDS = 30
+STREAMS_PER_ROUND = 20
+
+
+def _assert_accounts_balance(handle: Any, endpoints: tuple[str, ...]) -> int:
+    """Each accepted request ended in exactly one outcome; nothing is left in flight; disconnects are
+    counted only for requests whose outcome is ``disconnected``. Returns the requests accepted."""
+    accepted = 0
+    for name in endpoints:
+        labels = {"endpoint": name, "transport": "http"}
+        statistics = handle.binding("http", name).statistics()
+        outcomes = sum(
+            sample(handle.runtime, "ingress_requests_total", **labels, outcome=outcome)
+            for outcome in ("ok", "error", "cancelled", "disconnected", "rejected", "shutdown")
+        )
+        assert sample(handle.runtime, "ingress_inflight_requests", **labels) == 0, name
+        assert statistics.in_flight == 0 and outcomes == statistics.started == statistics.finished, name
+        disconnects = sum(
+            sample(handle.runtime, "ingress_client_disconnects_total", **labels, reason=reason)
+            for reason in ("closed", "reset", "gone")
+        )
+        disconnected = sample(handle.runtime, "ingress_requests_total", **labels, outcome="disconnected")
+        assert disconnects == disconnected, name
+        accepted += statistics.started
+    return accepted
+
+
+async def test_h2_rapid_reset_storm_leaves_every_count_balanced():
+    """Streams opened and reset at once, round after round: every count returns to 0, one outcome each."""
+    async with open_worker(_short_worker(), [HttpTransport(port=0)]) as handle:
+        address = handle.addresses["http"]
+        for _ in range(RESET_ROUNDS):
+            async with await trio.open_tcp_stream(*address) as stream:
+                peer = H2Peer(stream)
+                for index in range(STREAMS_PER_ROUND):
+                    path = "/v1/echo" if index % 2 else "/v1/tokens"
+                    stream_id = peer.post(path, b'{"n": 2}')
+                    peer.conn.reset_stream(stream_id)
+                    await peer.flush()
+                await peer.ping_pong()  # the worker has read every frame of this round
+        # Nothing left to run in the worker (its requests ended, or were refused): the books must balance.
+        with trio.fail_after(10):
+            for name in ("echo", "tokens"):
+                await handle.binding("http", name).tracker.wait_idle()
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+        accepted = _assert_accounts_balance(handle, ("echo", "tokens"))
+        handle.shutdown("test")
+        assert not (await handle.wait_drained()).forced
+    assert accepted > 0
+
+
+def _stalling_worker(deadline_hit: trio.Event) -> Worker:
+    worker = Worker("stall")
+
+    @worker.endpoint("flood")
+    async def flood(request: Any, ctx: RequestContext) -> Any:
+        try:
+            while True:
+                yield CHUNK * 64
+        finally:
+            deadline_hit.set()  # the caller's deadline ended the stream (nothing else does here)
+
+    return worker
+
+
+async def test_a_caller_that_closes_after_its_deadline_is_an_error_not_a_disconnect():
+    """A stream ended by its deadline whose caller then leaves is counted once: error, no disconnect."""
+    deadline_hit = trio.Event()
+    async with open_worker(_stalling_worker(deadline_hit), [HttpTransport(port=0)]) as handle:
+        stream = await _connect(handle.addresses["http"])
+        head = b"POST /v1/flood HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\nx-request-timeout-ms: 200\r\n\r\n"
+        async with stream:
+            await stream.send_all(head + b"{}")  # ... and never reads: the error event cannot leave
+            await deadline_hit.wait()
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with trio.fail_after(10):
+            await handle.binding("http", "flood").tracker.wait_idle()
+        _assert_accounts_balance(handle, ("flood",))
+        labels = {"endpoint": "flood", "transport": "http"}
+        assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="error") == 1
+
+
+async def test_h2_connection_closed_while_responses_wait_for_window_ends_every_request():
+    """Short h2 streams finished but held by a closed window, then the connection closes: none leaks."""
+    async with open_worker(_short_worker(), [HttpTransport(port=0)]) as handle:
+        for _ in range(3):
+            async with await trio.open_tcp_stream(*handle.addresses["http"]) as stream:
+                peer = H2Peer(stream, window=0)  # the server may send headers, never data
+                ids = [peer.post("/v1/tokens", b'{"n": 2}') for _ in range(5)]
+                await peer.flush()
+                for stream_id in ids:
+                    await peer.read_until(h2.events.ResponseReceived, stream_id)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.1)  # every response is stuck
+        with trio.fail_after(10):
+            await handle.binding("http", "tokens").tracker.wait_idle()
+        _assert_accounts_balance(handle, ("tokens",))
+
+
+async def test_http_backlog_flag_sets_the_listen_queue():
+    """`ingress serve --http-backlog N` reaches the listener, which logs the queue it got."""
+    async with worker_process("--http", "127.0.0.1:0", "--http-backlog", "128") as worker:
+        listening = await worker.wait_event("http.listening")
+    assert listening["backlog"] == 128
