@@ -213,3 +213,15 @@ def test_the_worked_example_in_the_protocol_doc_is_exact():
     client.peer_hello = client.local_hello  # as if the server had answered
     request = client.send(Request(1, "generate", "", 0, (), b'{"max_tokens":2}'))
     assert documented == hello + request
+
+
+def test_a_connection_closed_before_sending_anything_is_a_clean_close():
+    """Connect-and-close (a TCP health check) is ConnectionClosed; a partial preface is still an error."""
+    server = codec.Connection(Role.SERVER)
+    server.receive_data(b"")
+    assert _events(server) == [ConnectionClosed()]
+    partial = codec.Connection(Role.SERVER)
+    partial.receive_data(codec.MAGIC[:3])
+    partial.receive_data(b"")
+    with pytest.raises(RemoteProtocolError):
+        _events(partial)

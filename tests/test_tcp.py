@@ -409,3 +409,14 @@ async def test_a_burst_of_1024_connections_is_accepted_and_every_one_handshakes(
                 for _ in range(1024):
                     nursery.start_soon(handshake, address)
     assert done == 1024
+
+
+async def test_connect_and_close_is_no_protocol_error():
+    """A TCP health check (connect, then close without a byte) is not counted or logged as an error."""
+    async with serving(Probe()) as (handle, address):
+        for _ in range(5):
+            async with await trio.open_tcp_stream(*address) as stream:
+                await stream.send_eof()  # nothing sent; the server's close tells us it has judged it
+                while await stream.receive_some(65536):
+                    pass
+    assert sample(handle.runtime, "ingress_protocol_errors_total", transport="tcp") == 0

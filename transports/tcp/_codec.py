@@ -230,8 +230,10 @@ class Connection:
     def _need_data(self) -> Event | _NeedData:
         if not self._eof:
             return NEED_DATA
-        if len(self._buffer) > self._offset or not self._preface_seen:
+        if len(self._buffer) > self._offset:
             raise RemoteProtocolError("connection closed in the middle of a frame")
+        # Also before the preface, when nothing at all came: a TCP health check or a port scan
+        # connects and closes, which is no protocol error (and must not log one per probe).
         return ConnectionClosed()
 
     def _consume(self, count: int) -> None:
