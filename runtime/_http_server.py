@@ -155,6 +155,10 @@ class Connection:
         self._write_closed = False  # no more bytes go out (half-closed, torn or broken)
         self._closing = False  # the protocol is told Closed; reads are only drained now
         self._told_closed = False
+        # Protocol events in progress (the reader's data, re-entered by a send that breaks). Closed is
+        # held back until none is, so the protocol never sees it between two events of one batch.
+        self._handling = 0
+        self._closed_pending = False
         self._idle_deadline = trio.current_time() + config.keep_alive_timeout
         self._linger_deadline = math.inf
         self._read_scope: trio.CancelScope | None = None
@@ -205,7 +209,7 @@ class Connection:
             if scope.cancelled_caught or not data:
                 break  # idle for keep_alive_timeout, done lingering, or the peer closed
             if not self._closing:  # once closing, what the peer still sends is dropped
-                await self.protocol.handle(RawData(data))
+                await self._handle(RawData(data))
         await self._tell_closed()
 
     async def _receive(self) -> bytes:
@@ -272,6 +276,25 @@ class Connection:
     async def _tell_closed(self) -> None:
         """Tell the protocol (its streams get ``http.disconnect``) once; reads are only drained after."""
         self._start_lingering()
+        self._closed_pending = True
+        if self._handling == 0:
+            await self._deliver_closed()
+
+    async def _handle(self, event: Event) -> None:
+        """Hand one event to the protocol. A Closed that arrives meanwhile (a send broke in another
+        task, or in this one through the protocol's own flush) waits until the event is done: h2
+        handles a whole batch of frames per event, and a Closed in the middle of it made the rest of
+        the batch create streams on a closed connection, whose responses then waited forever for a
+        send task that had stopped (the rapid-reset in-flight leak)."""
+        self._handling += 1
+        try:
+            await self.protocol.handle(event)
+        finally:
+            self._handling -= 1
+        if self._handling == 0 and self._closed_pending:
+            await self._deliver_closed()
+
+    async def _deliver_closed(self) -> None:
         if not self._told_closed:
             self._told_closed = True
             await self.protocol.handle(Closed())

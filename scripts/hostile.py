@@ -36,6 +36,7 @@ import socket
 import struct
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -1357,6 +1358,7 @@ async def run_class(name: str, mode: Mode, took: dict[str, float]) -> list[tuple
     except trio.TooSlowError:
         rows = [Row("(the whole class)", "-", reason=f"did not finish within {CLASS_TIMEOUT:g} s")]
     except Exception as error:  # the script's own failure must still be a row, and not hide the rest
+        traceback.print_exception(error, file=sys.stderr)
         rows = [Row("(the whole class)", "-", reason=f"script error: {error!r}"[:200])]
     took[name] = time.monotonic() - started
     return [(name, row) for row in rows]

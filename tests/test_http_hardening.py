@@ -498,3 +498,42 @@ async def test_http_backlog_flag_sets_the_listen_queue():
     async with worker_process("--http", "127.0.0.1:0", "--http-backlog", "128") as worker:
         listening = await worker.wait_event("http.listening")
     assert listening["backlog"] == 128
+
+
+class _SlowBatchProtocol:
+    """Records the events the connection hands over; handling data takes a while, like an h2 batch."""
+
+    def __init__(self, inside: trio.Event, release: trio.Event) -> None:
+        self.events: list[str] = []
+        self.inside = inside
+        self.release = release
+
+    async def handle(self, event: Any) -> None:
+        self.events.append(f"{type(event).__name__} started")
+        if type(event).__name__ == "RawData":
+            self.inside.set()
+            await self.release.wait()  # meanwhile a send breaks in another task
+        self.events.append(f"{type(event).__name__} done")
+
+
+async def test_a_close_seen_while_a_batch_is_handled_waits_for_the_batch():
+    """Closed never reaches the protocol in the middle of another event (the rapid-reset leak's cause)."""
+    from hypercorn.config import Config
+    from hypercorn.events import RawData
+
+    from runtime._http_server import Connection, HttpServerLimits
+
+    inside, release = trio.Event(), trio.Event()
+    protocol = _SlowBatchProtocol(inside, release)
+    left, right = trio.socket.socketpair()
+    with left, right:
+        connection = Connection(None, Config(), HttpServerLimits(), trio.SocketStream(left))  # type: ignore[arg-type]
+        connection.protocol = protocol  # type: ignore[assignment]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection._handle, RawData(b"frames"))
+            await inside.wait()
+            nursery.start_soon(connection._tell_closed)  # what a broken send does
+            await trio.testing.wait_all_tasks_blocked()
+            assert protocol.events == ["RawData started"]
+            release.set()
+    assert protocol.events == ["RawData started", "RawData done", "Closed started", "Closed done"]
