@@ -1,5 +1,6 @@
 """The HTTP transport against peers that misbehave: clients that stop reading, bursts of connections,
-rapid resets, keep-alive requests racing a drain. Real sockets on 127.0.0.1, real workers."""
+rapid resets, keep-alive requests racing a drain (and, for comparison, a non-reading TCP-protocol client at
+SIGTERM). Real sockets on 127.0.0.1, real workers."""
 
 from __future__ import annotations
 
@@ -110,6 +111,22 @@ async def _stall_h2(address: tuple[str, int]) -> trio.SocketStream:
     return stream
 
 
+async def _stall_tcp(address: tuple[str, int]) -> trio.SocketStream:
+    """A TCP-protocol client that asks for an endless stream, reads its first chunk, then stops reading."""
+    from transports.tcp import _codec as codec
+
+    stream = await _connect(address)
+    conn = codec.Connection(codec.Role.CLIENT)
+    await stream.send_all(conn.send(conn.local_hello))
+    while conn.peer_hello is None:
+        conn.receive_data(await stream.receive_some(65536))
+        conn.next_event()
+    await stream.send_all(conn.send(codec.Request(1, "generate", "stall", 0, (), ENDLESS)))
+    while not isinstance(conn.next_event(), codec.Data):
+        conn.receive_data(await stream.receive_some(65536))
+    return stream
+
+
 async def _flood_pings(stream: trio.SocketStream) -> None:
     """Send PINGs and never read the acknowledgements, until the server stops reading too."""
     peer = H2Peer(stream)
@@ -121,13 +138,15 @@ async def _flood_pings(stream: trio.SocketStream) -> None:
                 await stream.send_all(batch)
 
 
-@pytest.mark.parametrize("peer", ["http1-stream", "h2-stream", "h2-ping-flood"])
+@pytest.mark.parametrize("peer", ["http1-stream", "h2-stream", "h2-ping-flood", "tcp-stream"])
 async def test_sigterm_exits_in_bounded_time_whatever_a_non_reading_peer_does(peer):
     """A client that stops reading cannot keep the worker alive past drain_timeout + kill_grace."""
-    args = ("--http", "127.0.0.1:0", "--drain-timeout", str(DRAIN_TIMEOUT), "--no-access-log")
-    async with worker_process(*args) as worker, trio.open_nursery() as nursery:
+    args = ("--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0", "--drain-timeout", str(DRAIN_TIMEOUT))
+    async with worker_process(*args, "--no-access-log") as worker, trio.open_nursery() as nursery:
         address = worker.addresses["http"]
-        if peer == "h2-ping-flood":
+        if peer == "tcp-stream":
+            nursery.start_soon(_hold_open, await _stall_tcp(worker.addresses["tcp"]))
+        elif peer == "h2-ping-flood":
             nursery.start_soon(_flood_pings, await _connect(address))
             # Our sender is blocked: the worker has stopped reading because its own sends are stuck.
             await trio.testing.wait_all_tasks_blocked(cushion=0.2)
