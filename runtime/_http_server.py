@@ -7,10 +7,14 @@ everything that touches the socket and every bound (docs/http.md):
 
 - **Backlog**: the listen queue is a setting (hypercorn's is 100: a burst of connections waited seconds
   in SYN retransmits).
-- **No unbounded send**: hypercorn shields every ``send_all`` without a bound, so a peer that stops
-  reading pins the worker forever after SIGTERM. Here a send is never shielded: cancelling the
-  connection (phase 3) ends it at once. A send cut half-way leaves the byte stream torn, so that
-  connection's socket is closed then, never written to again.
+- **One writer, no unbounded send**: hypercorn shields every ``send_all`` without a bound, so a peer
+  that stops reading pins the worker forever after SIGTERM. Here what the protocol emits is queued
+  (bounded: a sender waits while ``OUTGOING_HIGH_WATER`` is queued) and one writer task per connection
+  sends it, unshielded: cancelling the connection (phase 3) ends it at once. A sender that is cancelled
+  (its request killed) loses nothing and cuts nothing, since h2 has already counted the bytes as sent
+  and they may carry other streams' frames; only the connection's end can cut a write.
+- **h2 DATA for a stream already answered** (an app that replied before reading the whole body) is
+  acknowledged and dropped; hypercorn raised KeyError there and lost the whole connection.
 - **h2 back-pressure**: hypercorn's per-stream buffer lets a writer through whenever its sender pops
   nothing (a closed flow-control window pops zero bytes and "unpauses" the writer), so a client that does
   not read made the worker buffer without limit. ``_BoundedH2Protocol`` makes ``stream_send`` wait while
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import h2.events
 import structlog
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
@@ -53,6 +58,9 @@ from ._listeners import DEFAULT_BACKLOG, open_listeners, serve_accepting
 
 # Bytes asked of the kernel per read (hypercorn's MAX_RECV).
 MAX_RECV = 64 * 1024
+# Bytes queued for the socket beyond which a sender (a response, h2's sender) waits: with the socket's
+# own buffer, what one connection holds for a peer that does not read.
+OUTGOING_HIGH_WATER = 64 * 1024
 # After the server closes its side, unread bytes from the peer are read and dropped for at most this long
 # before the socket is closed (a close with unread bytes resets the connection and can destroy the
 # response the peer is still reading).
@@ -151,8 +159,12 @@ class Connection:
         self.stream = stream
         self.context = WorkerContext(None)
         self.protocol: _ProtocolSwitch
-        self._send_lock = trio.Lock()
-        self._write_closed = False  # no more bytes go out (half-closed, torn or broken)
+        # What the protocol sent and the writer task has not yet handed to the socket.
+        self._outgoing = bytearray()
+        self._has_outgoing = trio.Event()
+        self._room = trio.lowlevel.ParkingLot()
+        self._eof_wanted = False  # the protocol asked to close: FIN once the queue is out
+        self._write_closed = False  # no more bytes go out (broken, or the writer has stopped)
         self._closing = False  # the protocol is told Closed; reads are only drained now
         self._told_closed = False
         # Protocol events in progress (the reader's data, re-entered by a send that breaks). Closed is
@@ -170,12 +182,16 @@ class Connection:
         sock = self._socket()
         client = parse_socket_addr(sock.family, sock.getpeername())
         server = parse_socket_addr(sock.family, sock.getsockname())
-        async with TaskGroup() as task_group:
-            state = ConnectionState({})
-            args = (self.app, self.config, self.context, task_group, state, self._ssl, client, server)
-            self.protocol = _ProtocolSwitch((*args, self.send), self.limits, alpn)
-            await self.protocol.initiate()
-            await self._read()
+        async with trio.open_nursery() as writing:
+            writing.start_soon(self._write_loop)
+            async with TaskGroup() as task_group:
+                state = ConnectionState({})
+                args = (self.app, self.config, self.context, task_group, state, self._ssl, client, server)
+                self.protocol = _ProtocolSwitch((*args, self.send), self.limits, alpn)
+                await self.protocol.initiate()
+                await self._read()
+            # Every stream has ended and reading is over (peer closed, idle, or done lingering).
+            writing.cancel_scope.cancel(reason="connection finished")
 
     @property
     def _ssl(self) -> bool:
@@ -229,42 +245,56 @@ class Connection:
             self._set_idle(event.idle)
 
     async def _send_bytes(self, data: bytes) -> None:
-        broken = False
-        async with self._send_lock:
-            if self._write_closed:
-                return
-            try:
+        """Queue ``data`` for the writer, then wait while too much is queued (back-pressure).
+
+        Queued first, unconditionally: the protocol has already counted these bytes as sent (h2's
+        ``data_to_send`` may hold frames of other streams too), so a sender cancelled here (its
+        request killed, its client gone) must not take them back. Only the writer task touches the
+        socket; a cancelled wait loses nothing."""
+        if self._write_closed:
+            return
+        self._outgoing += data
+        self._has_outgoing.set()
+        while len(self._outgoing) >= OUTGOING_HIGH_WATER and not self._write_closed:
+            await self._room.park()
+
+    async def _write_loop(self) -> None:
+        """The connection's one writer: what is queued goes out in order, then the FIN if the protocol
+        asked to close. Only its own cancellation (the connection ending, phase 3) can cut a write."""
+        try:
+            while True:
+                if not self._outgoing:
+                    if self._eof_wanted:
+                        await self._send_eof()
+                        return
+                    self._has_outgoing = trio.Event()
+                    await self._has_outgoing.wait()
+                    continue
+                data, self._outgoing = self._outgoing, bytearray()
+                self._room.unpark_all()
                 await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-                self._write_closed = broken = True
-            except BaseException:
-                # Cancelled half-way (phase 3 ending a stuck send, say): the peer may have part of a
-                # frame, so nothing more can be written on this connection.
-                self._abort()
-                raise
-        if broken:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._stop_writing()
             await self._tell_closed()
+        finally:
+            self._stop_writing()
+
+    async def _send_eof(self) -> None:
+        # TLS has no half-close: the final close does it.
+        if isinstance(self.stream, trio.SocketStream):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.stream.send_eof()
+
+    def _stop_writing(self) -> None:
+        self._write_closed = True
+        self._room.unpark_all()
 
     async def _close_write(self) -> None:
-        """Half-close (FIN after what was sent), then linger: see the module docstring."""
-        if self._send_lock.locked():
-            # A send is stuck on a peer that does not read: no orderly close is possible.
-            self._abort()
-            return
-        async with self._send_lock:
-            if not self._write_closed:
-                self._write_closed = True
-                # TLS has no half-close: the final close does it.
-                if isinstance(self.stream, trio.SocketStream):
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await self.stream.send_eof()
+        """Half-close (FIN after what is queued), then linger: see the module docstring. A peer that
+        does not read never gets the FIN; the linger deadline ends the connection all the same."""
+        self._eof_wanted = True
+        self._has_outgoing.set()
         self._start_lingering()
-
-    def _abort(self) -> None:
-        """End the connection at once: a send or read blocked on it fails (ClosedResourceError), so
-        the protocol hears Closed and its streams a disconnect, as when the peer resets."""
-        self._write_closed = True
-        self._socket().close()
 
     def _start_lingering(self) -> None:
         if not self._closing:
@@ -384,3 +414,15 @@ class _BoundedH2Protocol(H2Protocol):
     async def _close_stream(self, stream_id: int) -> None:
         await super()._close_stream(stream_id)
         self._room.unpark_all()
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        """hypercorn's, one event at a time, so that DATA for a stream that is already gone is dropped:
+        an app that answers before reading the whole body (a 503 while draining, a 413) ends its stream,
+        and the body's late DATA frames made hypercorn raise KeyError and end the whole connection,
+        cutting every other stream on it. Each call flushes what it produced; the writer coalesces."""
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                # Still counted against the connection's window: hand the space back.
+                self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                continue
+            await super()._handle_events([event])

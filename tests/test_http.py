@@ -10,6 +10,7 @@ from contextlib import aclosing, asynccontextmanager
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from runtime import InternalError, RequestContext, Worker, WorkerConfig, open_worker
 from runtime.testing import accepted_sockets, keepalive_settings, sample
@@ -288,13 +289,6 @@ async def test_health_and_metrics_routes():
     assert 'ingress_requests_total{endpoint="echo",outcome="ok",transport="http"} 1.0' in metrics.text
 
 
-class _BusyStream:
-    """A stream whose send_all fails the way Trio does while another task holds it (send_eof)."""
-
-    async def send_all(self, data: bytes) -> None:
-        raise trio.BusyResourceError("another task is currently sending data on this SocketStream")
-
-
 class _RecordingProtocol:
     def __init__(self) -> None:
         self.events: list[object] = []
@@ -303,17 +297,49 @@ class _RecordingProtocol:
         self.events.append(event)
 
 
-async def test_busy_resource_error_is_contained_to_its_connection():
-    """A send failing with BusyResourceError (hypercorn 0.18's escape) closes that connection only."""
+async def test_a_sender_cancelled_mid_send_loses_nothing_and_keeps_the_connection():
+    """Bytes handed to the loop go out even if their sender is cancelled; the connection lives on."""
     from hypercorn.config import Config
     from hypercorn.events import Closed, RawData
 
     from runtime._http_server import Connection, HttpServerLimits
 
-    connection = Connection(None, Config(), HttpServerLimits(), _BusyStream())  # type: ignore[arg-type]
-    connection.protocol = _RecordingProtocol()  # type: ignore[assignment]
-    await connection.send(RawData(b"x"))
-    await connection.send(RawData(b"y"))  # nothing more is written once the stream failed
+    left, right = trio.socket.socketpair()
+    with left, right:
+        connection = Connection(None, Config(), HttpServerLimits(), trio.SocketStream(left))  # type: ignore[arg-type]
+        connection.protocol = _RecordingProtocol()  # type: ignore[assignment]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection._write_loop)
+            with trio.CancelScope() as killed:  # a request killed (its client reset the stream)
+                killed.cancel()
+                await connection.send(RawData(b"frames of other streams|"))
+            await connection.send(RawData(b"next"))
+            received = b""
+            with trio.fail_after(5):
+                while received != b"frames of other streams|next":
+                    received += await right.recv(4096)
+            nursery.cancel_scope.cancel()
+    assert not [e for e in connection.protocol.events if isinstance(e, Closed)]
+
+
+async def test_a_peer_that_resets_while_the_loop_writes_ends_only_its_connection():
+    """A broken socket stops the writer and tells the protocol Closed once; later sends are dropped."""
+    from hypercorn.config import Config
+    from hypercorn.events import Closed, RawData
+
+    from runtime._http_server import Connection, HttpServerLimits
+
+    left, right = trio.socket.socketpair()
+    with left:
+        connection = Connection(None, Config(), HttpServerLimits(), trio.SocketStream(left))  # type: ignore[arg-type]
+        connection.protocol = _RecordingProtocol()  # type: ignore[assignment]
+        right.close()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection._write_loop)
+            await connection.send(RawData(b"x" * 100_000))
+            await trio.testing.wait_all_tasks_blocked()
+            await connection.send(RawData(b"y"))  # nothing more is written once the stream failed
+            nursery.cancel_scope.cancel()
     assert [type(e) for e in connection.protocol.events] == [Closed]
 
 

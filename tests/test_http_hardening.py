@@ -556,3 +556,28 @@ async def test_a_close_seen_while_a_batch_is_handled_waits_for_the_batch():
             assert protocol.events == ["RawData started"]
             release.set()
     assert protocol.events == ["RawData started", "RawData done", "Closed started", "Closed done"]
+
+
+async def test_h2_body_data_after_an_early_answer_leaves_the_connection_and_its_streams_alone():
+    """A 404 sent before the body arrived, then that body's DATA: the connection's other stream completes."""
+    async with (
+        open_worker(_short_worker(), [HttpTransport(port=0)]) as handle,
+        await trio.open_tcp_stream(*handle.addresses["http"]) as stream,
+    ):
+        peer = H2Peer(stream, window=MAX_WINDOW)
+        early = peer.conn.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":path", "/v1/nosuch"), (":scheme", "http"), (":authority", "t")]
+        peer.conn.send_headers(early, headers)  # the body follows later
+        await peer.flush()
+        with trio.fail_after(10):
+            await peer.read_until(h2.events.StreamEnded, early)  # answered 404 without the body
+            peer.conn.send_data(early, b'{"late": "body"}', end_stream=True)
+            sibling = peer.post("/v1/tokens", b'{"n": 3}')
+            await peer.flush()
+            await peer.read_until(h2.events.StreamEnded, sibling)
+    statuses = {
+        e.stream_id: dict(e.headers)[b":status"]
+        for e in peer.events
+        if isinstance(e, h2.events.ResponseReceived)
+    }
+    assert statuses == {early: b"404", sibling: b"200"}
