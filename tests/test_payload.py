@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import trio
@@ -67,9 +66,9 @@ def test_values_that_are_not_json_are_internal_errors(value):
 
 
 def test_a_value_nested_too_deeply_to_encode_is_an_internal_error():
-    """A value nested past the recursion limit is an InternalError, not a RecursionError."""
+    """A value nested past the interpreter's recursion limit is an InternalError, not a RecursionError."""
     deep: list = []
-    for _ in range(sys.getrecursionlimit() + 100):
+    for _ in range(100_000):  # past the interpreter's limit, whichever applies (3.12+ counts C frames)
         deep = [deep]
     with pytest.raises(InternalError, match="nested too deeply"):
         encode_json(deep)
