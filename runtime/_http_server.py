@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -164,6 +165,9 @@ class Connection:
         self._has_outgoing = trio.Event()
         self._room = trio.lowlevel.ParkingLot()
         self._eof_wanted = False  # the protocol asked to close: FIN once the queue is out
+        self._writing = False  # the writer task is inside send_all
+        # For writes straight from the sender while the writer is idle (cleartext only: TLS frames).
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._write_closed = False  # no more bytes go out (broken, or the writer has stopped)
         self._closing = False  # the protocol is told Closed; reads are only drained now
         self._told_closed = False
@@ -253,10 +257,26 @@ class Connection:
         socket; a cancelled wait loses nothing."""
         if self._write_closed:
             return
+        if not self._outgoing and not self._writing:
+            # The writer is idle: hand the bytes to the kernel right here, without a task switch. A
+            # non-blocking write cannot be cancelled half-way; whatever it does not take is queued.
+            data = data[self._write_now(data) :]
+            if not data:
+                return
         self._outgoing += data
         self._has_outgoing.set()
         while len(self._outgoing) >= OUTGOING_HIGH_WATER and not self._write_closed:
             await self._room.park()
+
+    def _write_now(self, data: bytes) -> int:
+        """How much of ``data`` the kernel took without blocking (0 for TLS, a full or a broken socket:
+        the writer task then sends it and finds out)."""
+        if self._fd is None:
+            return 0
+        try:
+            return os.write(self._fd, data)
+        except OSError:
+            return 0
 
     async def _write_loop(self) -> None:
         """The connection's one writer: what is queued goes out in order, then the FIN if the protocol
@@ -272,7 +292,9 @@ class Connection:
                     continue
                 data, self._outgoing = self._outgoing, bytearray()
                 self._room.unpark_all()
+                self._writing = True
                 await self.stream.send_all(data)
+                self._writing = False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._stop_writing()
             await self._tell_closed()
