@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+import traceback
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -49,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
         nargs="?",
         default=DEFAULT_APP,
         help=f"module:attribute naming a Worker (default {DEFAULT_APP})",
+    )
+    serve.add_argument(
+        "--app-dir",
+        default=".",
+        metavar="DIR",
+        help="look for APP's module in this directory first (default: the current directory)",
     )
     serve.add_argument("--http", type=_address, metavar="HOST:PORT", help="serve HTTP/1.1 and h2 here")
     serve.add_argument(
@@ -160,19 +168,51 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def load_app(spec: str) -> Worker:
-    """Import ``module:attribute`` and check that it names a Worker."""
+def load_app(spec: str, app_dir: str = ".") -> Worker:
+    """Import ``module:attribute`` and check that it names a Worker. ``app_dir`` goes first on the
+    import path, as with uvicorn and hypercorn, so ``ingress serve app:worker`` finds ``./app.py``.
+
+    A module or attribute that is not there is a usage error (exit 2); a module that raises while it is
+    imported is the app's failure (``AppImportFailed``, exit 1)."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
-        raise _UsageError(f"APP must look like module:attribute, got {spec!r}")
+        raise _UsageError(f"APP must look like module:attribute (e.g. app:worker), got {spec!r}")
+    directory = os.path.abspath(app_dir)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise _UsageError(f"cannot import {module_name!r}: {exc}") from exc
-    app = getattr(module, attribute, None)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not _names_part_of(module_name, exc.name):
+            raise AppImportFailed(module_name, exc) from exc  # the app imports something missing
+        raise _UsageError(
+            f"cannot import {module_name!r}: no module named {exc.name!r} in {directory} "
+            "or on the Python path (--app-dir chooses the directory)"
+        ) from None
+    except Exception as exc:
+        raise AppImportFailed(module_name, exc) from exc
+    if not hasattr(module, attribute):
+        raise _UsageError(f"module {module_name!r} ({_origin(module)}) has no attribute {attribute!r}")
+    app = getattr(module, attribute)
     if not isinstance(app, Worker):
-        raise _UsageError(f"{spec!r} is {type(app).__name__}, not a runtime.Worker")
+        raise _UsageError(f"{spec!r} is a {type(app).__name__}, not a runtime.Worker")
     return app
+
+
+class AppImportFailed(Exception):
+    """The app's module raised while it was imported (its own bug or a missing dependency)."""
+
+    def __init__(self, module: str, cause: BaseException) -> None:
+        super().__init__(f"importing {module!r} failed: {type(cause).__name__}: {cause}")
+
+
+def _names_part_of(module_name: str, missing: str) -> bool:
+    """Whether the missing module is the app's module itself or one of its parent packages."""
+    return module_name == missing or module_name.startswith(missing + ".")
+
+
+def _origin(module: Any) -> str:
+    return str(getattr(module, "__file__", None) or module.__name__)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -182,7 +222,15 @@ def _serve(args: argparse.Namespace) -> int:
     from transports.tcp import TcpTransport
 
     configure_logging(args.log_format, args.log_level)
-    worker = load_app(args.app)
+    try:
+        worker = load_app(args.app, args.app_dir)
+    except AppImportFailed as exc:
+        if args.log_level == "debug":
+            traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
+            print(f"ingress: {exc}", file=sys.stderr)
+        else:
+            print(f"ingress: {exc} (--log-level debug shows the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
     if args.http is None and args.tcp is None and args.nats is None:  # no flag: something to curl
         args.http, args.tcp = DEFAULT_HTTP, DEFAULT_TCP
     transports: list[Transport] = []

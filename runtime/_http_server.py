@@ -57,6 +57,9 @@ from hypercorn.utils import parse_socket_addr
 
 from ._listeners import DEFAULT_BACKLOG, open_listeners, serve_accepting
 
+# The hypercorn releases this loop was written and tested against (pyproject.toml pins the same range):
+# it subclasses and drives hypercorn's protocol layer, which hypercorn may change in any release.
+TESTED_HYPERCORN = ("0.18",)
 # Bytes asked of the kernel per read (hypercorn's MAX_RECV).
 MAX_RECV = 64 * 1024
 # Bytes queued for the socket beyond which a sender (a response, h2's sender) waits: with the socket's

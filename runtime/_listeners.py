@@ -32,8 +32,12 @@ CAPACITY_WARNING_INTERVAL = 10.0
 
 
 async def open_listeners(host: str, port: int, backlog: int = DEFAULT_BACKLOG) -> list[trio.SocketListener]:
-    """Listening sockets for ``host:port`` (one per address family the host resolves to)."""
-    return await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    """Listening sockets for ``host:port`` (one per address family the host resolves to). A failure
+    names the address: "Address already in use" alone does not say which of a worker's ports."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 async def serve_accepting(

@@ -224,13 +224,17 @@ async def worker_process(*serve_args: str, wait_ready: bool = True) -> AsyncIter
 
 
 @asynccontextmanager
-async def spawn_process(command: list[str], *, wait_ready: bool = True) -> AsyncIterator[WorkerProcess]:
+async def spawn_process(
+    command: list[str], *, wait_ready: bool = True, cwd: str | None = None
+) -> AsyncIterator[WorkerProcess]:
     """Start any server that prints JSON lines and announces itself with a ``worker.ready`` line
     carrying ``addresses`` (as ``ingress serve`` does); used for baselines in benchmarks too."""
     import subprocess
 
     async with trio.open_nursery() as nursery:
-        process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = await trio.lowlevel.open_process(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd
+        )
         worker = WorkerProcess(process)
         nursery.start_soon(worker._read_logs)
         try:

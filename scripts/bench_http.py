@@ -16,6 +16,7 @@ Needs uvicorn installed (``pip install uvicorn``); only this benchmark uses it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import statistics
@@ -240,4 +241,7 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not a measurement")
-    trio.run(main, QUICK if parser.parse_args().quick else FULL)
+    args = parser.parse_args()
+    if importlib.util.find_spec("uvicorn") is None:  # the baseline runs in its own process: say it here
+        sys.exit("bench_http: uvicorn is the baseline and is not installed: pip install -e '.[test,bench]'")
+    trio.run(main, QUICK if args.quick else FULL)

@@ -581,3 +581,16 @@ async def test_h2_body_data_after_an_early_answer_leaves_the_connection_and_its_
         if isinstance(e, h2.events.ResponseReceived)
     }
     assert statuses == {early: b"404", sibling: b"200"}
+
+
+def test_the_installed_hypercorn_is_one_the_connection_loop_was_tested_against():
+    """The loop drives hypercorn's private protocol layer: another hypercorn release must fail loudly."""
+    from importlib.metadata import version
+
+    from runtime._http_server import TESTED_HYPERCORN
+
+    installed = version("hypercorn")
+    assert installed.startswith(tuple(f"{v}." for v in TESTED_HYPERCORN)), (
+        f"hypercorn {installed} is not one of {TESTED_HYPERCORN}: re-run tests/test_http*.py and "
+        "scripts/hostile.py against it, then widen TESTED_HYPERCORN and pyproject's bound together"
+    )

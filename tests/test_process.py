@@ -178,6 +178,7 @@ def test_a_transport_that_cannot_start_exits_one_with_a_log_line_not_a_traceback
     assert result.returncode == EXIT_FAILURE
     failed = [json.loads(line) for line in result.stdout.splitlines() if "worker.startup_failed" in line]
     assert failed and failed[0]["transport"] == "tcp" and "Address already in use" in failed[0]["error"]
+    assert f"127.0.0.1:{port}" in failed[0]["error"]  # which of the worker's ports
     assert "Traceback" not in result.stdout + result.stderr
 
 
