@@ -451,3 +451,18 @@ class _BoundedH2Protocol(H2Protocol):
                 self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 continue
             await super()._handle_events([event])
+
+
+async def discard_body(receive: Any, limit: int) -> None:
+    """Read and drop the rest of a request body (at most ``limit`` bytes; the caller bounds the time),
+    for an app that answers without it (404, 405, a 503 while draining).
+
+    hypercorn reuses an HTTP/1.1 connection only if the request was read to its end when the response
+    finished; otherwise it closes the connection, and a client that is already sending its next
+    request on it gets no response at all. A body past the bounds is left: that connection closes."""
+    received = 0
+    while received <= limit:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        received += len(message.get("body", b""))

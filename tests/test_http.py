@@ -588,3 +588,26 @@ async def test_h2c_upgrade_from_http1():
         ]
         result = await trio.run_process(command, capture_stdout=True)
     assert result.stdout == b"2"
+
+
+async def test_an_early_404_leaves_the_keep_alive_connection_open_for_the_next_request():
+    """A 404 whose body arrives after its head still lets the same connection carry the next request."""
+    head = b"POST /v1/missing HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n"
+    async with (
+        serving(Probe()) as (handle, _),
+        await trio.open_tcp_stream(*handle.addresses["http"]) as stream,
+    ):
+        responses = []
+        for _ in range(2):
+            await stream.send_all(head)  # as httpx does: the head, then the body in a second write
+            await trio.testing.wait_all_tasks_blocked()  # the server has done all it can with the head
+            await stream.send_all(b"{}")
+            response = b""
+            with trio.fail_after(5):
+                while not response.endswith(b"}}"):
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break  # closed: hypercorn could not reuse the connection
+                    response += data
+            responses.append(response[:12])
+    assert responses == [b"HTTP/1.1 404", b"HTTP/1.1 404"]

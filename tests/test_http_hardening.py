@@ -559,19 +559,21 @@ async def test_a_close_seen_while_a_batch_is_handled_waits_for_the_batch():
 
 
 async def test_h2_body_data_after_an_early_answer_leaves_the_connection_and_its_streams_alone():
-    """A 404 sent before the body arrived, then that body's DATA: the connection's other stream completes."""
+    """A 413 sent before the body ended, then more of that body: the connection's other stream completes."""
+    transport = HttpTransport(port=0, max_body_size=1024)
     async with (
-        open_worker(_short_worker(), [HttpTransport(port=0)]) as handle,
+        open_worker(_short_worker(), [transport]) as handle,
         await trio.open_tcp_stream(*handle.addresses["http"]) as stream,
     ):
         peer = H2Peer(stream, window=MAX_WINDOW)
         early = peer.conn.get_next_available_stream_id()
-        headers = [(":method", "POST"), (":path", "/v1/nosuch"), (":scheme", "http"), (":authority", "t")]
-        peer.conn.send_headers(early, headers)  # the body follows later
+        headers = [(":method", "POST"), (":path", "/v1/echo"), (":scheme", "http"), (":authority", "t")]
+        peer.conn.send_headers(early, headers)
+        peer.conn.send_data(early, b"x" * 2000)  # over the limit, and more to come
         await peer.flush()
         with trio.fail_after(10):
-            await peer.read_until(h2.events.StreamEnded, early)  # answered 404 without the body
-            peer.conn.send_data(early, b'{"late": "body"}', end_stream=True)
+            await peer.read_until(h2.events.StreamEnded, early)  # answered 413 mid-body
+            peer.conn.send_data(early, b"x" * 2000, end_stream=True)
             sibling = peer.post("/v1/tokens", b'{"n": 3}')
             await peer.flush()
             await peer.read_until(h2.events.StreamEnded, sibling)
@@ -580,7 +582,7 @@ async def test_h2_body_data_after_an_early_answer_leaves_the_connection_and_its_
         for e in peer.events
         if isinstance(e, h2.events.ResponseReceived)
     }
-    assert statuses == {early: b"404", sibling: b"200"}
+    assert statuses == {early: b"413", sibling: b"200"}
 
 
 def test_the_installed_hypercorn_is_one_the_connection_loop_was_tested_against():

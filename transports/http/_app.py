@@ -30,6 +30,7 @@ from runtime import (
     dispatch_payload,
     new_request_id,
 )
+from runtime._http_server import discard_body
 from runtime._ops_server import OPS_PATHS, OpsApp
 
 from .._writer import FrameWriter
@@ -84,6 +85,7 @@ class IngressApp:
         path, method = scope["path"], scope["method"]
         if path.startswith("/v1/"):
             if method != "POST":
+                await self._discard_body(receive)
                 await _error(send, 405, BadRequest(f"use POST for {path}"), extra=[(b"allow", b"POST")])
             else:
                 await self._call(scope, receive, send, path[len("/v1/") :])
@@ -91,6 +93,7 @@ class IngressApp:
             await self.ops(scope, receive, send)  # the same app as the --metrics listener
         else:
             error = NotFound(f"no route {method} {path}; endpoints are POST /v1/{{endpoint}}")
+            await self._discard_body(receive)
             await _error(send, 404, error)
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
@@ -117,6 +120,8 @@ class IngressApp:
             # forbidden (RFC 9113 8.2.2) and sending it would take the whole connection down.
             draining = error.code is ErrorCode.UNAVAILABLE and _is_http1(scope)
             close = [(b"connection", b"close")] if draining else []
+            if not draining:  # a draining connection closes anyway
+                await self._discard_body(receive)
             await _error(send, STATUS_FOR_CODE[error.code], error, extra=id_header + close)
             return
         client = scope.get("client")
@@ -146,6 +151,10 @@ class IngressApp:
                 )
             finally:
                 nursery.cancel_scope.cancel(reason="request finished")
+
+    async def _discard_body(self, receive: Receive) -> None:
+        with trio.move_on_after(self.body_timeout):
+            await discard_body(receive, self.max_body_size)
 
     async def _read_body(self, receive: Receive) -> bytearray:
         body = bytearray()
