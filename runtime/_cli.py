@@ -29,9 +29,9 @@ _DEFAULTS = WorkerConfig()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
     try:
+        parser = _parser()  # reads the environment: a bad variable is a usage error too
+        args = parser.parse_args(argv)
         code: int = args.run(args)
     except _UsageError as exc:
         print(f"ingress: {exc}", file=sys.stderr)
@@ -41,24 +41,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ingress", description="Serve inference endpoints over HTTP and a framed TCP protocol."
+        prog="ingress", description="Serve inference endpoints over HTTP, NATS and a framed TCP protocol."
     )
+    parser.add_argument("--version", action="version", version=f"ingress {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="serve a worker until SIGTERM/SIGINT")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a worker until SIGTERM/SIGINT/SIGHUP",
+        description="Serve a worker. Every option can also come from an environment variable "
+        f"({ENV_PREFIX}<OPTION>, e.g. {ENV_PREFIX}DRAIN_TIMEOUT=10); a flag wins over its variable.",
+    )
     serve.add_argument(
         "app",
         nargs="?",
         default=DEFAULT_APP,
-        help=f"module:attribute naming a Worker (default {DEFAULT_APP})",
+        help="module:attribute naming a Worker",
     )
     serve.add_argument(
         "--app-dir",
         default=".",
         metavar="DIR",
-        help="look for APP's module in this directory first (default: the current directory)",
+        help="look for APP's module in this directory first (. is the current directory)",
     )
-    serve.add_argument("--http", type=_address, metavar="HOST:PORT", help="serve HTTP/1.1 and h2 here")
+    serve.add_argument(
+        "--http",
+        type=_address,
+        metavar="HOST:PORT",
+        help="serve HTTP/1.1 and h2 here (with none of --http, --tcp, --nats: 127.0.0.1:8000 and TCP 9000)",
+    )
     serve.add_argument(
         "--certfile", metavar="PEM", help="serve HTTPS (ALPN h2, http/1.1) with this certificate"
     )
@@ -68,32 +79,47 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=4096,
         metavar="N",
-        help="listen queue of the HTTP port, capped by net.core.somaxconn (default 4096)",
+        help="listen queue of the HTTP port, capped by net.core.somaxconn",
     )
     serve.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="serve the TCP protocol here")
     serve.add_argument(
         "--nats", type=_nats_url, metavar="URL", help="serve through this NATS server (queue groups)"
     )
-    serve.add_argument("--namespace", default="ingress", help="NATS subject prefix (default ingress)")
+    serve.add_argument("--namespace", default="ingress", help="NATS subject prefix")
     serve.add_argument(
         "--nats-startup-timeout",
         type=_seconds,
         default=30.0,
         metavar="S",
-        help="keep trying an unreachable NATS server this long at start-up, then exit 1 (default 30)",
+        help="keep trying an unreachable NATS server this long at start-up, then exit 1",
     )
     _nats_auth_arguments(serve)
     serve.add_argument(
         "--metrics", type=_address, metavar="HOST:PORT", help="serve /metrics, /health and /ready here"
     )
-    serve.add_argument("--drain-timeout", type=_seconds, default=_DEFAULTS.drain_timeout, metavar="S")
-    serve.add_argument("--shutdown-delay", type=_seconds, default=_DEFAULTS.shutdown_delay, metavar="S")
-    serve.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
-    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    serve.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=_DEFAULTS.drain_timeout,
+        metavar="S",
+        help="after a shutdown signal, how long running requests may take before they are killed",
+    )
+    serve.add_argument(
+        "--shutdown-delay",
+        type=_seconds,
+        default=_DEFAULTS.shutdown_delay,
+        metavar="S",
+        help="keep serving this long after a shutdown signal, with /ready already 503",
+    )
+    serve.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="auto", help="auto: console on a TTY, JSON otherwise"
+    )
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="the lowest level logged")
     serve.add_argument(
         "--no-access-log", dest="access_log", action="store_false", help="skip the per-request log line"
     )
     serve.set_defaults(run=_serve)
+    _from_environment(serve)
 
     call = commands.add_parser("call", help="call an endpoint; prints each chunk as a JSON line")
     call.add_argument("endpoint")
@@ -112,6 +138,58 @@ def _parser() -> argparse.ArgumentParser:
 
 class _UsageError(Exception):
     pass
+
+
+# serve's options from the environment: --drain-timeout is INGRESS_DRAIN_TIMEOUT, and so on.
+ENV_PREFIX = "INGRESS_"
+# What a boolean flag's variable accepts (anything else is a usage error).
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def environment_variable(action: argparse.Action) -> str:
+    """INGRESS_<OPTION> for ``--option`` (INGRESS_APP for the positional APP)."""
+    name = action.option_strings[-1] if action.option_strings else action.dest
+    return ENV_PREFIX + name.lstrip("-").replace("-", "_").upper()
+
+
+def _from_environment(command: argparse.ArgumentParser) -> None:
+    """Let every option of ``command`` default to its environment variable (checked like the flag
+    would be) and say so, with the default, in --help. argparse keeps its actions in ``_actions``."""
+    for action in command._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        variable = environment_variable(action)
+        shown = "none" if action.default is None else action.default
+        if isinstance(action, argparse._StoreFalseAction):
+            shown = "on"
+        action.help = f"{action.help or ''} [default: {shown}; env {variable}]".strip()
+        if variable in os.environ:
+            action.default = _environment_value(action, variable, os.environ[variable])
+            action.required = False
+
+
+def _environment_value(action: argparse.Action, variable: str, text: str) -> Any:
+    if isinstance(action, argparse._StoreFalseAction | argparse._StoreTrueAction):
+        if text.lower() not in _TRUE + _FALSE:
+            raise _UsageError(f"{variable}={text!r}: expected one of {', '.join(_TRUE + _FALSE[:-1])}")
+        set_flag = text.lower() in _TRUE
+        return not set_flag if isinstance(action, argparse._StoreFalseAction) else set_flag
+    try:
+        value = action.type(text) if callable(action.type) else text
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        raise _UsageError(f"{variable}={text!r}: {exc}") from None
+    if action.choices is not None and value not in action.choices:
+        raise _UsageError(f"{variable}={text!r}: expected one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trio-ingress")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
 
 
 def _nats_auth_arguments(parser: argparse.ArgumentParser) -> None:

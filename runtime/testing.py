@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+import os
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,15 +226,20 @@ async def worker_process(*serve_args: str, wait_ready: bool = True) -> AsyncIter
 
 @asynccontextmanager
 async def spawn_process(
-    command: list[str], *, wait_ready: bool = True, cwd: str | None = None
+    command: list[str],
+    *,
+    wait_ready: bool = True,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[WorkerProcess]:
     """Start any server that prints JSON lines and announces itself with a ``worker.ready`` line
     carrying ``addresses`` (as ``ingress serve`` does); used for baselines in benchmarks too."""
     import subprocess
 
     async with trio.open_nursery() as nursery:
+        environment = {**os.environ, **env} if env is not None else None  # added to this process's
         process = await trio.lowlevel.open_process(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=environment
         )
         worker = WorkerProcess(process)
         nursery.start_soon(worker._read_logs)
@@ -265,7 +271,6 @@ async def start_nats_server(
     and return it with its URL once it listens; the caller stops it. The port is read from the server's
     own "Listening for client connections" line, so nothing waits on a timer; afterwards a task in
     ``nursery`` keeps reading its log so a chatty server can never block on a full pipe."""
-    import os
     import re
     import shutil
     import subprocess
