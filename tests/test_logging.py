@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,17 @@ def test_a_library_line_after_configure_logging_json_is_one_json_object(restore_
     assert line["logger"] == "nats.aio.client" and line["level"] == "error"
     assert line["event"] == "nats: encountered error" and "timestamp" in line
     assert line["exception"][0]["exc_type"] == "ConnectionResetError"
+
+
+def test_a_python_warning_after_configure_logging_is_a_json_line(restore_logging):
+    """warnings.warn (printed raw to stderr by default) comes out as a JSON line from ``py.warnings``."""
+    out = io.StringIO()
+    configure_logging("json", "info", out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("old API", DeprecationWarning, stacklevel=1)
+    (line,) = _lines(out)
+    assert line["logger"] == "py.warnings" and line["level"] == "warning" and "old API" in line["event"]
 
 
 def test_log_level_applies_to_library_loggers(restore_logging):
