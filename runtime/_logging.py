@@ -22,8 +22,20 @@ LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-class _LibraryHandler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only in typeshed
-    """The root handler ``configure_logging`` installs; its own class so a second call replaces it."""
+class _LibraryHandler(logging.Handler):
+    """The root handler ``configure_logging`` installs. It writes through a structlog ``WriteLogger`` on
+    the same stream, which shares structlog's lock for that stream: a library line from another thread
+    can never land in the middle of one of the runtime's lines."""
+
+    def __init__(self, out: TextIO) -> None:
+        super().__init__()
+        self.writer = structlog.WriteLogger(out)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.writer.msg(self.format(record))
+        except Exception:
+            self.handleError(record)  # stdlib's contract: a broken log line must not raise into the caller
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
@@ -51,7 +63,8 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     structlog.configure(
         processors=[*shared, *final],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line (message and newline together), cheaper than print() on the per-request path.
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
     _route_stdlib(out, threshold, [structlog.stdlib.add_logger_name, *shared], final)

@@ -16,8 +16,9 @@ import trio
 from structlog.testing import capture_logs
 
 from runtime import EXIT_OK, RequestContext, Worker, configure_logging, dispatch
-from runtime._logging import _LibraryHandler
+from runtime._ops_server import ops_config
 from runtime.testing import RecordingSink, bind_for_test, nats_server, worker_process
+from transports.http import HttpTransport
 from transports.nats import NatsClient
 from transports.tcp import TcpClient
 
@@ -33,7 +34,7 @@ def restore_logging():
     yield
     structlog.configure(**saved)
     # Only its own handler: pytest adds and removes its capture handlers around each test phase.
-    for handler in [h for h in root.handlers if isinstance(h, _LibraryHandler)]:
+    for handler in [h for h in root.handlers if type(h).__module__ == "runtime._logging"]:
         root.removeHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(False)
@@ -84,6 +85,19 @@ def test_log_level_applies_to_library_loggers(restore_logging):
     configure_logging("json", "info", loud)
     logging.getLogger("hypercorn.error").info("Running on http://127.0.0.1:8000")
     assert [(line["logger"], line["level"]) for line in _lines(loud)] == [("hypercorn.error", "info")]
+
+
+def test_hypercorn_error_logger_has_no_handler_of_its_own():
+    """The HTTP and ops servers hand hypercorn a Logger, so it adds no plain-text stderr handler and its
+    lines reach the root handler configure_logging installs."""
+    hypercorn_error = logging.getLogger("hypercorn.error")
+    before, hypercorn_error.handlers = hypercorn_error.handlers, []  # whatever another test's Config left
+    try:
+        for config in (HttpTransport().hypercorn_config(), ops_config()):
+            assert config.log.error_logger is hypercorn_error
+            assert hypercorn_error.handlers == [] and hypercorn_error.propagate
+    finally:
+        hypercorn_error.handlers = before
 
 
 def test_console_format_to_a_file_has_no_colour_escapes(restore_logging):
