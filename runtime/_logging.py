@@ -78,6 +78,7 @@ def _route_stdlib(out: TextIO, threshold: int, pre_chain: list[Any], final: list
     )
     handler = _LibraryHandler(out)
     handler.setFormatter(formatter)
+    handler.setLevel(threshold)  # also for a library that sets its own logger's level below ours
     root = logging.getLogger()
     # Replaces whatever was there (as ``logging.basicConfig(force=True)`` would): a second handler would
     # print each library line twice, once in a format that breaks the stream.

@@ -80,6 +80,10 @@ def test_log_level_applies_to_library_loggers(restore_logging):
     quiet, loud = io.StringIO(), io.StringIO()
     configure_logging("json", "warning", quiet)
     logging.getLogger("hypercorn.error").info("Running on http://127.0.0.1:8000")
+    chatty = logging.getLogger("trio_asyncio.chatty")
+    chatty.setLevel(logging.DEBUG)  # a library that turns its own logger up does not get past the level
+    chatty.info("turned up")
+    chatty.setLevel(logging.NOTSET)
     logging.getLogger("trio_asyncio").warning("kept")
     assert [line["event"] for line in _lines(quiet)] == ["kept"]
     configure_logging("json", "info", loud)
