@@ -140,9 +140,13 @@ async def test_handler_log_lines_carry_their_own_request_context():
             for rid, other in (("a", "b"), ("b", "a")):
                 ctx, request = bound.context("talk", request_id=rid), {"wait_for": other}
                 nursery.start_soon(dispatch, bound.endpoint("talk"), ctx, request, RecordingSink())
+        # A third request run in this very task (as a transport's reader task could): reset when it ends.
+        seen["c"] = trio.Event()
+        inline = bound.context("talk", request_id="c")
+        await dispatch(bound.endpoint("talk"), inline, {"wait_for": "c"}, RecordingSink())
         structlog.get_logger().info("after.requests")
     handler_lines = [line for line in logs if line["event"].startswith("handler.")]
-    assert len(handler_lines) == 4
+    assert len(handler_lines) == 6
     for line in handler_lines:
         assert line["request_id"] == line["mine"]
         assert (line["worker"], line["endpoint"], line["transport"]) == ("ctxw", "talk", "test")
