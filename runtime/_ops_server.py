@@ -10,6 +10,7 @@ workers without the HTTP transport, through the same connection loop (``runtime/
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +67,7 @@ def ops_config() -> Config:
     config.h11_max_incomplete_size = MAX_REQUEST_HEAD
     config.include_server_header = False
     config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # through configure_logging's root handler
     return config
 
 

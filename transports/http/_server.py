@@ -9,6 +9,7 @@ primary scope, and no send can outlive that (see docs/http.md).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 
@@ -66,6 +67,9 @@ class HttpTransport:
         config.h2_max_concurrent_streams = self.max_concurrent_streams
         config.include_server_header = False
         config.accesslog = None  # the runtime logs one canonical line per request itself
+        # A Logger, not hypercorn's default "-" (which gives it a plain-text stderr handler): its lines
+        # propagate to the root handler configure_logging installs, so they follow --log-format/--log-level.
+        config.errorlog = logging.getLogger("hypercorn.error")
         if self.certfile is not None:
             config.certfile, config.keyfile = self.certfile, self.keyfile
             config.alpn_protocols = ["h2", "http/1.1"]
