@@ -1,4 +1,5 @@
-"""structlog set-up, done once by the entry point (the CLI or ``Worker.run``), never on import.
+"""structlog set-up, done once by the entry point (the CLI; an embedding program calls
+``configure_logging`` itself), never on import.
 
 JSON lines when the output is not a terminal (what log shippers want), a console renderer on a TTY;
 colours only on a TTY, so a console log redirected to a file carries no ANSI escapes.
