@@ -25,6 +25,8 @@ from ._worker import Transport, Worker
 DEFAULT_APP = "runtime.mocker:worker"
 DEFAULT_TCP = ("127.0.0.1", 9000)
 DEFAULT_HTTP = ("127.0.0.1", 8000)
+# `ingress call --timeout`: how much longer than the deadline it waits for the worker's own answer.
+DEADLINE_GRACE = 1.0
 _DEFAULTS = WorkerConfig()
 
 
@@ -123,7 +125,12 @@ def _parser() -> argparse.ArgumentParser:
 
     call = commands.add_parser("call", help="call an endpoint; prints each chunk as a JSON line")
     call.add_argument("endpoint")
-    call.add_argument("request", nargs="?", default="{}", help="the request as JSON (default {})")
+    call.add_argument(
+        "request",
+        nargs="?",
+        default="{}",
+        help="the request as JSON (default {}); - reads it from stdin, @FILE from a file",
+    )
     target = call.add_mutually_exclusive_group()
     target.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="default 127.0.0.1:9000")
     target.add_argument("--http", metavar="URL", help="e.g. http://127.0.0.1:8000")
@@ -340,10 +347,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _call(args: argparse.Namespace) -> int:
+    text, source = _request_text(args.request)
     try:
-        request = json.loads(args.request)
+        request = json.loads(text)
     except ValueError as exc:
-        raise _UsageError(f"the request is not valid JSON: {exc}") from exc
+        raise _UsageError(f"the request ({source}) is not valid JSON: {exc}") from exc
     metadata = dict(_pair(item) for item in args.metadata)
     if args.http is not None:
         from transports.http import parse_base_url
@@ -356,6 +364,21 @@ def _call(args: argparse.Namespace) -> int:
     return trio.run(_call_async, args, request, metadata)
 
 
+def _request_text(argument: str) -> tuple[str, str]:
+    """The request's JSON and where it came from: the argument, ``-`` for stdin, ``@FILE`` for a file
+    (a request too big for a command line)."""
+    if argument == "-":
+        return sys.stdin.read(), "stdin"
+    if argument.startswith("@"):
+        path = argument[1:]
+        try:
+            with open(path, encoding="utf-8") as file:
+                return file.read(), path
+        except OSError as exc:
+            raise _UsageError(f"cannot read the request from {path!r}: {exc.strerror or exc}") from None
+    return argument, "the argument"
+
+
 def _pair(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key:
@@ -364,9 +387,13 @@ def _pair(item: str) -> tuple[str, str]:
 
 
 async def _call_async(args: argparse.Namespace, request: Any, metadata: dict[str, str]) -> int:
+    # The worker gets the deadline itself and answers DEADLINE_EXCEEDED when it passes; this end waits
+    # a little longer for that answer before it gives up on its own (and the worker sees a disconnect).
+    deadline = trio.current_time() + args.timeout if args.timeout is not None else None
+    patience = args.timeout + DEADLINE_GRACE if args.timeout is not None else float("inf")
     try:
-        with trio.fail_after(args.timeout if args.timeout is not None else float("inf")):
-            async for chunk in _chunks(args, request, metadata):
+        with trio.fail_after(patience):
+            async for chunk in _chunks(args, request, metadata, deadline):
                 sys.stdout.write(json.dumps(chunk) + "\n")
                 sys.stdout.flush()
     except IngressError as exc:
@@ -381,7 +408,9 @@ async def _call_async(args: argparse.Namespace, request: Any, metadata: dict[str
     return EXIT_OK
 
 
-async def _chunks(args: argparse.Namespace, request: Any, metadata: dict[str, str]) -> AsyncIterator[Any]:
+async def _chunks(
+    args: argparse.Namespace, request: Any, metadata: dict[str, str], deadline: float | None
+) -> AsyncIterator[Any]:
     if args.http is not None:
         from transports.http import http_stream
 
@@ -397,11 +426,13 @@ async def _chunks(args: argparse.Namespace, request: Any, metadata: dict[str, st
         async with NatsClient.connect(
             args.nats, namespace=args.namespace, connect_options=options
         ) as nats_client:
-            async for chunk in nats_client.stream(args.endpoint, request, metadata=metadata):
+            async for chunk in nats_client.stream(
+                args.endpoint, request, metadata=metadata, deadline=deadline
+            ):
                 yield chunk
         return
     from transports.tcp import TcpClient
 
     async with TcpClient.connect(*(args.tcp or DEFAULT_TCP)) as client:
-        async for chunk in client.stream(args.endpoint, request, metadata=metadata):
+        async for chunk in client.stream(args.endpoint, request, metadata=metadata, deadline=deadline):
             yield chunk

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -298,3 +299,59 @@ async def test_past_the_descriptor_limit_the_worker_warns_once_and_serves_again(
     assert answer == {"after": "exhaustion"}
     assert len([e for e in worker.events if e["event"] == "listener.accept_failing"]) <= 2
     assert not [e for e in worker.events if e["event"] == "unparsed" and "Traceback" in e["line"]]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "http", "nats"])
+async def test_cli_call_timeout_reaches_the_worker_as_its_deadline(transport):
+    """`ingress call --timeout` is the worker's deadline on every transport: DEADLINE_EXCEEDED, logged so."""
+    from runtime.testing import nats_server
+
+    async with contextlib.AsyncExitStack() as stack:
+        args = ["--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"]
+        if transport == "nats":
+            url = await stack.enter_async_context(nats_server())
+            args += ["--nats", url]
+        worker = await stack.enter_async_context(worker_process(*args, "--log-format", "json"))
+        if transport == "nats":
+            target = ["--nats", url]
+        else:
+            host, port = worker.addresses[transport]
+            target = (
+                ["--tcp", f"{host}:{port}"] if transport == "tcp" else ["--http", f"http://{host}:{port}"]
+            )
+        request = '{"max_tokens": 100000, "itl_ms": 20}'
+        result = await trio.to_thread.run_sync(
+            lambda: _cli("call", "generate", request, *target, "--timeout", "0.3")
+        )
+        logged = await worker.wait_event("request")
+    assert result.returncode == 1 and "DEADLINE_EXCEEDED" in result.stderr, result.stderr
+    assert logged["outcome"] == "error" and logged["code"] == "DEADLINE_EXCEEDED"
+
+
+def test_cli_call_reads_the_request_from_stdin_or_a_file(tmp_path):
+    """`ingress call echo -` reads stdin, `@FILE` a file; a missing file is exit 2 naming it."""
+    request = {"big": "x" * 200_000}  # too big to be comfortable on a command line
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    missing = _cli("call", "echo", f"@{tmp_path / 'nope.json'}", "--tcp", "127.0.0.1:1")
+    assert missing.returncode == EXIT_USAGE and "nope.json" in missing.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "runtime", "call", "echo", "-", "--tcp", "127.0.0.1:1"],
+        input="{oops",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert bad.returncode == EXIT_USAGE and "(stdin) is not valid JSON" in bad.stderr
+
+
+async def test_cli_call_sends_a_request_from_a_file(tmp_path):
+    """A 200 KB request from @FILE reaches the worker and comes back whole."""
+    request = {"big": "x" * 200_000}
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    async with worker_process("--tcp", "127.0.0.1:0") as worker:
+        host, port = worker.addresses["tcp"]
+        result = await trio.to_thread.run_sync(
+            lambda: _cli("call", "echo", f"@{tmp_path / 'request.json'}", "--tcp", f"{host}:{port}")
+        )
+    assert result.returncode == 0 and json.loads(result.stdout) == request
