@@ -73,9 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         help="serve HTTP/1.1 and h2 here (with none of --http, --tcp, --nats: 127.0.0.1:8000 and TCP 9000)",
     )
     serve.add_argument(
-        "--certfile", metavar="PEM", help="serve HTTPS (ALPN h2, http/1.1) with this certificate"
+        "--certfile",
+        type=_readable_file,
+        metavar="PEM",
+        help="serve HTTPS (ALPN h2, http/1.1) on --http with this certificate (HTTP only for now)",
     )
-    serve.add_argument("--keyfile", metavar="PEM", help="the private key of --certfile")
+    serve.add_argument("--keyfile", type=_readable_file, metavar="PEM", help="the private key of --certfile")
     serve.add_argument(
         "--http-backlog",
         type=_positive_int,
@@ -133,9 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     target = call.add_mutually_exclusive_group()
     target.add_argument("--tcp", type=_address, metavar="HOST:PORT", help="default 127.0.0.1:9000")
-    target.add_argument("--http", metavar="URL", help="e.g. http://127.0.0.1:8000")
+    target.add_argument("--http", metavar="URL", help="e.g. http://127.0.0.1:8000 or https://host:8443")
     target.add_argument("--nats", type=_nats_url, metavar="URL", help="e.g. nats://127.0.0.1:4222")
     call.add_argument("--namespace", default="ingress", help="NATS subject prefix (with --nats)")
+    call.add_argument(
+        "--cafile", type=_readable_file, metavar="PEM", help="with an https --http URL: trust this CA"
+    )
     _nats_auth_arguments(call)
     call.add_argument("--timeout", type=_seconds, metavar="S", help="deadline for the whole call")
     call.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
@@ -247,6 +253,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _readable_file(text: str) -> str:
+    """A file that exists and can be read: a TLS file that is not there is named at once, not as a bare
+    "[Errno 2]" from deep inside the TLS set-up."""
+    try:
+        with open(text, "rb"):
+            return text
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {exc.strerror or exc}") from None
+
+
 def _positive_int(text: str) -> int:
     if not text.isascii() or not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -321,6 +337,12 @@ def _serve(args: argparse.Namespace) -> int:
     transports: list[Transport] = []
     if (args.certfile is None) != (args.keyfile is None):
         raise _UsageError("--certfile and --keyfile go together")
+    if args.certfile is not None and args.http is None:
+        # Silently serving cleartext when TLS was asked for would be worse than refusing.
+        raise _UsageError(
+            "--certfile/--keyfile serve TLS on --http, which is not given (TCP and NATS "
+            "listeners have no TLS here yet; --nats-tls-ca connects to NATS over TLS)"
+        )
     if args.http is not None:
         host, port = args.http
         transports.append(
@@ -416,7 +438,7 @@ async def _chunks(
 
         if args.timeout is not None:
             metadata = {**metadata, "x-request-timeout-ms": str(max(1, int(args.timeout * 1000)))}
-        async for chunk in http_stream(args.http, args.endpoint, request, metadata):
+        async for chunk in http_stream(args.http, args.endpoint, request, metadata, cafile=args.cafile):
             yield chunk
         return
     if args.nats is not None:

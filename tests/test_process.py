@@ -355,3 +355,46 @@ async def test_cli_call_sends_a_request_from_a_file(tmp_path):
             lambda: _cli("call", "echo", f"@{tmp_path / 'request.json'}", "--tcp", f"{host}:{port}")
         )
     assert result.returncode == 0 and json.loads(result.stdout) == request
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A throwaway certificate for 127.0.0.1, made with the openssl command line."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+async def test_cli_call_over_https_with_the_workers_ca(certificate):
+    """`ingress call --http https://... --cafile` reaches a worker serving TLS (httpx, ALPN h2)."""
+    cert, key = certificate
+    async with worker_process("--http", "127.0.0.1:0", "--certfile", cert, "--keyfile", key) as worker:
+        host, port = worker.addresses["http"]
+        result = await trio.to_thread.run_sync(
+            lambda: _cli(
+                "call", "generate", '{"max_tokens": 2}', "--http", f"https://{host}:{port}", "--cafile", cert
+            )
+        )
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["index"] for line in result.stdout.splitlines()] == [0, 1]
+
+
+def test_tls_flags_that_cannot_apply_are_usage_errors(certificate, tmp_path):
+    """TLS flags without --http, or naming a file that is not there, are exit 2 with a clear line."""
+    cert, key = certificate
+    tcp_only = _cli("serve", "--tcp", "127.0.0.1:0", "--certfile", cert, "--keyfile", key)
+    assert tcp_only.returncode == EXIT_USAGE and "--http, which is not given" in tcp_only.stderr
+    missing = _cli(
+        "serve", "--http", "127.0.0.1:0", "--certfile", str(tmp_path / "nope.pem"), "--keyfile", key
+    )
+    assert missing.returncode == EXIT_USAGE and "nope.pem" in missing.stderr
+    missing_ca = _cli("call", "echo", "--http", "https://127.0.0.1:1", "--cafile", str(tmp_path / "ca.pem"))
+    assert missing_ca.returncode == EXIT_USAGE and "ca.pem" in missing_ca.stderr
