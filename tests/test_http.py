@@ -499,23 +499,6 @@ async def test_accepted_connections_probe_a_silent_client_with_tcp_keepalive():
             assert keepalive_settings(served)[: len(expected)] == expected
 
 
-@pytest.fixture
-def self_signed(tmp_path):
-    """A throwaway certificate for 127.0.0.1, made with the openssl command line."""
-    import shutil
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return str(cert), str(key)
-
-
 @pytest.mark.parametrize(("http2", "version"), [(True, "HTTP/2"), (False, "HTTP/1.1")])
 async def test_tls_negotiates_h2_or_http1_by_alpn(self_signed, http2, version):
     """With a certificate and key the port speaks TLS; ALPN picks h2 when the client offers it."""

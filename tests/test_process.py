@@ -357,25 +357,9 @@ async def test_cli_call_sends_a_request_from_a_file(tmp_path):
     assert result.returncode == 0 and json.loads(result.stdout) == request
 
 
-@pytest.fixture
-def certificate(tmp_path):
-    """A throwaway certificate for 127.0.0.1, made with the openssl command line."""
-    import shutil
-
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return str(cert), str(key)
-
-
-async def test_cli_call_over_https_with_the_workers_ca(certificate):
+async def test_cli_call_over_https_with_the_workers_ca(self_signed):
     """`ingress call --http https://... --cafile` reaches a worker serving TLS (httpx, ALPN h2)."""
-    cert, key = certificate
+    cert, key = self_signed
     async with worker_process("--http", "127.0.0.1:0", "--certfile", cert, "--keyfile", key) as worker:
         host, port = worker.addresses["http"]
         result = await trio.to_thread.run_sync(
@@ -387,9 +371,9 @@ async def test_cli_call_over_https_with_the_workers_ca(certificate):
     assert [json.loads(line)["index"] for line in result.stdout.splitlines()] == [0, 1]
 
 
-def test_tls_flags_that_cannot_apply_are_usage_errors(certificate, tmp_path):
+def test_tls_flags_that_cannot_apply_are_usage_errors(self_signed, tmp_path):
     """TLS flags without --http, or naming a file that is not there, are exit 2 with a clear line."""
-    cert, key = certificate
+    cert, key = self_signed
     tcp_only = _cli("serve", "--tcp", "127.0.0.1:0", "--certfile", cert, "--keyfile", key)
     assert tcp_only.returncode == EXIT_USAGE and "--http, which is not given" in tcp_only.stderr
     missing = _cli(
