@@ -31,9 +31,12 @@ _DEFAULTS = WorkerConfig()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = _parser()  # reads the environment: a bad variable is a usage error too
-        args = parser.parse_args(argv)
+        # serve's INGRESS_ variables are read (and checked) only when serve runs: a stale one must not
+        # break `ingress call` or `ingress --version`.
+        parser = _parser(environment=arguments[:1] == ["serve"])
+        args = parser.parse_args(arguments)
         code: int = args.run(args)
     except _UsageError as exc:
         print(f"ingress: {exc}", file=sys.stderr)
@@ -41,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(environment: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ingress", description="Serve inference endpoints over HTTP, NATS and a framed TCP protocol."
     )
@@ -124,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-access-log", dest="access_log", action="store_false", help="skip the per-request log line"
     )
     serve.set_defaults(run=_serve)
-    _from_environment(serve)
+    _from_environment(serve, read=environment)
 
     call = commands.add_parser("call", help="call an endpoint; prints each chunk as a JSON line")
     call.add_argument("endpoint")
@@ -165,9 +168,10 @@ def environment_variable(action: argparse.Action) -> str:
     return ENV_PREFIX + name.lstrip("-").replace("-", "_").upper()
 
 
-def _from_environment(command: argparse.ArgumentParser) -> None:
-    """Let every option of ``command`` default to its environment variable (checked like the flag
-    would be) and say so, with the default, in --help. argparse keeps its actions in ``_actions``."""
+def _from_environment(command: argparse.ArgumentParser, *, read: bool) -> None:
+    """Say in --help, with the default, which variable each option of ``command`` reads; with ``read``,
+    let the variables that are set be the defaults (checked like the flag would be). argparse keeps
+    its actions in ``_actions``."""
     for action in command._actions:
         if isinstance(action, argparse._HelpAction):
             continue
@@ -176,7 +180,7 @@ def _from_environment(command: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._StoreFalseAction):
             shown = "on"
         action.help = f"{action.help or ''} [default: {shown}; env {variable}]".strip()
-        if variable in os.environ:
+        if read and variable in os.environ:
             action.default = _environment_value(action, variable, os.environ[variable])
             action.required = False
 
@@ -390,7 +394,10 @@ def _request_text(argument: str) -> tuple[str, str]:
     """The request's JSON and where it came from: the argument, ``-`` for stdin, ``@FILE`` for a file
     (a request too big for a command line)."""
     if argument == "-":
-        return sys.stdin.read(), "stdin"
+        try:
+            return sys.stdin.read(), "stdin"
+        except UnicodeDecodeError as exc:
+            raise _UsageError(f"the request on stdin is not UTF-8: {exc.reason}") from None
     if argument.startswith("@"):
         path = argument[1:]
         try:
@@ -398,6 +405,8 @@ def _request_text(argument: str) -> tuple[str, str]:
                 return file.read(), path
         except OSError as exc:
             raise _UsageError(f"cannot read the request from {path!r}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise _UsageError(f"the request in {path!r} is not UTF-8: {exc.reason}") from None
     return argument, "the argument"
 
 

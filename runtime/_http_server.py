@@ -187,8 +187,11 @@ class Connection:
         if alpn is None:
             return
         sock = self._socket()
-        client = parse_socket_addr(sock.family, sock.getpeername())
-        server = parse_socket_addr(sock.family, sock.getsockname())
+        try:
+            client = parse_socket_addr(sock.family, sock.getpeername())
+            server = parse_socket_addr(sock.family, sock.getsockname())
+        except OSError:
+            return  # reset before we got to it (a health check, a port scan): nothing to serve or log
         async with trio.open_nursery() as writing:
             writing.start_soon(self._write_loop)
             async with TaskGroup() as task_group:
@@ -229,6 +232,11 @@ class Connection:
                 self._read_scope = scope
                 data = await self._receive()
             self._read_scope = None
+            if scope.cancelled_caught and not self._closing and self._still_writing():
+                # "Idle" counts from when a response was queued, not written: a big body to a slow
+                # reader is still going out, and closing now would cut it.
+                self._set_idle(True)
+                continue
             if scope.cancelled_caught or not data:
                 break  # idle for keep_alive_timeout, done lingering, or the peer closed
             if not self._closing:  # once closing, what the peer still sends is dropped
@@ -313,17 +321,29 @@ class Connection:
     def _stop_writing(self) -> None:
         self._write_closed = True
         self._room.unpark_all()
+        if self._closing:
+            self._arm_linger()  # the FIN is out (or writing failed): now the linger may start
+
+    def _still_writing(self) -> bool:
+        return bool(self._outgoing) or self._writing
 
     async def _close_write(self) -> None:
-        """Half-close (FIN after what is queued), then linger: see the module docstring. A peer that
-        does not read never gets the FIN; the linger deadline ends the connection all the same."""
+        """Half-close (FIN after what is queued), then linger: see the module docstring. The linger
+        starts once the FIN is out: a slow reader still gets the whole response; one that reads
+        nothing at all keeps its connection until phase 3, like any response in progress."""
         self._eof_wanted = True
         self._has_outgoing.set()
         self._start_lingering()
 
     def _start_lingering(self) -> None:
-        if not self._closing:
-            self._closing = True
+        """From now on reads are only drained. The linger deadline waits for the writer when it still
+        has the response and the FIN to send."""
+        self._closing = True
+        if not (self._eof_wanted and not self._write_closed):
+            self._arm_linger()
+
+    def _arm_linger(self) -> None:
+        if self._linger_deadline == math.inf:
             self._linger_deadline = trio.current_time() + LINGER_TIMEOUT
             if self._read_scope is not None:
                 self._read_scope.deadline = self._linger_deadline
@@ -332,12 +352,15 @@ class Connection:
         """Tell the protocol (its streams get ``http.disconnect``) once; reads are only drained after."""
         self._start_lingering()
         self._closed_pending = True
-        if self._handling == 0:
+        # Held back only for h2, whose events come in batches (see _handle). HTTP/1.1's reader can
+        # sit inside an event for a whole response (a pipelined request waits for the one before):
+        # holding Closed there would keep a gone client's handler running to its end.
+        if self._handling == 0 or not isinstance(self.protocol.protocol, H2Protocol):
             await self._deliver_closed()
 
     async def _handle(self, event: Event) -> None:
-        """Hand one event to the protocol. A Closed that arrives meanwhile (a send broke in another
-        task, or in this one through the protocol's own flush) waits until the event is done: h2
+        """Hand one event to the protocol. On h2, a Closed that arrives meanwhile (a send broke in
+        another task, or in this one through the protocol's own flush) waits until the event is done: h2
         handles a whole batch of frames per event, and a Closed in the middle of it made the rest of
         the batch create streams on a closed connection, whose responses then waited forever for a
         send task that had stopped (the rapid-reset in-flight leak)."""

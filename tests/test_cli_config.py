@@ -80,3 +80,12 @@ def test_version():
 
     result = _ingress("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"ingress {version('trio-ingress')}"
+
+
+def test_a_bad_serve_variable_does_not_break_other_commands():
+    """A stale INGRESS_ variable of serve leaves `ingress --version` and `ingress call` alone."""
+    stale = {"INGRESS_LOG_LEVEL": "verbose", "INGRESS_CERTFILE": "/nowhere.pem"}
+    version = _ingress("--version", env=stale)
+    call = _ingress("call", "echo", "--tcp", "127.0.0.1:1", env=stale)
+    assert version.returncode == 0
+    assert call.returncode == 1 and "UNAVAILABLE" in call.stderr  # it tried: nobody listens there

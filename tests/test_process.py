@@ -329,7 +329,7 @@ async def test_cli_call_timeout_reaches_the_worker_as_its_deadline(transport):
 
 
 def test_cli_call_reads_the_request_from_stdin_or_a_file(tmp_path):
-    """`ingress call echo -` reads stdin, `@FILE` a file; a missing file is exit 2 naming it."""
+    """`ingress call echo -` reads stdin, `@FILE` a file; a missing or non-UTF-8 file is exit 2 naming it."""
     request = {"big": "x" * 200_000}  # too big to be comfortable on a command line
     (tmp_path / "request.json").write_text(json.dumps(request))
     missing = _cli("call", "echo", f"@{tmp_path / 'nope.json'}", "--tcp", "127.0.0.1:1")
@@ -343,6 +343,13 @@ def test_cli_call_reads_the_request_from_stdin_or_a_file(tmp_path):
         check=False,
     )
     assert bad.returncode == EXIT_USAGE and "(stdin) is not valid JSON" in bad.stderr
+    (tmp_path / "latin1.json").write_bytes(b'{"caf\xe9": 1}')
+    latin1 = _cli("call", "echo", f"@{tmp_path / 'latin1.json'}", "--tcp", "127.0.0.1:1")
+    assert (
+        latin1.returncode == EXIT_USAGE
+        and "is not UTF-8" in latin1.stderr
+        and "Traceback" not in latin1.stderr
+    )
 
 
 async def test_cli_call_sends_a_request_from_a_file(tmp_path):
