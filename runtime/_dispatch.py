@@ -141,7 +141,7 @@ class _Run:
         endpoint = self.binding.endpoint
         if not endpoint.streaming:
             result = await endpoint.handler(request, self.ctx)
-            data = encode_json(result)
+            data = self._encode(result)
             self.binding.metrics.ttfc.observe(trio.current_time() - self.started)
             self.chunks = 1
             await self.sink.send_result(data)
@@ -177,11 +177,20 @@ class _Run:
             raise DeadlineExceeded(f"stream produced nothing for {idle_limit:g} s (inactivity_timeout)")
 
     async def _send_chunk(self, chunk: Any) -> None:
-        data = encode_json(chunk)  # before counting: a chunk that cannot be encoded is never sent
+        data = self._encode(chunk)  # before counting: a chunk that cannot be encoded is never sent
         if self.chunks == 0:
             self.binding.metrics.ttfc.observe(trio.current_time() - self.started)
         self.chunks += 1
         await self.sink.send_chunk(data)
+
+    def _encode(self, value: Any) -> bytes:
+        """The value as JSON; one that is not JSON is the handler's bug: logged for its author (the
+        caller only sees INTERNAL), as a handler exception would be."""
+        try:
+            return encode_json(value)
+        except InternalError as error:
+            self.binding.logger.error("handler.bad_value", request_id=self.ctx.id, error=error.message)
+            raise
 
     async def _after_handler(self) -> None:
         ctx = self.ctx

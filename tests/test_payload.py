@@ -8,6 +8,7 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from runtime import BadRequest, ErrorCode, InternalError, RequestContext, Worker, dispatch_payload
 from runtime._payload import decode_payload, encode_json, parse_deadline
@@ -149,9 +150,11 @@ def test_fuzzed_intake_always_ends_in_one_counted_outcome(payload, timeout, dead
 
 
 async def test_a_handler_returning_nan_gets_internal_not_invalid_json():
-    """A unary NaN is INTERNAL for that request (not retryable), and the sink never sees bytes of it."""
-    outcome, sink, _ = await _intake("nan", b"{}", {})
+    """A unary NaN is INTERNAL for that request (not retryable), never on the wire, and logged why."""
+    with capture_logs() as logs:
+        outcome, sink, _ = await _intake("nan", b"{}", {})
     assert outcome == "error" and sink.chunks == []
+    assert [e["error"] for e in logs if e["event"] == "handler.bad_value"] == [sink.error.message]
     assert sink.error is not None and sink.error.code is ErrorCode.INTERNAL and sink.retryable is False
     assert "not JSON" in sink.error.message
 
