@@ -27,7 +27,9 @@ def decode_payload(payload: bytes | bytearray | memoryview) -> Any:
     if not payload:
         return None
     try:
-        return json.loads(bytes(payload), parse_constant=_refuse_constant, parse_float=_finite_float)
+        # json takes bytes and bytearray as they are; only a memoryview needs a copy.
+        text = bytes(payload) if isinstance(payload, memoryview) else payload
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
         raise BadRequest("request payload is nested too deeply to decode") from None
     except Exception as exc:  # any failure of this one payload is the caller's, never the worker's

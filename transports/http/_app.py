@@ -116,11 +116,8 @@ class IngressApp:
             await _error(send, 413, too_large.error, extra=id_header)
             return
         except IngressError as error:
-            # Connection: close tells an HTTP/1.1 client to go elsewhere; in HTTP/2 the header is
-            # forbidden (RFC 9113 8.2.2) and sending it would take the whole connection down.
-            draining = error.code is ErrorCode.UNAVAILABLE and _is_http1(scope)
-            close = [(b"connection", b"close")] if draining else []
-            if not draining:  # a draining connection closes anyway
+            close = _go_elsewhere(error, _is_http1(scope))
+            if not close:  # a connection told to close needs no body read to be reused
                 await self._discard_body(receive)
             await _error(send, STATUS_FOR_CODE[error.code], error, extra=id_header + close)
             return
@@ -136,10 +133,15 @@ class IngressApp:
         binding.accept(ctx)
         ndjson = NDJSON in headers.get("accept", "")
         sink = _HttpSink(send, ndjson, id_header, self.stream_high_water, http1=_is_http1(scope))
-        await self._run(binding, ctx, bytes(body), sink, receive)
+        await self._run(binding, ctx, body, sink, receive)
 
     async def _run(
-        self, binding: EndpointBinding, ctx: RequestContext, body: bytes, sink: _HttpSink, receive: Receive
+        self,
+        binding: EndpointBinding,
+        ctx: RequestContext,
+        body: bytearray,
+        sink: _HttpSink,
+        receive: Receive,
     ) -> None:
         timeout_ms = ctx.metadata.get(TIMEOUT_HEADER)
         async with trio.open_nursery() as nursery:
@@ -189,6 +191,12 @@ def _body_timed_out(body_timeout: float) -> BadRequest:
 
 def _is_http1(scope: Scope) -> bool:
     return str(scope.get("http_version", "1.1")).startswith("1")
+
+
+def _go_elsewhere(error: IngressError, http1: bool) -> list[tuple[bytes, bytes]]:
+    """``Connection: close`` for a draining worker's refusal on HTTP/1.1, which tells the client to go
+    elsewhere; HTTP/2 forbids the header (RFC 9113 8.2.2: it would take the whole connection down)."""
+    return [(b"connection", b"close")] if http1 and error.code in _DRAINING_CODES else []
 
 
 async def _watch_disconnect(receive: Receive, ctx: RequestContext, sink: _HttpSink) -> None:
@@ -248,8 +256,7 @@ class _HttpSink:
     async def send_error(self, error: IngressError, retryable: bool) -> None:
         if self.writer is None:
             extra = [(b"retry-after", RETRY_AFTER.encode())] if retryable else []
-            if error.code in _DRAINING_CODES and self.http1:
-                extra.append((b"connection", b"close"))  # like the UNAVAILABLE refusal: go elsewhere
+            extra += _go_elsewhere(error, self.http1)
             self.finished = True  # see send_result
             await _error(self.send, STATUS_FOR_CODE[error.code], error, retryable, self.headers + extra)
             return
