@@ -41,13 +41,22 @@ from ._errors import describe as describe
 from ._inflight import GlobalInFlight as GlobalInFlight
 from ._inflight import InFlight as InFlight
 from ._inflight import InFlightStatistics as InFlightStatistics
+from ._intake import DRAINING as DRAINING
+from ._intake import Call as Call
+from ._intake import Caller as Caller
+from ._intake import refuse as refuse
 from ._listeners import DEFAULT_BACKLOG as DEFAULT_BACKLOG
 from ._listeners import open_listeners as open_listeners
 from ._listeners import serve_accepting as serve_accepting
 from ._logging import configure_logging as configure_logging
 from ._metrics import Metrics as Metrics
+from ._readiness import Readiness as Readiness
 from ._shutdown import ShutdownCoordinator as ShutdownCoordinator
 from ._shutdown import ShutdownResult as ShutdownResult
+from ._wire_errors import decode_error as decode_error
+from ._wire_errors import encode_error as encode_error
+from ._wire_errors import error_body as error_body
+from ._wire_errors import remote_error as remote_error
 from ._worker import Transport as Transport
 from ._worker import Worker as Worker
 from ._worker import WorkerHandle as WorkerHandle
@@ -55,6 +64,7 @@ from ._worker import open_worker as open_worker
 
 __all__ = [
     "DEFAULT_BACKLOG",
+    "DRAINING",
     "EXIT_DRAIN_FORCED",
     "EXIT_FAILURE",
     "EXIT_OK",
@@ -62,6 +72,8 @@ __all__ = [
     "Admission",
     "AdmissionStatistics",
     "BadRequest",
+    "Call",
+    "Caller",
     "CallerGone",
     "Cancelled",
     "DeadlineExceeded",
@@ -78,6 +90,7 @@ __all__ = [
     "Metrics",
     "NotFound",
     "Overloaded",
+    "Readiness",
     "Rejected",
     "RemoteError",
     "RequestContext",
@@ -94,11 +107,16 @@ __all__ = [
     "WorkerHandle",
     "answer_error",
     "configure_logging",
+    "decode_error",
     "describe",
     "dispatch",
     "dispatch_payload",
+    "encode_error",
+    "error_body",
     "new_request_id",
     "open_listeners",
     "open_worker",
+    "refuse",
+    "remote_error",
     "serve_accepting",
 ]

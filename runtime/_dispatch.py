@@ -87,6 +87,18 @@ async def answer_error(
         run.record()
 
 
+def settle_unrun(binding: EndpointBinding, ctx: RequestContext, *, gone: str | None = None) -> None:
+    """Account for an accepted request that will never run: its caller left first (``gone`` says how;
+    outcome ``disconnected``) or its task was cancelled before it reached the dispatcher (``cancelled``)."""
+    run = _Run(binding, ctx, None)  # type: ignore[arg-type]  # nothing is sent: nobody is listening
+    binding.accept(ctx)
+    if gone is not None:
+        ctx.caller_gone(gone)
+        run._caller_gone()
+    binding.release(ctx)
+    run.record()
+
+
 class _Run:
     """The mutable state of one request while it runs (kept off the RequestContext on purpose)."""
 
@@ -147,7 +159,7 @@ class _Run:
             await self.sink.send_result(data)
         else:
             await self._stream(endpoint.handler(request, self.ctx))
-            await self.sink.send_end()
+            await self.sink.send_end(self.chunks)
         self.ended = True
 
     async def _stream(self, agen: Any) -> None:

@@ -21,6 +21,7 @@ from ._context import RequestContext, RuntimeContext
 from ._errors import IngressError, NotFound
 from ._inflight import GlobalInFlight, InFlight, InFlightStatistics
 from ._metrics import BindingMetrics
+from ._readiness import Readiness
 
 Handler = Callable[[Any, RequestContext], Any]
 
@@ -61,7 +62,10 @@ class ResponseSink(Protocol):
 
     async def send_chunk(self, data: bytes) -> None: ...
 
-    async def send_end(self) -> None: ...
+    async def send_end(self, chunks: int) -> None:
+        """A stream ended cleanly after ``chunks`` chunks (the core counts them; a wire that carries
+        the count, SSE's end event or NATS's end message, takes it from here)."""
+        ...
 
     async def send_result(self, data: bytes) -> None:
         """A unary endpoint's whole answer: the transport sends it as one response (TCP: DATA + END)."""
@@ -122,18 +126,23 @@ class EndpointBinding:
 
 
 class TransportBinding:
-    """Everything one transport needs from the core: the runtime, its endpoint bindings, intake state."""
+    """Everything one transport gets from the core, the same for every transport: the runtime, its
+    endpoint bindings, the drain signal (``intake_closed``, and each endpoint's scope) and the worker's
+    ``readiness``, where it reports its own dependencies (NATS connected, say)."""
 
-    def __init__(self, name: str, runtime: RuntimeContext, endpoints: Mapping[str, EndpointBinding]) -> None:
+    def __init__(
+        self,
+        name: str,
+        runtime: RuntimeContext,
+        endpoints: Mapping[str, EndpointBinding],
+        readiness: Readiness | None = None,
+    ) -> None:
         self.name = name
         self.runtime = runtime
         self.endpoints = dict(endpoints)
-        # Set once every endpoint of this transport is closed: shared listeners stop on it.
+        # Set once every endpoint of this transport is closed (phase 1): shared listeners stop on it.
         self.intake_closed = trio.Event()
-        # The worker's readiness (false from the first shutdown signal); Worker.serve wires it up.
-        self.is_ready: Callable[[], bool] = lambda: not self.intake_closed.is_set()
-        # False while a transport that depends on a broker has lost it (NATS): the worker is not ready.
-        self.connected = True
+        self.readiness = readiness if readiness is not None else Readiness()
 
     def lookup(self, endpoint: str) -> EndpointBinding:
         try:
@@ -154,6 +163,7 @@ def bind_transport(
     endpoints: Mapping[str, Endpoint],
     admissions: Mapping[str, Admission],
     global_inflight: GlobalInFlight,
+    readiness: Readiness | None = None,
 ) -> TransportBinding:
     """Build the bindings of ``endpoints`` on transport ``name``."""
     bindings = {
@@ -168,4 +178,4 @@ def bind_transport(
         )
         for ep in endpoints.values()
     }
-    return TransportBinding(name, runtime, bindings)
+    return TransportBinding(name, runtime, bindings, readiness)

@@ -11,7 +11,6 @@ workers without the HTTP transport, through the same connection loop (``runtime/
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -19,6 +18,7 @@ from hypercorn.config import Config
 from prometheus_client import CollectorRegistry, make_asgi_app
 
 from ._http_server import HttpServerLimits, serve_http
+from ._readiness import Readiness
 
 OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
 _ALLOWED = b"GET, HEAD"
@@ -31,10 +31,10 @@ IDLE_TIMEOUT = 10.0
 
 
 class OpsApp:
-    """ASGI app for the ops routes; ``is_ready`` is read per request, the registry at scrape time."""
+    """ASGI app for the ops routes; ``readiness`` is read per request, the registry at scrape time."""
 
-    def __init__(self, is_ready: Callable[[], bool], registry: CollectorRegistry) -> None:
-        self._is_ready = is_ready
+    def __init__(self, readiness: Readiness, registry: CollectorRegistry) -> None:
+        self._readiness = readiness
         self._metrics = make_asgi_app(registry)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -49,10 +49,11 @@ class OpsApp:
             await self._metrics(scope, receive, send)
         elif path == "/health":
             await _text(send, 200, b"ok\n")
-        elif self._is_ready():
+        elif self._readiness.ready:
             await _text(send, 200, b"ready\n")
         else:
-            await _text(send, 503, b"not ready: shutting down\n")
+            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(self._readiness.reasons().items()))
+            await _text(send, 503, f"not ready: {why}\n".encode())
 
 
 async def _text(send: Any, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:

@@ -25,6 +25,7 @@ from ._context import KillReason, RuntimeContext
 from ._endpoint import TransportBinding
 from ._errors import ShuttingDown
 from ._inflight import GlobalInFlight
+from ._readiness import Readiness
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,7 @@ class ShutdownCoordinator:
         transports: Sequence[TransportBinding],
         global_inflight: GlobalInFlight,
         admissions: Iterable[Admission],
+        readiness: Readiness,
     ) -> None:
         self._runtime = runtime
         self._config = runtime.config
@@ -57,15 +59,15 @@ class ShutdownCoordinator:
         self._drain_scope = trio.CancelScope()
         self._reason = ""
         self._requested_at = math.inf
-        self._ready = False
+        self._readiness = readiness
         self._skipped = False
         self.intake_closed = trio.Event()
 
     @property
     def ready(self) -> bool:
         """True while the worker wants new traffic (the readiness probe): serving, not shutting down,
-        and every transport connected to whatever it depends on."""
-        return self._ready and all(transport.connected for transport in self._transports)
+        and every dependency a transport reported is up."""
+        return self._readiness.ready
 
     @property
     def shutdown_requested(self) -> bool:
@@ -73,7 +75,7 @@ class ShutdownCoordinator:
 
     def mark_ready(self) -> None:
         if not self._requested.is_set():
-            self._ready = True
+            self._readiness.set_serving(True)
             self._runtime.metrics.ready.set_function(lambda: 1 if self.ready else 0)
 
     def request(self, reason: str) -> None:
@@ -86,7 +88,7 @@ class ShutdownCoordinator:
         self._reason = reason
         self._requested_at = trio.current_time()
         self._drain_scope.deadline = self._requested_at + self._config.drain_timeout
-        self._ready = False
+        self._readiness.set_serving(False)
         self._log.info(
             "shutdown.requested",
             reason=reason,

@@ -25,6 +25,7 @@ from ._logging import get_logger
 from ._metrics import Metrics
 from ._nursery import open_background_nursery
 from ._ops_server import OpsApp, serve_ops
+from ._readiness import Readiness
 from ._shutdown import ShutdownCoordinator, ShutdownResult
 from ._signals import watch_signals
 
@@ -49,6 +50,7 @@ class WorkerHandle:
     _coordinator: ShutdownCoordinator
     _global: GlobalInFlight
     _bindings: list[TransportBinding]
+    readiness: Readiness
     result: ShutdownResult | None = field(default=None)
     _drained: trio.Event = field(default_factory=trio.Event)
 
@@ -144,13 +146,13 @@ class Worker:
             ep.name: Admission(ep.options.max_concurrency, ep.options.max_queue)
             for ep in self._endpoints.values()
         }
+        readiness = Readiness()
         bindings = [
-            bind_transport(t.name, runtime, self._endpoints, admissions, global_inflight) for t in transports
+            bind_transport(t.name, runtime, self._endpoints, admissions, global_inflight, readiness)
+            for t in transports
         ]
-        coordinator = ShutdownCoordinator(runtime, bindings, global_inflight, admissions.values())
-        for binding in bindings:
-            binding.is_ready = lambda: coordinator.ready
-        handle = WorkerHandle(runtime, {}, coordinator, global_inflight, bindings)
+        coordinator = ShutdownCoordinator(runtime, bindings, global_inflight, admissions.values(), readiness)
+        handle = WorkerHandle(runtime, {}, coordinator, global_inflight, bindings, readiness)
         failure: StartupFailed | None = None
         async with trio.open_nursery() as primary:
             if handle_signals:
@@ -243,7 +245,7 @@ async def _start_transports(
 ) -> None:
     """Start the ops server and every transport in ``primary``; StartupFailed names the culprit."""
     if metrics_address is not None:
-        app = OpsApp(lambda: handle.ready, handle.runtime.metrics.registry)
+        app = OpsApp(handle.readiness, handle.runtime.metrics.registry)
         try:
             handle.addresses["metrics"] = await primary.start(serve_ops, *metrics_address, app)
         except Exception as exc:

@@ -7,6 +7,7 @@ transport so a test can call ``dispatch`` directly, with no sockets, on the mock
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -22,6 +23,7 @@ from ._context import RequestContext, RuntimeContext
 from ._endpoint import CallerGone, EndpointBinding, TransportBinding, bind_transport
 from ._errors import IngressError
 from ._inflight import GlobalInFlight
+from ._intake import Caller
 from ._logging import get_logger
 from ._metrics import Metrics
 from ._worker import Worker
@@ -39,6 +41,8 @@ class RecordingSink:
     gate: trio.Event | None = None
     gone: bool = False
     chunk_sent: trio.Event = field(default_factory=trio.Event)
+    # The chunk count the core passed with the end (what SSE's end event and NATS's end carry).
+    end_count: int | None = None
 
     async def send_chunk(self, data: bytes) -> None:
         if self.gate is not None:
@@ -48,13 +52,14 @@ class RecordingSink:
         self.chunk_sent.set()
         await trio.lowlevel.checkpoint()
 
-    async def send_end(self) -> None:
+    async def send_end(self, chunks: int) -> None:
         self._check()
         self.ended = True
+        self.end_count = chunks
 
     async def send_result(self, data: bytes) -> None:
         await self.send_chunk(data)
-        await self.send_end()
+        await self.send_end(1)
 
     async def send_error(self, error: IngressError, retryable: bool) -> None:
         self._check()
@@ -104,44 +109,97 @@ def sample(runtime: RuntimeContext, name: str, **labels: str) -> float:
 
 
 class MemoryTransport:
-    """A transport with no wire: ``start_request`` runs a request through the dispatcher in the
-    transport's own nursery, answering into a RecordingSink, exactly as a real transport would."""
+    """A transport with no wire, and the reference for writing one (docs/architecture.md, "Writing a
+    transport"): ``open`` turns a request into calls on the core's intake and runs it in the
+    transport's own nursery, answering into a RecordingSink."""
 
     name = "memory"
 
     def __init__(self) -> None:
         self._binding: TransportBinding | None = None
         self._nursery: trio.Nursery | None = None
+        self._caller: Caller | None = None
+        self._keys = itertools.count()
 
     async def serve(
         self, binding: TransportBinding, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        # 1. One Caller holds the open requests of one caller; this transport has a single caller.
         self._binding = binding
+        self._caller = Caller(binding, peer="memory")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started("memory")
-            await trio.sleep_forever()
+            await trio.sleep_forever()  # 4. phase 3 cancels this nursery, and every request with it
 
-    def start_request(
-        self, endpoint: str, request: Any, *, deadline: float = float("inf")
-    ) -> tuple[RequestContext, RecordingSink]:
-        """Accept a request now (or refuse it, UNAVAILABLE, once intake is closed)."""
-        from ._dispatch import dispatch
-        from ._errors import Unavailable
-
-        assert self._binding is not None, "transport is not serving"
-        assert self._nursery is not None, "transport is not serving"
-        binding = self._binding.lookup(endpoint)
-        ctx = RequestContext(
-            f"mem-{id(request)}", endpoint, self.name, self._binding.runtime, deadline=deadline
-        )
+    def open(
+        self,
+        endpoint: str,
+        payload: bytes,
+        *,
+        timeout_ms: str | int | None = None,
+        request_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> MemoryCall:
+        """Send one request (JSON ``payload``, undecoded). A refusal (unknown endpoint, draining) is in
+        the returned call's ``sink.error`` at once."""
+        assert self._caller is not None, "transport is not serving"
+        assert self._nursery is not None
         sink = RecordingSink()
-        if not binding.accepting:
-            sink.error, sink.retryable = Unavailable("draining"), True
-        else:
-            binding.accept(ctx)
-            self._nursery.start_soon(dispatch, binding, ctx, request, sink)
-        return ctx, sink
+        key = next(self._keys)
+        try:
+            # 2. Synchronously, before anything is spawned: lookup, draining refusal, accept.
+            call = self._caller.open(key, endpoint, request_id=request_id, metadata=metadata)
+        except IngressError as error:
+            sink.error, sink.retryable = error, error.resolve_retryable(chunks_sent=0)
+            return MemoryCall(self._caller, key, None, sink, done=_set_event())
+        done = trio.Event()
+
+        async def run() -> None:
+            try:
+                # 3. Decode, admission, handler, outcome, metrics, log, release: all in the core.
+                await call.run(payload, sink, timeout_ms=timeout_ms)
+            finally:
+                done.set()
+
+        self._nursery.start_soon(run)
+        return MemoryCall(self._caller, key, call.ctx, sink, done)
+
+    def start_request(self, endpoint: str, request: Any) -> tuple[RequestContext | None, RecordingSink]:
+        """``open`` for a JSON value."""
+        call = self.open(endpoint, json.dumps(request).encode())
+        return call.ctx, call.sink
+
+
+@dataclass
+class MemoryCall:
+    """One request sent through a MemoryTransport: what it answered, and the caller's controls."""
+
+    _caller: Caller
+    _key: int
+    ctx: RequestContext | None  # None if it was refused
+    sink: RecordingSink
+    done: trio.Event
+
+    def stop(self) -> None:
+        self._caller.stop(self._key)
+
+    def kill(self) -> None:
+        self._caller.kill(self._key)
+
+    def disconnect(self, reason: str = "closed") -> None:
+        call = self._caller.get(self._key)
+        if call is not None:
+            call.ctx.caller_gone(reason)
+
+    async def wait_done(self) -> None:
+        await self.done.wait()
+
+
+def _set_event() -> trio.Event:
+    event = trio.Event()
+    event.set()
+    return event
 
 
 # How long a worker process may take to import and bind before a test or script gives up on it.

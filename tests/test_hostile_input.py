@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from runtime import ErrorCode, RequestContext, Worker, WorkerHandle, open_worker
+from runtime import ErrorCode, RequestContext, Worker, WorkerHandle, decode_error, open_worker
 from runtime.testing import nats_server
 from transports.http import HttpTransport
 from transports.nats import NatsClient, NatsTransport
@@ -148,7 +148,7 @@ async def test_nats_hostile_input_is_a_bad_request_reply_and_the_worker_serves_o
             with trio.fail_after(10):
                 reply = await receive.receive()
             assert reply.headers[nats_protocol.KIND] == nats_protocol.ERROR
-            error = nats_protocol.decode_error(reply.data)
+            error = decode_error(reply.data)
             assert error.code is ErrorCode.BAD_REQUEST and names in error.message
         await aio.unsubscribe(subscription)
         assert await client.call("echo", {"still": "here"}) == {"still": "here"}

@@ -22,6 +22,7 @@ from runtime import (
     Unavailable,
     Worker,
     WorkerConfig,
+    decode_error,
     open_worker,
 )
 from runtime.testing import nats_server, sample, start_nats_server, wait_for
@@ -384,7 +385,7 @@ async def test_a_request_that_arrives_after_its_deadline_is_not_started(nats_url
             await aio.publish_batch(client._client, [aio.Outgoing("ingress.echo", b"{}", late, reply=inbox)])
             reply = await receive.receive()
             await aio.unsubscribe(subscription)
-        error = protocol.decode_error(reply.data)
+        error = decode_error(reply.data)
         assert error.code is ErrorCode.DEADLINE_EXCEEDED and "already passed" in error.message
         labels = {"endpoint": "echo", "transport": "nats", "reason": "deadline"}
         assert sample(handle.runtime, "ingress_rejections_total", **labels) == 1

@@ -1,6 +1,7 @@
 """The ASGI application behind the HTTP transport.
 
-Routes: ``POST /v1/{endpoint}`` (JSON body), ``GET /health``, ``GET /ready``, ``GET /metrics``. A unary
+Routes: ``POST /v1/{endpoint}`` (JSON body), ``POST /v1/{endpoint}/{request_id}/stop`` and ``/kill``
+(for a running request, from any connection), ``GET /health``, ``GET /ready``, ``GET /metrics``. A unary
 endpoint answers with JSON; a streaming one with Server-Sent Events (``data:`` lines of JSON, then an
 ``end`` event), or NDJSON when the request asks for ``application/x-ndjson``. Errors are
 ``{"error": {"code", "message", "retryable"}}`` with the natural status; after the first chunk an error
@@ -20,42 +21,25 @@ import trio
 
 from runtime import (
     BadRequest,
-    EndpointBinding,
-    ErrorCode,
+    Call,
+    Caller,
     IngressError,
     NotFound,
-    RequestContext,
     TransportBinding,
-    Unavailable,
-    dispatch_payload,
     new_request_id,
+    refuse,
 )
 from runtime._http_server import discard_body
 from runtime._ops_server import OPS_PATHS, OpsApp
 
 from .._writer import FrameWriter
+from . import _protocol as protocol
+from ._protocol import NDJSON, REQUEST_ID_HEADER, RETRY_AFTER, TIMEOUT_HEADER
 
 Scope = dict[str, Any]
 Receive = Any
 Send = Any
-
-STATUS_FOR_CODE = {
-    ErrorCode.BAD_REQUEST: 400,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.UNAVAILABLE: 503,
-    ErrorCode.OVERLOADED: 429,
-    ErrorCode.DEADLINE_EXCEEDED: 504,
-    ErrorCode.CANCELLED: 499,  # nginx's "client closed request"; only seen if a handler raises it
-    ErrorCode.SHUTTING_DOWN: 503,
-    ErrorCode.INTERNAL: 500,
-}
-# Seconds a client should wait before retrying a 429 or 503 (on this worker or, better, another).
-RETRY_AFTER = "1"
-TIMEOUT_HEADER = "x-request-timeout-ms"
-REQUEST_ID_HEADER = "x-request-id"
-NDJSON = "application/x-ndjson"
-# Refusals of a draining worker: on HTTP/1.1 they also close the connection (HTTP/2 forbids the header).
-_DRAINING_CODES = (ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE)
+Headers = list[tuple[bytes, bytes]]
 
 
 class IngressApp:
@@ -73,7 +57,10 @@ class IngressApp:
         self.max_body_size = max_body_size
         self.body_timeout = body_timeout
         self.stream_high_water = stream_high_water
-        self.ops = OpsApp(lambda: binding.is_ready(), binding.runtime.metrics.registry)
+        self.ops = OpsApp(binding.readiness, binding.runtime.metrics.registry)
+        # Every running call of the listener, for the stop and kill routes (which may come on another
+        # connection); each call watches its own connection for the client leaving.
+        self.caller = Caller(binding)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -83,16 +70,22 @@ class IngressApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
-        if path.startswith("/v1/"):
-            if method != "POST":
-                await self._discard_body(receive)
-                await _error(send, 405, BadRequest(f"use POST for {path}"), extra=[(b"allow", b"POST")])
-            else:
-                await self._call(scope, receive, send, path[len("/v1/") :])
+        route = protocol.parse_route(path)
+        if route is not None and method != "POST":
+            await self._discard_body(receive)
+            await _error(send, 405, BadRequest(f"use POST for {path}"), extra=[(b"allow", b"POST")])
+        elif route is not None and route.signal is None:
+            await self._call(scope, receive, send, route.endpoint)
+        elif route is not None:
+            await self._discard_body(receive)
+            await self._signal(send, route)
         elif path in OPS_PATHS:
             await self.ops(scope, receive, send)  # the same app as the --metrics listener
         else:
-            error = NotFound(f"no route {method} {path}; endpoints are POST /v1/{{endpoint}}")
+            error = NotFound(
+                f"no route {method} {path}; endpoints are POST /v1/{{endpoint}} "
+                "(and POST /v1/{endpoint}/{request_id}/stop or /kill)"
+            )
             await self._discard_body(receive)
             await _error(send, 404, error)
 
@@ -100,59 +93,63 @@ class IngressApp:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request_id = headers.get(REQUEST_ID_HEADER) or new_request_id()
         id_header = [(REQUEST_ID_HEADER.encode(), request_id.encode("latin-1"))]
-        try:
-            binding = self.binding.lookup(endpoint)
-            if not binding.accepting:
-                binding.metrics.rejection("unavailable")
-                raise Unavailable("worker is draining; send new requests elsewhere", retryable=True)
-            with trio.move_on_after(self.body_timeout) as body_timer:
-                body = await self._read_body(receive)
-            if body_timer.cancelled_caught:
-                # The rest of a body may still come; the connection cannot be reused (HTTP/1.1).
-                close = [(b"connection", b"close")] if _is_http1(scope) else []
-                await _error(send, 408, _body_timed_out(self.body_timeout), extra=id_header + close)
-                return
-        except _BodyTooLarge as too_large:
-            await _error(send, 413, too_large.error, extra=id_header)
-            return
-        except IngressError as error:
-            close = _go_elsewhere(error, _is_http1(scope))
-            if not close:  # a connection told to close needs no body read to be reused
-                await self._discard_body(receive)
-            await _error(send, STATUS_FOR_CODE[error.code], error, extra=id_header + close)
-            return
-        client = scope.get("client")
-        ctx = RequestContext(
-            id=request_id,
-            endpoint=binding.name,
-            transport="http",
-            runtime=self.binding.runtime,
-            peer=f"{client[0]}:{client[1]}" if client else None,
-            metadata=headers,
-        )
-        binding.accept(ctx)
+        http1 = _is_http1(scope)
         ndjson = NDJSON in headers.get("accept", "")
-        sink = _HttpSink(send, ndjson, id_header, self.stream_high_water, http1=_is_http1(scope))
-        await self._run(binding, ctx, body, sink, receive)
+        sink = _HttpSink(send, ndjson, id_header, self.stream_high_water, http1=http1)
+        client = scope.get("client")
+        try:
+            call = self.caller.open(
+                object(),  # every call is its own; the routes find it by request id
+                endpoint,
+                request_id=request_id,
+                metadata=headers,
+                peer=f"{client[0]}:{client[1]}" if client else None,
+            )
+        except IngressError as error:
+            if not _closes_connection(error, http1):  # a connection told to close needs no body read
+                await self._discard_body(receive)
+            await refuse(sink, error)
+            return
+        try:
+            body = await self._read_body(receive)
+        except _GoneBeforeBody:
+            call.abandon("closed")
+            return
+        except IngressError as error:  # too large, too slow
+            await call.fail(error, sink)
+            return
+        except BaseException:
+            call.abandon("closed")  # cancelled (phase 3) while the body was still coming
+            raise
+        await self._run(call, body, sink, receive)
 
-    async def _run(
-        self,
-        binding: EndpointBinding,
-        ctx: RequestContext,
-        body: bytearray,
-        sink: _HttpSink,
-        receive: Receive,
-    ) -> None:
-        timeout_ms = ctx.metadata.get(TIMEOUT_HEADER)
+    async def _run(self, call: Call, body: bytearray, sink: _HttpSink, receive: Receive) -> None:
+        timeout_ms = call.ctx.metadata.get(TIMEOUT_HEADER)
         async with trio.open_nursery() as nursery:
             sink.nursery = nursery
-            nursery.start_soon(_watch_disconnect, receive, ctx, sink)
+            nursery.start_soon(_watch_disconnect, receive, call, sink)
             try:
-                await dispatch_payload(
-                    binding, ctx, body, sink, timeout_ms=timeout_ms, timeout_name=TIMEOUT_HEADER
-                )
+                await call.run(body, sink, timeout_ms=timeout_ms, timeout_name=TIMEOUT_HEADER)
             finally:
                 nursery.cancel_scope.cancel(reason="request finished")
+
+    async def _signal(self, send: Send, route: protocol.Route) -> None:
+        """Stop or kill the running requests of ``route.endpoint`` with ``route.request_id``."""
+        assert route.request_id is not None
+        calls = self.caller.find(route.endpoint, route.request_id)
+        for call in calls:
+            if route.signal == "kill":
+                self.caller.kill(call.key)
+            else:
+                self.caller.stop(call.key)
+        if not calls:
+            error = NotFound(
+                f"no running request {route.request_id!r} on endpoint {route.endpoint!r} (finished already?)"
+            )
+            await _error(send, 404, error)
+            return
+        body = json.dumps({"signal": route.signal, "requests": len(calls)}).encode()
+        await _respond(send, 202, protocol.JSON, body)
 
     async def _discard_body(self, receive: Receive) -> None:
         with trio.move_on_after(self.body_timeout):
@@ -160,52 +157,53 @@ class IngressApp:
 
     async def _read_body(self, receive: Receive) -> bytearray:
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _GoneBeforeBody
-            body += message.get("body", b"")
-            if len(body) > self.max_body_size:
-                raise _BodyTooLarge(BadRequest(f"request body is larger than {self.max_body_size} bytes"))
-            if not message.get("more_body", False):
-                return body
+        with trio.move_on_after(self.body_timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _GoneBeforeBody
+                body += message.get("body", b"")
+                if len(body) > self.max_body_size:
+                    raise _BodyTooLarge(f"request body is larger than {self.max_body_size} bytes")
+                if not message.get("more_body", False):
+                    return body
+        # Nothing was started, so sending it again (faster) is safe.
+        raise _BodyTimedOut(
+            f"the request body did not arrive within {self.body_timeout:g} s (body_timeout)", retryable=True
+        )
 
 
-class _BodyTooLarge(Exception):
-    def __init__(self, error: IngressError) -> None:
-        self.error = error
+class _BodyTooLarge(BadRequest):
+    http_status = 413
 
 
-class _GoneBeforeBody(Unavailable):
+class _BodyTimedOut(BadRequest):
+    # The rest of the body may still come, so the connection cannot be reused (HTTP/1.1).
+    http_status = 408
+
+
+class _GoneBeforeBody(Exception):
     """The client left before sending its whole body: nothing to answer, nothing was started."""
-
-    def __init__(self) -> None:
-        super().__init__("client disconnected before sending the request body")
-
-
-def _body_timed_out(body_timeout: float) -> BadRequest:
-    # Nothing was started, so sending it again (faster) is safe.
-    message = f"the request body did not arrive within {body_timeout:g} s (body_timeout)"
-    return BadRequest(message, retryable=True)
 
 
 def _is_http1(scope: Scope) -> bool:
     return str(scope.get("http_version", "1.1")).startswith("1")
 
 
-def _go_elsewhere(error: IngressError, http1: bool) -> list[tuple[bytes, bytes]]:
-    """``Connection: close`` for a draining worker's refusal on HTTP/1.1, which tells the client to go
-    elsewhere; HTTP/2 forbids the header (RFC 9113 8.2.2: it would take the whole connection down)."""
-    return [(b"connection", b"close")] if http1 and error.code in _DRAINING_CODES else []
+def _closes_connection(error: IngressError, http1: bool) -> bool:
+    """Whether answering ``error`` ends an HTTP/1.1 connection: a draining worker's refusal tells the
+    client to go elsewhere, and a body that timed out may still be arriving. HTTP/2 forbids the header
+    (RFC 9113 8.2.2: it would take the whole connection down)."""
+    return http1 and (error.code in protocol.DRAINING_CODES or isinstance(error, _BodyTimedOut))
 
 
-async def _watch_disconnect(receive: Receive, ctx: RequestContext, sink: _HttpSink) -> None:
+async def _watch_disconnect(receive: Receive, call: Call, sink: _HttpSink) -> None:
     """Kill the handler when the client goes away (hypercorn will not)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             if not sink.finished:
-                ctx.caller_gone("closed")
+                call.ctx.caller_gone("closed")
             return
 
 
@@ -223,9 +221,7 @@ class _HttpSink:
     """Answers one HTTP call. Stream chunks go through a FrameWriter, so when the client is behind the
     queued chunks leave in one ASGI body message instead of one each."""
 
-    def __init__(
-        self, send: Send, ndjson: bool, headers: list[tuple[bytes, bytes]], high_water: int, http1: bool
-    ) -> None:
+    def __init__(self, send: Send, ndjson: bool, headers: Headers, high_water: int, http1: bool) -> None:
         self.send = send
         self.http1 = http1
         self.ndjson = ndjson
@@ -234,40 +230,37 @@ class _HttpSink:
         self.nursery: trio.Nursery | None = None
         self.writer: FrameWriter | None = None
         self.finished = False
-        self.chunks = 0
 
     async def send_result(self, data: bytes) -> None:
         # Finished before the last send: hypercorn reports http.disconnect as soon as the response is
         # complete, and that must not read as the client leaving early.
         self.finished = True
-        await _respond(self.send, 200, b"application/json", data, self.headers)
+        await _respond(self.send, 200, protocol.JSON, data, self.headers)
 
     async def send_chunk(self, data: bytes) -> None:
         writer = self.writer or await self._start_stream()
-        self.chunks += 1
-        await writer.write(data + b"\n" if self.ndjson else b"data: " + data + b"\n\n")
+        await writer.write(protocol.ndjson_line(data) if self.ndjson else protocol.sse_data(data))
 
-    async def send_end(self) -> None:
+    async def send_end(self, chunks: int) -> None:
         writer = self.writer or await self._start_stream()
         if not self.ndjson:
-            writer.write_nowait(b'event: end\ndata: {"chunks":%d}\n\n' % self.chunks)
+            writer.write_nowait(protocol.sse_end(chunks))
         await self._finish(writer)
 
     async def send_error(self, error: IngressError, retryable: bool) -> None:
         if self.writer is None:
-            extra = [(b"retry-after", RETRY_AFTER.encode())] if retryable else []
-            extra += _go_elsewhere(error, self.http1)
+            extra = [(b"connection", b"close")] if _closes_connection(error, self.http1) else []
             self.finished = True  # see send_result
-            await _error(self.send, STATUS_FOR_CODE[error.code], error, retryable, self.headers + extra)
+            await _error(self.send, protocol.status_for(error), error, retryable, self.headers + extra)
             return
-        payload = json.dumps({"error": _error_body(error, retryable)}).encode()
+        document = protocol.error_document(error, retryable)
         self.writer.write_nowait(
-            payload + b"\n" if self.ndjson else b"event: error\ndata: " + payload + b"\n\n"
+            protocol.ndjson_line(document) if self.ndjson else protocol.sse_error(document)
         )
         await self._finish(self.writer)
 
     async def _start_stream(self) -> FrameWriter:
-        content_type = NDJSON.encode() if self.ndjson else b"text/event-stream"
+        content_type = NDJSON.encode() if self.ndjson else protocol.EVENT_STREAM
         headers = [(b"content-type", content_type), (b"cache-control", b"no-cache"), *self.headers]
         await self.send({"type": "http.response.start", "status": 200, "headers": headers})
         assert self.nursery is not None
@@ -287,28 +280,23 @@ class _HttpSink:
         pass
 
 
-def _error_body(error: IngressError, retryable: bool | None = None) -> dict[str, Any]:
-    if retryable is None:
-        retryable = error.resolve_retryable(chunks_sent=0)
-    return {"code": error.code.name, "message": error.message, "retryable": retryable}
-
-
 async def _error(
     send: Send,
     status: int,
     error: IngressError,
     retryable: bool | None = None,
-    extra: list[tuple[bytes, bytes]] | None = None,
+    extra: Headers | None = None,
 ) -> None:
-    body = _error_body(error, retryable)
+    if retryable is None:
+        retryable = error.resolve_retryable(chunks_sent=0)
     headers = list(extra or [])
-    if body["retryable"] and not any(name == b"retry-after" for name, _ in headers):
-        headers.append((b"retry-after", RETRY_AFTER.encode()))
-    await _respond(send, status, b"application/json", json.dumps({"error": body}).encode(), headers)
+    if retryable and not any(name == b"retry-after" for name, _ in headers):
+        headers.append((b"retry-after", RETRY_AFTER))
+    await _respond(send, status, protocol.JSON, protocol.error_document(error, retryable), headers)
 
 
 async def _respond(
-    send: Send, status: int, content_type: bytes, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+    send: Send, status: int, content_type: bytes, body: bytes, extra: Headers | None = None
 ) -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})

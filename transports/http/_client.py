@@ -15,7 +15,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from runtime import ErrorCode, RemoteError, Unavailable
+from runtime import Unavailable
+
+from . import _protocol as protocol
 
 
 def parse_base_url(url: str) -> str:
@@ -41,7 +43,7 @@ async def http_stream(
     """POST ``request`` to ``/v1/{endpoint}`` and yield each chunk (one for a unary endpoint).
     ``cafile`` trusts that CA for https (a self-signed worker certificate, say)."""
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cafile) if cafile else True
-    headers = {"content-type": "application/json", "accept": "application/x-ndjson", **(metadata or {})}
+    headers = {"content-type": "application/json", "accept": protocol.NDJSON, **(metadata or {})}
     # No httpx timeout: a stream may run for minutes; the caller's scope (--timeout) bounds it.
     async with httpx.AsyncClient(
         base_url=parse_base_url(url), verify=verify, http2=True, timeout=None
@@ -51,7 +53,7 @@ async def http_stream(
                 "POST", f"/v1/{endpoint}", content=json.dumps(request), headers=headers
             ) as response:
                 if response.status_code != 200:
-                    raise _remote_error(await response.aread(), response.status_code)
+                    raise protocol.decode_error_document(await response.aread(), response.status_code)
                 async for chunk in _chunks(response):
                     yield chunk
         except httpx.ConnectError as exc:
@@ -66,21 +68,6 @@ async def _chunks(response: httpx.Response) -> AsyncIterator[Any]:
         *lines, pending = (pending + data).split(b"\n")
         for line in lines:
             if line.strip():
-                yield _chunk(line)
+                yield protocol.ndjson_value(line)
     if pending.strip():
-        yield _chunk(pending)
-
-
-def _chunk(line: bytes) -> Any:
-    value = json.loads(line)
-    if isinstance(value, dict) and set(value) == {"error"}:
-        raise _remote_error(line, 200)
-    return value
-
-
-def _remote_error(body: bytes, status: int) -> RemoteError:
-    try:
-        error = json.loads(body)["error"]
-        return RemoteError(ErrorCode[error["code"]], error["message"], retryable=bool(error["retryable"]))
-    except (ValueError, KeyError, TypeError):
-        return RemoteError(ErrorCode.INTERNAL, f"HTTP {status}: {body[:200]!r}", retryable=False)
+        yield protocol.ndjson_value(pending)

@@ -22,7 +22,7 @@ from typing import Any
 import trio
 from nats.aio.msg import Msg
 
-from runtime import ErrorCode, IngressError, RemoteError, Unavailable, new_request_id
+from runtime import ErrorCode, IngressError, RemoteError, Unavailable, decode_error, new_request_id
 
 from . import _aio as aio
 from . import _protocol as protocol
@@ -216,7 +216,7 @@ async def _replies(
             yield json.loads(msg.data)
             return
         if kind != protocol.END:
-            raise protocol.decode_error(msg.data)
+            raise decode_error(msg.data)
         if int(headers.get(protocol.COUNT, "-1")) != received:
             raise RemoteError(ErrorCode.UNAVAILABLE, "reply stream lost messages", retryable=not received)
         return

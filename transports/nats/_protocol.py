@@ -9,11 +9,9 @@ A unary answer is a single ``result`` message: data and end in one, so a plain `
 
 from __future__ import annotations
 
-import json
-from typing import Any
 from urllib.parse import urlsplit
 
-from runtime import ErrorCode, IngressError, RemoteError
+from runtime import IngressError, encode_error
 
 KIND = "Ingress-Kind"
 DATA = "data"
@@ -84,13 +82,5 @@ def result_headers(seq: int) -> dict[str, str]:
 
 
 def error_message(seq: int, error: IngressError, retryable: bool) -> tuple[bytes, dict[str, str]]:
-    body = {"code": error.code.name, "message": error.message, "retryable": retryable}
-    return json.dumps(body).encode(), {KIND: ERROR, SEQ: str(seq)}
-
-
-def decode_error(data: bytes) -> RemoteError:
-    try:
-        body: dict[str, Any] = json.loads(data)
-        return RemoteError(ErrorCode[body["code"]], body["message"], retryable=bool(body["retryable"]))
-    except (ValueError, KeyError, TypeError):
-        return RemoteError(ErrorCode.INTERNAL, f"undecodable error reply: {data[:200]!r}", retryable=False)
+    """An error reply: the shared JSON error body (runtime/_wire_errors.py) with its headers."""
+    return encode_error(error, retryable), {KIND: ERROR, SEQ: str(seq)}

@@ -18,17 +18,16 @@ import trio
 from nats.aio.msg import Msg
 
 from runtime import (
+    DRAINING,
+    Call,
+    Caller,
     EndpointBinding,
     IngressError,
     InternalError,
-    KillReason,
-    RequestContext,
-    RuntimeContext,
     TransportBinding,
     Unavailable,
     describe,
-    dispatch_payload,
-    new_request_id,
+    refuse,
 )
 
 from . import _aio as aio
@@ -76,7 +75,8 @@ class NatsTransport:
         def on_connected(connected: bool) -> None:
             if closing:
                 return  # our own close in phase 3, not an outage
-            binding.connected = connected  # readiness follows: not ready while NATS is unreachable
+            # Not ready while NATS is unreachable: requests cannot reach this worker anyway.
+            binding.readiness.report("nats", connected, f"disconnected from {self.url}")
             log.warning("nats.reconnected" if connected else "nats.disconnected", url=self.url)
 
         def on_error(exc: Exception) -> None:
@@ -89,7 +89,7 @@ class NatsTransport:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(outbox.publisher.run)
                     control = protocol.control_subject(uuid.uuid4().hex)
-                    requests = _Requests(self, client, binding.runtime, outbox, nursery, {}, {}, control)
+                    requests = _Requests(self, client, Caller(binding), outbox, nursery, control)
                     nursery.start_soon(requests.watch_callers)
                     await nursery.start(requests.serve_control)
                     for endpoint in binding.endpoints.values():
@@ -133,13 +133,11 @@ class _Requests:
 
     transport: NatsTransport
     client: Any
-    runtime: RuntimeContext
+    # Every running request by its caller's reply inbox (unique per request): for STOP/KILL messages
+    # and for the one task that checks that callers are alive.
+    caller: Caller
     outbox: _Outbox
     nursery: trio.Nursery
-    # Every running request with its caller's inbox, for the one task that checks callers are alive.
-    running: dict[RequestContext, tuple[EndpointBinding, str]]
-    # The same requests by reply inbox, for STOP/KILL messages from their callers.
-    by_inbox: dict[str, RequestContext]
     control: str
 
     async def serve_endpoint(
@@ -168,7 +166,7 @@ class _Requests:
             send.close()
             async for msg in receive:
                 if msg.reply:
-                    data, headers = protocol.error_message(0, Unavailable("worker is draining"), True)
+                    data, headers = protocol.error_message(0, Unavailable(DRAINING), True)
                     await self.outbox.put(aio.Outgoing(msg.reply, data, headers))
 
     def start(self, endpoint: EndpointBinding, msg: Msg) -> None:
@@ -176,33 +174,23 @@ class _Requests:
             return  # a publish with nowhere to answer: nothing can be delivered, so nothing is run
         headers = msg.headers or {}
         prefix = protocol.METADATA_PREFIX
-        ctx = RequestContext(
-            id=headers.get(protocol.REQUEST_ID) or new_request_id(),
-            endpoint=endpoint.name,
-            transport="nats",
-            runtime=self.runtime,
-            peer=msg.reply,
-            metadata={k[len(prefix) :]: v for k, v in headers.items() if k.startswith(prefix)},
-        )
-        endpoint.accept(ctx)  # counted from now: the drain must not see zero while the task starts
-        self.nursery.start_soon(self.run, endpoint, ctx, msg)
-
-    async def run(self, endpoint: EndpointBinding, ctx: RequestContext, msg: Msg) -> None:
-        self.running[ctx] = (endpoint, msg.reply)
-        self.by_inbox[msg.reply] = ctx
-        try:
-            await self.answer(endpoint, ctx, msg)
-        finally:
-            del self.running[ctx]
-            self.by_inbox.pop(msg.reply, None)
-            endpoint.release(ctx)
-
-    async def answer(self, endpoint: EndpointBinding, ctx: RequestContext, msg: Msg) -> None:
         sink = _NatsSink(self.outbox, msg.reply, self.control)
+        try:
+            call = self.caller.open(
+                msg.reply,
+                endpoint.name,
+                request_id=headers.get(protocol.REQUEST_ID),
+                metadata={k[len(prefix) :]: v for k, v in headers.items() if k.startswith(prefix)},
+                peer=msg.reply,
+            )
+        except IngressError as error:
+            self.nursery.start_soon(refuse, sink, error)
+            return
+        self.nursery.start_soon(self.run, call, msg, sink)
+
+    async def run(self, call: Call, msg: Msg, sink: _NatsSink) -> None:
         headers = msg.headers or {}
-        await dispatch_payload(
-            endpoint,
-            ctx,
+        await call.run(
             msg.data,
             sink,
             timeout_ms=headers.get(protocol.TIMEOUT_MS),
@@ -216,14 +204,13 @@ class _Requests:
         await aio.subscribe(self.client, self.control, "", send)
         task_status.started()
         async for msg in receive:
+            # A request that is not running finished already: its end crossed the control message.
             headers = msg.headers or {}
-            ctx = self.by_inbox.get(headers.get(protocol.TARGET, ""))
-            if ctx is None:
-                continue  # finished already: the end crossed the control message
+            target = headers.get(protocol.TARGET, "")
             if headers.get(protocol.KIND) == protocol.KILL:
-                ctx.kill(KillReason.CALLER_KILL)
+                self.caller.kill(target)
             else:
-                ctx.stop_generating()
+                self.caller.stop(target)
 
     async def watch_callers(self) -> None:
         """Every interval, probe the inbox of every request that has run at least that long, all in one
@@ -232,44 +219,41 @@ class _Requests:
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
-            checked = [
-                (ctx, entry) for ctx, entry in self.running.items() if now - ctx.accepted_at >= interval
-            ]
+            checked = [call for call in self.caller.calls() if now - call.ctx.accepted_at >= interval]
             if not checked:
                 continue
-            alive = await aio.probe_all(self.client, [inbox for _, (_, inbox) in checked], interval)
-            for (ctx, _), is_alive in zip(checked, alive, strict=True):
-                if not is_alive and not ctx.is_killed:
-                    ctx.caller_gone("gone")
+            alive = await aio.probe_all(self.client, [call.key for call in checked], interval)
+            for call, is_alive in zip(checked, alive, strict=True):
+                if not is_alive and not call.ctx.is_killed:
+                    call.ctx.caller_gone("gone")
 
 
 class _NatsSink:
     """One request's replies: numbered data messages, then end (with the count) or error."""
 
-    __slots__ = ("control", "count", "outbox", "reply", "seq")
+    __slots__ = ("control", "outbox", "reply", "seq")
 
     def __init__(self, outbox: _Outbox, reply: str, control: str) -> None:
         self.outbox = outbox
         self.reply = reply
         self.control = control
         self.seq = 0
-        self.count = 0
 
     async def send_chunk(self, data: bytes) -> None:
         self._check_size(data)
-        headers = protocol.data_headers(self._next())
-        if self.count == 0:
+        headers = protocol.data_headers(self.seq)
+        if self.seq == 0:
             headers[protocol.CONTROL] = self.control  # where the caller can send STOP or KILL
+        self.seq += 1
         await self.outbox.put(aio.Outgoing(self.reply, data, headers))
-        self.count += 1
 
     async def send_result(self, data: bytes) -> None:
         # One message, not data + end: half the publishes, and a plain ``nc.request`` gets the answer.
         self._check_size(data)
         await self.outbox.put(aio.Outgoing(self.reply, data, protocol.result_headers(self._next())))
 
-    async def send_end(self) -> None:
-        await self.outbox.put(aio.Outgoing(self.reply, b"", protocol.end_headers(self._next(), self.count)))
+    async def send_end(self, chunks: int) -> None:
+        await self.outbox.put(aio.Outgoing(self.reply, b"", protocol.end_headers(self._next(), chunks)))
 
     async def send_error(self, error: IngressError, retryable: bool) -> None:
         data, headers = protocol.error_message(self._next(), error, retryable)

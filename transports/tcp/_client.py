@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from runtime import ErrorCode, IngressError, RemoteError, Unavailable
+from runtime import ErrorCode, IngressError, RemoteError, Unavailable, remote_error
 from runtime._nursery import open_background_nursery
 
 from .._keepalive import enable_keepalive
@@ -137,7 +137,7 @@ class TcpClient:
             self._codec.receive_data(data)
             event = self._codec.next_event()
             if isinstance(event, codec.Error):
-                raise RemoteError(_error_code(event.code), event.message, retryable=event.retryable)
+                raise remote_error(event.code, event.message, retryable=event.retryable)
         self._slots = trio.Semaphore(self._codec.peer_hello.max_streams)
 
     async def _read_loop(self) -> None:
@@ -177,7 +177,7 @@ class TcpClient:
         elif isinstance(event, codec.End):
             item = _END
         else:
-            item = RemoteError(_error_code(event.code), event.message, retryable=event.retryable)
+            item = remote_error(event.code, event.message, retryable=event.retryable)
         # The consumer may close its end between our lookup and the send.
         with contextlib.suppress(trio.BrokenResourceError):
             await channel.send(item)
@@ -325,11 +325,3 @@ class ClientStream:
             # At interpreter shutdown or on a closed connection there is nobody left to tell.
             with contextlib.suppress(Exception):
                 self._finish(kill=True)
-
-
-def _error_code(code: int) -> ErrorCode:
-    """A code this client does not know (from a newer worker) is reported as INTERNAL, not a crash."""
-    try:
-        return ErrorCode(code)
-    except ValueError:
-        return ErrorCode.INTERNAL

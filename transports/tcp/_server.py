@@ -18,18 +18,13 @@ import trio
 from runtime import (
     DEFAULT_BACKLOG,
     BadRequest,
-    EndpointBinding,
+    Call,
+    Caller,
     IngressError,
     InternalError,
-    KillReason,
-    NotFound,
-    Overloaded,
-    RequestContext,
     TransportBinding,
-    Unavailable,
-    dispatch_payload,
-    new_request_id,
     open_listeners,
+    refuse,
     serve_accepting,
 )
 
@@ -134,8 +129,9 @@ class _ServerConnection:
             max_streams=transport.max_streams_per_connection,
         )
         self.writer = FrameWriter(stream, transport.write_high_water)
-        self.streams: dict[int, tuple[EndpointBinding, RequestContext]] = {}
         self.peer = _peer_name(stream)
+        # The core's registry of this connection's open streams, keyed by stream id.
+        self.caller = Caller(binding, peer=self.peer, max_calls=transport.max_streams_per_connection)
         self.log = binding.runtime.logger.bind(transport="tcp", peer=self.peer)
 
     async def run(self) -> None:
@@ -200,62 +196,26 @@ class _ServerConnection:
                 return True
 
     async def _open_stream(self, request: codec.Request, nursery: trio.Nursery) -> None:
-        try:
-            binding = self.binding.lookup(request.endpoint)
-        except NotFound as exc:
-            await self._refuse(request.stream_id, exc)
-            return
-        if not binding.accepting:
-            binding.metrics.rejection("unavailable")
-            await self._refuse(
-                request.stream_id, Unavailable("worker is draining; send new requests elsewhere")
-            )
-            return
-        if len(self.streams) >= self.transport.max_streams_per_connection:
-            binding.metrics.rejection("stream_limit")
-            limit = self.transport.max_streams_per_connection
-            await self._refuse(
-                request.stream_id, Overloaded(f"more than {limit} concurrent streams on one connection")
-            )
-            return
-        ctx = RequestContext(
-            id=request.request_id or new_request_id(),
-            endpoint=binding.name,
-            transport="tcp",
-            runtime=self.binding.runtime,
-            peer=self.peer,
-            metadata=dict(request.metadata),
-        )
-        self.streams[request.stream_id] = (binding, ctx)
-        binding.accept(ctx)  # counted from now: the drain must not see zero while the task starts
-        nursery.start_soon(self._run_stream, request, binding, ctx)
-
-    async def _run_stream(
-        self, request: codec.Request, binding: EndpointBinding, ctx: RequestContext
-    ) -> None:
         stream_id = request.stream_id
-        sink = _StreamSink(self, stream_id)
-        timeout_ms = request.timeout_ms or None  # 0 on the wire means "no deadline"
         try:
-            await dispatch_payload(binding, ctx, request.payload, sink, timeout_ms=timeout_ms)
-        finally:
-            binding.release(ctx)  # a no-op unless the task was cancelled before dispatch ran
-            del self.streams[stream_id]
+            call = self.caller.open(
+                stream_id, request.endpoint, request_id=request.request_id, metadata=dict(request.metadata)
+            )
+        except IngressError as error:
+            await refuse(_StreamSink(self, stream_id), error)
+            return
+        nursery.start_soon(self._run_stream, request, call)
+
+    async def _run_stream(self, request: codec.Request, call: Call) -> None:
+        timeout_ms = request.timeout_ms or None  # 0 on the wire means "no deadline"
+        await call.run(request.payload, _StreamSink(self, request.stream_id), timeout_ms=timeout_ms)
 
     def _signal_stream(self, event: codec.Stop | codec.Kill) -> None:
-        entry = self.streams.get(event.stream_id)
-        if entry is None:
-            return  # finished already: the END crossed this frame on the wire
-        _, ctx = entry
+        # A stream that is not open finished already: its END crossed this frame on the wire.
         if isinstance(event, codec.Kill):
-            ctx.kill(KillReason.CALLER_KILL)
+            self.caller.kill(event.stream_id)
         else:
-            ctx.stop_generating()
-
-    async def _refuse(self, stream_id: int, error: IngressError) -> None:
-        await self.writer.write(
-            self.codec.send(_error_event(stream_id, error, error.resolve_retryable(chunks_sent=0)))
-        )
+            self.caller.stop(event.stream_id)
 
     def announce_goaway(self) -> None:
         if self.writer.closed or self.codec.peer_hello is None:
@@ -270,8 +230,7 @@ class _ServerConnection:
 
     def _drop_streams(self, reason: str) -> None:
         """The caller is gone: kill every stream of this connection and count it, once per stream."""
-        for _, ctx in self.streams.values():
-            ctx.caller_gone(reason)
+        self.caller.gone(reason)
 
     def _protocol_error(self, message: str) -> str:
         self.log.warning("tcp.protocol_error", message=message)
@@ -304,7 +263,7 @@ class _StreamSink:
                 f"({self.conn.codec.peer_hello.max_frame_size if self.conn.codec.peer_hello else 0} bytes)"
             ) from None
 
-    async def send_end(self) -> None:
+    async def send_end(self, chunks: int) -> None:
         await self._write(self.conn.codec.send(codec.End(self.stream_id)), final=True)
 
     async def send_result(self, data: bytes) -> None:

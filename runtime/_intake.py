@@ -1,0 +1,171 @@
+"""The core's intake: the one interface every transport turns wire events into.
+
+A transport keeps one ``Caller`` per connection (TCP), one for its reply inboxes (NATS) or one for the
+whole listener (HTTP, where each call watches its own connection). For each request off the wire it
+calls ``Caller.open`` (synchronously, before it spawns anything), and then ``Call.run`` with the raw
+payload and its ``ResponseSink``. Everything between the wire and the handler happens here or in the
+dispatcher, the same way for every transport:
+
+- ``open``: endpoint lookup (NOT_FOUND), refusal while draining (UNAVAILABLE, retryable), the caller's
+  own limit (OVERLOADED, retryable), the request context, and accept: from this moment the request is
+  counted in flight, so the drain can never see zero while its task is being started. A refusal is an
+  ``IngressError`` the transport answers through its sink; rejections are counted here.
+- ``run``: decoding of the payload and deadline (BAD_REQUEST), admission, the handler, one outcome,
+  every metric and the canonical log line, release (runtime/_dispatch.py).
+- The caller's registry of open calls: ``stop``/``kill`` by the transport's key (stream id, inbox),
+  ``find`` by request id, and ``gone`` when the caller disconnects, which kills every open call and
+  counts each one as a disconnect, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+from ._context import KillReason, RequestContext, new_request_id
+from ._dispatch import answer_error, dispatch_payload, settle_unrun
+from ._endpoint import EndpointBinding, ResponseSink, TransportBinding
+from ._errors import IngressError, Overloaded, Unavailable
+
+DRAINING = "worker is draining; send new requests elsewhere"
+
+
+class Caller:
+    """The open calls of one caller, keyed by whatever the transport names them with."""
+
+    __slots__ = ("_calls", "_transport", "max_calls", "peer")
+
+    def __init__(
+        self, transport: TransportBinding, *, peer: str | None = None, max_calls: int | None = None
+    ) -> None:
+        self._transport = transport
+        self.peer = peer
+        # More open calls than this at once are refused OVERLOADED (say, streams on one connection).
+        self.max_calls = max_calls
+        self._calls: dict[Hashable, Call] = {}
+
+    def open(
+        self,
+        key: Hashable,
+        endpoint: str,
+        *,
+        request_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        peer: str | None = None,
+    ) -> Call:
+        """Take a request for ``endpoint``; raises the ``IngressError`` to answer if it is refused."""
+        binding = self._transport.lookup(endpoint)  # NotFound
+        if not binding.accepting:
+            binding.metrics.rejection("unavailable")
+            raise Unavailable(DRAINING, retryable=True)
+        if self.max_calls is not None and len(self._calls) >= self.max_calls:
+            binding.metrics.rejection("stream_limit")
+            raise Overloaded(f"more than {self.max_calls} concurrent requests from one caller (stream limit)")
+        ctx = RequestContext(
+            id=request_id or new_request_id(),
+            endpoint=binding.name,
+            transport=self._transport.name,
+            runtime=self._transport.runtime,
+            peer=peer or self.peer,
+            metadata=dict(metadata) if metadata else {},
+        )
+        binding.accept(ctx)  # counted in flight from now, before the transport spawns anything
+        call = Call(self, key, binding, ctx)
+        self._calls[key] = call
+        return call
+
+    def calls(self) -> list[Call]:
+        """The open calls (a copy: safe to use while they finish)."""
+        return list(self._calls.values())
+
+    def get(self, key: Hashable) -> Call | None:
+        return self._calls.get(key)
+
+    def stop(self, key: Hashable) -> bool:
+        """Ask the call's stream to end early (clean end); False if it is not open (it ended already)."""
+        call = self._calls.get(key)
+        if call is not None:
+            call.ctx.stop_generating()
+        return call is not None
+
+    def kill(self, key: Hashable) -> bool:
+        """Cancel the call's handler now (the caller hears CANCELLED); False if it is not open."""
+        call = self._calls.get(key)
+        if call is not None:
+            call.ctx.kill(KillReason.CALLER_KILL)
+        return call is not None
+
+    def find(self, endpoint: str, request_id: str) -> list[Call]:
+        """The open calls of ``endpoint`` with this request id (for transports that address requests
+        by id, as HTTP's stop and kill routes do). Ids come from callers, so there may be several."""
+        return [c for c in self._calls.values() if c.ctx.id == request_id and c.ctx.endpoint == endpoint]
+
+    def gone(self, reason: str) -> None:
+        """The caller went away (``reason``: closed, reset, gone): kill every open call; each is counted
+        as a disconnect under ``reason`` when it ends (runtime/_dispatch.py)."""
+        for call in list(self._calls.values()):
+            call.ctx.caller_gone(reason)
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def _close(self, call: Call) -> None:
+        if self._calls.get(call.key) is call:
+            del self._calls[call.key]
+
+
+class Call:
+    """One accepted request, from ``Caller.open`` until it is answered (``run``, ``fail`` or ``abandon``)."""
+
+    __slots__ = ("_caller", "binding", "ctx", "key")
+
+    def __init__(self, caller: Caller, key: Hashable, binding: EndpointBinding, ctx: RequestContext) -> None:
+        self._caller = caller
+        self.key = key
+        self.binding = binding
+        self.ctx = ctx
+
+    async def run(
+        self,
+        payload: bytes | bytearray | memoryview,
+        sink: ResponseSink,
+        *,
+        timeout_ms: str | int | None = None,
+        deadline_unix: str | None = None,
+        timeout_name: str = "timeout",
+    ) -> str:
+        """Decode and run the request, answering through ``sink``; returns its outcome."""
+        try:
+            return await dispatch_payload(
+                self.binding,
+                self.ctx,
+                payload,
+                sink,
+                timeout_ms=timeout_ms,
+                deadline_unix=deadline_unix,
+                timeout_name=timeout_name,
+            )
+        finally:
+            self._close()
+
+    async def fail(self, error: IngressError, sink: ResponseSink) -> None:
+        """Answer ``error`` without running the handler (the request could not be read, say), with the
+        same accounting as any other outcome."""
+        try:
+            await answer_error(self.binding, self.ctx, sink, error)
+        finally:
+            self._close()
+
+    def abandon(self, reason: str) -> None:
+        """The caller left before the request could run: counted ``disconnected`` under ``reason``."""
+        settle_unrun(self.binding, self.ctx, gone=reason)
+        self._close()
+
+    def _close(self) -> None:
+        if self.ctx in self.binding.tracker:  # cancelled before it reached the dispatcher
+            settle_unrun(self.binding, self.ctx)
+        self._caller._close(self)
+
+
+async def refuse(sink: ResponseSink, error: IngressError) -> None:
+    """Answer a refusal from ``Caller.open`` (nothing ran, so the code alone decides ``retryable``)."""
+    await sink.send_error(error, error.resolve_retryable(chunks_sent=0))
