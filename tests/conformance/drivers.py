@@ -159,6 +159,8 @@ class Driver:
     transport: ClassVar[str]  # the transport's name in metric labels and log lines
     # Whether the wire has a timeout that can be malformed (TCP's is a u32: every value is valid).
     has_timeout_text: ClassVar[bool] = True
+    # The reason label of ingress_client_disconnects_total when ``disconnect`` is how a call ends.
+    disconnect_reason: ClassVar[str] = "closed"
 
     def __init__(self, handle: WorkerHandle, probe: Probe) -> None:
         self.handle = handle
@@ -324,6 +326,7 @@ class MemoryDriver(Driver):
         if sink.error is not None:
             call._error(sink.error.code.name, sink.retryable, sink.error.message)
         elif sink.ended:
+            assert sink.end_count == len(sink.chunks), (sink.end_count, sink.chunks)
             call._end()
         else:
             call._cut("the request ended with nothing sent (the caller was gone)")
@@ -519,6 +522,7 @@ class _HttpCall(OpenCall):
         assert self.client is not None
         try:
             response = await self.client.send(request, stream=True)
+            assert response.http_version == ("HTTP/2" if self.driver.http2 else "HTTP/1.1")
             try:
                 await self._read_response(response)
             finally:
@@ -660,7 +664,7 @@ class _NatsCall(OpenCall):
         from transports.nats import _protocol as protocol
 
         if not self.state.control:
-            raise SignalRefused("no reply yet: a NATS caller learns where to send STOP/KILL from the first")
+            raise SignalRefused("no reply yet: the first reply says where to send STOP/KILL")
         headers = {protocol.KIND: kind, protocol.TARGET: self.inbox}
         await aio.publish_batch(self.client, [aio.Outgoing(self.state.control, b"", headers)])
 
@@ -702,6 +706,7 @@ class NatsDriver(Driver):
 
     name = "nats"
     transport = "nats"
+    disconnect_reason = "gone"  # found by the worker's probe of the inbox (docs/protocol-nats.md)
 
     def __init__(self, handle: WorkerHandle, probe: Probe, client: NatsClient) -> None:
         super().__init__(handle, probe)
