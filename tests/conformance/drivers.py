@@ -60,6 +60,8 @@ HTTP_STATUS = {
     "SHUTTING_DOWN": 503,
     "INTERNAL": 500,
 }
+# Seconds a client should wait before retrying a 429 or a 503 (docs/http.md, Headers and Draining).
+HTTP_RETRY_AFTER = "1"
 
 
 @dataclass
@@ -563,9 +565,10 @@ class _HttpCall(OpenCall):
 
 
 def _check_error_status(status: int, headers: httpx.Headers, error: dict[str, Any]) -> None:
-    """The documented wire form of an error answered before any chunk (docs/http.md)."""
+    """The documented wire form of an error answered before any chunk (docs/http.md): its status, and
+    Retry-After on (exactly) the retryable ones."""
     assert status == HTTP_STATUS[error["code"]], (status, error)
-    assert ("retry-after" in headers) == error["retryable"], (dict(headers), error)
+    assert headers.get("retry-after") == (HTTP_RETRY_AFTER if error["retryable"] else None), (headers, error)
 
 
 class HttpDriver(Driver):

@@ -103,17 +103,24 @@ async def test_plain_exception_is_internal_without_its_text(driver):
 
 
 @pytest.mark.parametrize(
-    ("error", "code"),
-    [({"code": "INTERNAL", "message": "failed half-way"}, "INTERNAL"), ({"plain": "secret"}, "INTERNAL")],
+    ("error", "code", "message"),
+    [
+        ({"code": "INTERNAL", "message": "failed half-way"}, "INTERNAL", "failed half-way"),
+        ({"plain": "secret"}, "INTERNAL", None),
+    ],
     ids=["ingress-error", "plain-exception"],
 )
-async def test_error_after_the_first_chunk_arrives_in_the_stream(driver, error, code):
+async def test_error_after_the_first_chunk_arrives_in_the_stream(driver, error, code, message):
     """A stream that fails after some chunks delivers them, then the error: never a silent cut."""
     with trio.fail_after(TEST_TIMEOUT):
         reply = await driver.call("tokens", {"n": 5, "fail_at": 2, "error": error})
         await driver.idle("tokens")
     assert reply.chunks == chunks(2) and not reply.ended and reply.cut is None
     assert reply.code == code and reply.retryable is False
+    if message is not None:
+        assert reply.message == message
+    else:
+        assert "secret" not in reply.message
     assert outcomes(driver, "tokens") == {"error": 1}
 
 

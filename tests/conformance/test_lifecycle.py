@@ -56,7 +56,8 @@ async def test_admission_runs_one_and_refuses_the_next_overloaded(driver, probe)
     assert refused.code == "OVERLOADED" and refused.retryable is True and refused.chunks == []
     assert first.ok and first.chunks == ["done"]
     assert outcomes(driver, "limited") == {"ok": 1, "rejected": 1}
-    assert total(driver, "ingress_rejections_total", "limited") == 1
+    rejections = samples(driver.handle, "ingress_rejections_total", driver.transport, "endpoint", "reason")
+    assert rejections == {("limited", "overloaded"): 1}
 
 
 async def test_short_deadline_on_a_held_handler_is_deadline_exceeded(driver, probe):
