@@ -48,3 +48,20 @@ async def test_forced_drain_tells_the_caller_shutting_down(driver, probe, hold_a
     assert probe.cancelled.is_set()
     assert result.forced and result.killed == 1
     assert outcomes(driver, "tokens") == {"shutdown": 1}
+
+
+async def test_a_caller_can_still_kill_its_request_while_the_worker_drains(driver, probe):
+    """Intake is closed, not the caller's controls: a kill during the drain cancels the request
+    (CANCELLED after its chunks) and the drain then ends without forcing anything."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with driver.open("tokens", {"n": 3, "hold_at": 1}) as running:
+            assert await running.next_chunk() == {"i": 0}
+            await probe.held.wait()
+            driver.handle.shutdown("conformance")
+            await driver.handle.wait_intake_closed()
+            await running.kill()
+            reply = await running.finish()
+        result = await driver.handle.wait_drained()
+    assert reply.chunks == chunks(1) and reply.code == "CANCELLED" and reply.retryable is False
+    assert probe.cancelled.is_set() and not result.forced
+    assert outcomes(driver, "tokens") == {"cancelled": 1}
