@@ -1,4 +1,4 @@
-"""The trio-ingress TCP transport: the sans-IO protocol (``_codec``), the server (``TcpTransport``) and
+"""The trio-ingress TCP transport: the sans-IO protocol (``_protocol``, the codec), the server (``TcpTransport``) and
 the client (``TcpClient``). See docs/protocol-tcp.md.
 
 Names are imported on first use (PEP 562), so the command-line plug-in (``_plugin``) loads light."""
