@@ -30,7 +30,7 @@ from datetime import datetime
 import trio
 
 from runtime.testing import WorkerProcess, spawn_process, worker_process
-from transports.tcp import _codec as codec
+from transports.tcp import _protocol as codec
 
 RAW_SERVER = [sys.executable, str(pathlib.Path(__file__).with_name("bench_raw_server.py")), "0"]
 _U32 = struct.Struct("!I")

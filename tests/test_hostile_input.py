@@ -18,7 +18,7 @@ from transports.nats import NatsClient, NatsTransport
 from transports.nats import _aio as aio
 from transports.nats import _protocol as nats_protocol
 from transports.tcp import TcpTransport
-from transports.tcp import _codec as codec
+from transports.tcp import _protocol as codec
 
 DEEP = b"[" * 100_000
 

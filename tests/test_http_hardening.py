@@ -113,7 +113,7 @@ async def _stall_h2(address: tuple[str, int]) -> trio.SocketStream:
 
 async def _stall_tcp(address: tuple[str, int]) -> trio.SocketStream:
     """A TCP-protocol client that asks for an endless stream, reads its first chunk, then stops reading."""
-    from transports.tcp import _codec as codec
+    from transports.tcp import _protocol as codec
 
     stream = await _connect(address)
     conn = codec.Connection(codec.Role.CLIENT)

@@ -16,7 +16,7 @@ import trio.testing
 from runtime import ErrorCode, IngressError, RemoteError, RequestContext, Worker, WorkerConfig, open_worker
 from runtime.testing import accepted_sockets, keepalive_settings, sample
 from transports.tcp import TcpClient, TcpTransport
-from transports.tcp import _codec as codec
+from transports.tcp import _protocol as codec
 
 
 @dataclass

@@ -29,7 +29,7 @@ from runtime._nursery import open_background_nursery
 
 from .._keepalive import enable_keepalive
 from .._writer import FrameWriter, WriterClosed
-from . import _codec as codec
+from . import _protocol as codec
 
 RECEIVE_SIZE = 65536
 # Chunks buffered per stream before the connection's reader waits for that stream's consumer.

@@ -30,7 +30,7 @@ from runtime import (
 
 from .._keepalive import enable_keepalive
 from .._writer import FrameWriter, WriterClosed
-from . import _codec as codec
+from . import _protocol as codec
 
 # One read takes what the kernel has, up to this much: large enough to take many frames per syscall.
 RECEIVE_SIZE = 65536

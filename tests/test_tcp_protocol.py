@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transports.tcp import _codec as codec
-from transports.tcp._codec import (
+from transports.tcp import _protocol as codec
+from transports.tcp._protocol import (
     NEED_DATA,
     ConnectionClosed,
     Data,

@@ -1,0 +1,137 @@
+"""Transport plug-ins: how ``ingress`` finds the transports it can serve and call, importing none.
+
+A transport package registers one plug-in object under the entry-point group ``trio_ingress.transports``
+(the packaging ecosystem's own mechanism, as pytest plugins use), in its ``pyproject.toml``::
+
+    [project.entry-points."trio_ingress.transports"]
+    mytransport = "my_package.plugin:plugin"
+
+The plug-in contributes its name, its own command-line flags for ``serve`` and ``call``, and builds its
+transport (or its client) from the parsed arguments; ``ingress serve`` serves whatever is installed and
+asked for. The shared flags (``--certfile``/``--keyfile``) belong to the core and reach every plug-in
+that serves TLS. A plug-in module should import its transport lazily (inside ``transport``/``call``),
+so that ``ingress --help`` does not pay for every transport's dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
+
+from ._errors import describe
+from ._worker import Transport
+
+ENTRY_POINT_GROUP = "trio_ingress.transports"
+
+# How ``ingress call`` reaches an endpoint through a plug-in's client: yields each chunk (one for a
+# unary endpoint), raises ``IngressError`` for an error; ``deadline`` is in ``trio.current_time()``
+# terms (None: none), and the worker should get it too.
+CallTarget = Callable[[str, Any, Mapping[str, str], float | None], AsyncIterator[Any]]
+
+
+class UsageError(Exception):
+    """A command-line mistake (a flag, a combination): ``ingress`` prints it and exits 2."""
+
+
+class PluginFailed(Exception):
+    """An installed transport plug-in could not be loaded (``ingress`` says which, and exits 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The shared ``--certfile``/``--keyfile``: a plug-in that serves TLS uses them for its listener."""
+
+    certfile: str
+    keyfile: str
+
+
+@runtime_checkable
+class TransportPlugin(Protocol):
+    """What an entry point of ``trio_ingress.transports`` names."""
+
+    name: str
+    # Whether ``transport`` serves TLS with the shared --certfile/--keyfile.
+    serves_tls: bool
+
+    def add_serve_arguments(self, parser: Any) -> None:
+        """Add this transport's ``serve`` flags to ``parser`` (an argparse group; the address flag is
+        conventionally ``--{name}``)."""
+
+    def transport(self, args: argparse.Namespace, tls: TlsFiles | None) -> Transport | None:
+        """The transport ``serve`` asked for, or None when its flags were not given."""
+
+    def default_transport(self, args: argparse.Namespace) -> Transport | None:
+        """What to serve when no transport was asked for at all (None: nothing)."""
+
+    def add_call_arguments(self, parser: Any, target: Any) -> None:
+        """Add this transport's ``call`` flags; its address flag goes in ``target``, a mutually
+        exclusive group (a call goes one way)."""
+
+    def call_target(self, args: argparse.Namespace) -> CallTarget | None:
+        """The client ``call`` asked for, or None when its flags were not given."""
+
+    def default_call_target(self, args: argparse.Namespace) -> CallTarget | None:
+        """The client to use when no transport was named (None: not this one)."""
+
+
+def discover() -> list[TransportPlugin]:
+    """Every installed transport plug-in, by name. One that fails to load, or that is not a plug-in,
+    is a ``PluginFailed`` naming its entry point: a broken install must not look like a missing flag."""
+    plugins: dict[str, TransportPlugin] = {}
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            plugin = entry_point.load()
+        except Exception as exc:
+            where = f"{entry_point.name!r} ({entry_point.value})"
+            raise PluginFailed(f"transport plug-in {where} failed to load: {describe(exc)}") from exc
+        if not isinstance(plugin, TransportPlugin):
+            raise PluginFailed(
+                f"transport plug-in {entry_point.name!r} ({entry_point.value}) is a {type(plugin).__name__}, "
+                "not a runtime.plugins.TransportPlugin"
+            )
+        if plugin.name in plugins:
+            # The same distribution seen twice on sys.path (an editable install and a copy, say).
+            continue
+        plugins[plugin.name] = plugin
+    return [plugins[name] for name in sorted(plugins)]
+
+
+# Argument types for plug-ins' flags, so every transport checks an address or a duration alike.
+
+
+def address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; an empty host is 127.0.0.1)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:9000), got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def seconds(text: str) -> float:
+    """A non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of seconds, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def readable_file(text: str) -> str:
+    """A file that exists and can be read: a TLS file that is not there is named at once, not as a bare
+    "[Errno 2]" from deep inside the TLS set-up."""
+    try:
+        with open(text, "rb"):
+            return text
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {exc.strerror or exc}") from None

@@ -1,0 +1,86 @@
+"""Transports are plug-ins: the runtime imports none, and a third-party one needs no change to runtime/."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import trio
+
+from runtime import EXIT_FAILURE, ErrorCode
+from runtime.plugins import discover
+from runtime.testing import spawn_process
+
+HERE = pathlib.Path(__file__).parent
+RUNTIME = HERE.parent / "runtime"
+
+
+def _with_path(directory: pathlib.Path) -> dict[str, str]:
+    """The environment of a child that also sees the distributions in ``directory``."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))}
+
+
+def test_no_module_of_the_runtime_imports_a_transport():
+    """Nothing under runtime/ imports the transports package: the core does not depend on its plug-ins."""
+    offenders = []
+    for path in RUNTIME.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "transports"]
+    assert offenders == []
+
+
+def test_importing_the_runtime_and_its_command_line_loads_no_transport():
+    """`import runtime` and the CLI module leave sys.modules without any transport module."""
+    code = (
+        "import sys, runtime, runtime._cli, runtime.testing\n"
+        "print([m for m in sys.modules if m.startswith('transports')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_installed_transports_are_found_through_their_entry_points():
+    """The project's own transports register like anyone else's: http, nats and tcp are discovered."""
+    assert {"http", "nats", "tcp"} <= {plugin.name for plugin in discover()}
+
+
+async def test_a_third_party_transport_registers_through_its_entry_point_and_serves_a_request():
+    """A transport from another distribution (tests/plugin_dist) adds its flag and serves the worker."""
+    command = [sys.executable, "-m", "runtime", "serve", "--line", "127.0.0.1:0", "--log-format", "json"]
+    async with spawn_process(command, env=_with_path(HERE / "plugin_dist")) as worker:
+        assert set(worker.addresses) == {"line"}  # the only transport asked for
+        stream = await trio.open_tcp_stream(*worker.addresses["line"])
+        async with stream:
+            await stream.send_all(b'echo {"text":"hi"}\nnope {}\n')
+            received = b""
+            with trio.fail_after(10):
+                while received.count(b"\n") < 3:
+                    received += await stream.receive_some()
+    lines = received.decode().splitlines()  # the refusal may come first: the echo runs in its own task
+    answers = [json.loads(line.removeprefix("data ")) for line in lines if line.startswith("data ")]
+    refusals = [json.loads(line.removeprefix("error ")) for line in lines if line.startswith("error ")]
+    assert [a["text"] for a in answers] == ["hi"]
+    assert "end 1" in lines
+    (error,) = refusals
+    assert (error["code"], error["retryable"]) == (ErrorCode.NOT_FOUND.name, False)
+
+
+def test_a_plugin_that_fails_to_load_is_named_and_exits_1():
+    """A broken install names the entry point that failed instead of a confusing missing flag."""
+    env = {**os.environ, **_with_path(HERE / "plugin_broken_dist")}
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == EXIT_FAILURE
+    assert "transport plug-in 'broken'" in result.stderr and "no_such_module_anywhere" in result.stderr

@@ -1,0 +1,81 @@
+"""``ingress`` command-line plug-in of the HTTP transport (entry point ``trio_ingress.transports``)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import trio
+
+from runtime import Transport
+from runtime.plugins import CallTarget, TlsFiles, UsageError, address, positive_int, readable_file
+
+DEFAULT_ADDRESS = ("127.0.0.1", 8000)
+
+
+class HttpPlugin:
+    name = "http"
+    serves_tls = True
+
+    def add_serve_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--http",
+            type=address,
+            metavar="HOST:PORT",
+            help="serve HTTP/1.1 and h2 here (with no transport flag at all: 127.0.0.1:8000 and TCP 9000)",
+        )
+        parser.add_argument(
+            "--http-backlog",
+            type=positive_int,
+            default=4096,
+            metavar="N",
+            help="listen queue of the HTTP port, capped by net.core.somaxconn",
+        )
+
+    def transport(self, args: argparse.Namespace, tls: TlsFiles | None) -> Transport | None:
+        if args.http is None:
+            return None
+        from ._server import HttpTransport
+
+        host, port = args.http
+        certfile, keyfile = (tls.certfile, tls.keyfile) if tls is not None else (None, None)
+        return HttpTransport(host, port, certfile=certfile, keyfile=keyfile, backlog=args.http_backlog)
+
+    def default_transport(self, args: argparse.Namespace) -> Transport | None:
+        from ._server import HttpTransport
+
+        return HttpTransport(*DEFAULT_ADDRESS, backlog=args.http_backlog)  # something to curl
+
+    def add_call_arguments(self, parser: Any, target: Any) -> None:
+        target.add_argument("--http", metavar="URL", help="e.g. http://127.0.0.1:8000 or https://host:8443")
+        parser.add_argument(
+            "--cafile", type=readable_file, metavar="PEM", help="with an https --http URL: trust this CA"
+        )
+
+    def call_target(self, args: argparse.Namespace) -> CallTarget | None:
+        if args.http is None:
+            return None
+        from ._client import http_stream, parse_base_url
+
+        try:
+            url = parse_base_url(args.http)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+
+        async def stream(
+            endpoint: str, request: Any, metadata: Mapping[str, str], deadline: float | None
+        ) -> AsyncIterator[Any]:
+            if deadline is not None:
+                remaining_ms = max(1, int((deadline - trio.current_time()) * 1000))
+                metadata = {**metadata, "x-request-timeout-ms": str(remaining_ms)}
+            async for chunk in http_stream(url, endpoint, request, metadata, cafile=args.cafile):
+                yield chunk
+
+        return stream
+
+    def default_call_target(self, args: argparse.Namespace) -> CallTarget | None:
+        return None
+
+
+plugin = HttpPlugin()

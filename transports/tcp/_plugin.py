@@ -1,0 +1,57 @@
+"""``ingress`` command-line plug-in of the TCP transport (entry point ``trio_ingress.transports``)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from runtime import Transport
+from runtime.plugins import CallTarget, TlsFiles, address
+
+DEFAULT_ADDRESS = ("127.0.0.1", 9000)
+
+
+class TcpPlugin:
+    name = "tcp"
+    serves_tls = False
+
+    def add_serve_arguments(self, parser: Any) -> None:
+        parser.add_argument("--tcp", type=address, metavar="HOST:PORT", help="serve the TCP protocol here")
+
+    def transport(self, args: argparse.Namespace, tls: TlsFiles | None) -> Transport | None:
+        if args.tcp is None:
+            return None
+        from ._server import TcpTransport
+
+        return TcpTransport(*args.tcp)
+
+    def default_transport(self, args: argparse.Namespace) -> Transport | None:
+        from ._server import TcpTransport
+
+        return TcpTransport(*DEFAULT_ADDRESS)
+
+    def add_call_arguments(self, parser: Any, target: Any) -> None:
+        target.add_argument("--tcp", type=address, metavar="HOST:PORT", help="default 127.0.0.1:9000")
+
+    def call_target(self, args: argparse.Namespace) -> CallTarget | None:
+        return None if args.tcp is None else _stream_to(args.tcp)
+
+    def default_call_target(self, args: argparse.Namespace) -> CallTarget | None:
+        return _stream_to(DEFAULT_ADDRESS)
+
+
+def _stream_to(address: tuple[str, int]) -> CallTarget:
+    async def stream(
+        endpoint: str, request: Any, metadata: Mapping[str, str], deadline: float | None
+    ) -> AsyncIterator[Any]:
+        from ._client import TcpClient
+
+        async with TcpClient.connect(*address) as client:
+            async for chunk in client.stream(endpoint, request, metadata=dict(metadata), deadline=deadline):
+                yield chunk
+
+    return stream
+
+
+plugin = TcpPlugin()
