@@ -40,7 +40,7 @@ from runtime.testing import MemoryTransport, nats_server
 from transports.http import HttpTransport
 from transports.nats import NatsClient, NatsTransport, RetryBudget
 from transports.tcp import TcpClient, TcpTransport
-from transports.tcp import _codec as codec
+from transports.tcp import _protocol as codec
 
 from .app import Probe, build_worker
 
