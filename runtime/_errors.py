@@ -102,6 +102,23 @@ class RemoteError(IngressError):
         return f"{self.code.name}: {self.message} ({hint})"
 
 
+# The exception of each code. A handler raises one to choose its caller's code; a client raises the
+# matching ``RemoteError`` subclass (runtime/_wire_errors.py), so ``except Overloaded`` works on both ends.
+ERROR_CLASSES: dict[ErrorCode, type[IngressError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest,
+        NotFound,
+        Unavailable,
+        Overloaded,
+        DeadlineExceeded,
+        Cancelled,
+        ShuttingDown,
+        InternalError,
+    )
+}
+
+
 class StartupFailed(Exception):
     """A worker could not start: a transport failed to come up (port in use, server refused, ...).
 

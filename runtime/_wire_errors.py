@@ -12,7 +12,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ._errors import ErrorCode, IngressError, RemoteError
+from ._errors import ERROR_CLASSES, ErrorCode, IngressError, RemoteError
+
+_REMOTE_CLASSES: dict[ErrorCode, type[RemoteError]] = {
+    code: type(f"Remote{cls.__name__}", (RemoteError, cls), {"__module__": __name__})
+    for code, cls in ERROR_CLASSES.items()
+}
 
 
 def error_body(error: IngressError, retryable: bool) -> dict[str, Any]:
@@ -26,11 +31,12 @@ def encode_error(error: IngressError, retryable: bool) -> bytes:
 
 
 def remote_error(code: int | str, message: str, *, retryable: bool) -> RemoteError:
-    """The client-side error for a code as it came off the wire (an integer on TCP, a name in JSON)."""
+    """The client-side error for a code as it came off the wire (an integer on TCP, a name in JSON):
+    a ``RemoteError`` that is also the code's own class (``RemoteOverloaded`` is an ``Overloaded``)."""
     known = _known_code(code)
     if known is None:
-        return RemoteError(ErrorCode.INTERNAL, f"unknown error code {code!r}: {message}", retryable=retryable)
-    return RemoteError(known, message, retryable=retryable)
+        known, message = ErrorCode.INTERNAL, f"unknown error code {code!r}: {message}"
+    return _REMOTE_CLASSES[known](known, message, retryable=retryable)
 
 
 def decode_error(data: bytes | bytearray | dict[str, Any], *, context: str = "error reply") -> RemoteError:
@@ -41,7 +47,7 @@ def decode_error(data: bytes | bytearray | dict[str, Any], *, context: str = "er
         return remote_error(body["code"], str(body["message"]), retryable=bool(body["retryable"]))
     except (ValueError, KeyError, TypeError):
         shown = data[:200] if isinstance(data, bytes | bytearray) else data
-        return RemoteError(ErrorCode.INTERNAL, f"undecodable {context}: {shown!r}", retryable=False)
+        return remote_error(ErrorCode.INTERNAL, f"undecodable {context}: {shown!r}", retryable=False)
 
 
 def _known_code(code: int | str) -> ErrorCode | None:

@@ -102,3 +102,21 @@ async def test_metrics_negotiate_openmetrics_and_gzip(listener):
     assert openmetrics.text.endswith("# EOF\n")
     assert raw.headers["content-encoding"] == "gzip"
     assert b"ingress_requests_total" in gzip.decompress(compressed)
+
+
+async def test_ready_follows_every_dependency_a_transport_reports_and_says_why():
+    """A dependency reported down takes /ready (both listeners) and ingress_ready to 503/0, naming it."""
+    worker = create_mocker()
+    transport = HttpTransport(port=0)
+    async with open_worker(worker, [transport], metrics_address=("127.0.0.1", 0)) as handle:
+        urls = [f"http://{h}:{p}" for h, p in (handle.addresses["http"], handle.addresses["metrics"])]
+        async with httpx.AsyncClient(timeout=10) as client:
+            handle.readiness.report("broker", False, "lost the broker at 10.0.0.1")
+            for url in urls:
+                answer = await client.get(f"{url}/ready")
+                assert answer.status_code == 503 and "broker: lost the broker at 10.0.0.1" in answer.text
+            metrics = (await client.get(f"{urls[1]}/metrics")).text
+            assert "ingress_ready 0.0" in metrics
+            handle.readiness.report("broker", True)
+            assert [(await client.get(f"{url}/ready")).status_code for url in urls] == [200, 200]
+            assert "ingress_ready 1.0" in (await client.get(f"{urls[1]}/metrics")).text

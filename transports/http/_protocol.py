@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from runtime import ErrorCode, IngressError, RemoteError, decode_error, error_body
+from runtime import ErrorCode, IngressError, RemoteError, decode_error, error_body, remote_error
 
 STATUS_FOR_CODE = {
     ErrorCode.BAD_REQUEST: 400,
@@ -85,7 +85,7 @@ def decode_error_document(body: bytes, status: int) -> RemoteError:
     try:
         document = json.loads(body)["error"]
     except (ValueError, KeyError, TypeError):
-        return RemoteError(ErrorCode.INTERNAL, f"HTTP {status}: {body[:200]!r}", retryable=False)
+        return remote_error(ErrorCode.INTERNAL, f"HTTP {status}: {body[:200]!r}", retryable=False)
     return decode_error(document, context=f"HTTP {status} error")
 
 

@@ -22,7 +22,15 @@ from typing import Any
 import trio
 from nats.aio.msg import Msg
 
-from runtime import ErrorCode, IngressError, RemoteError, Unavailable, decode_error, new_request_id
+from runtime import (
+    ErrorCode,
+    IngressError,
+    RemoteError,
+    Unavailable,
+    decode_error,
+    new_request_id,
+    remote_error,
+)
 
 from . import _aio as aio
 from . import _protocol as protocol
@@ -190,17 +198,17 @@ async def _replies(
             message = (
                 f"no message from the worker for {stall_timeout:g} s (stall_timeout): the stream is lost"
             )
-            raise RemoteError(ErrorCode.UNAVAILABLE, message, retryable=not received)
+            raise remote_error(ErrorCode.UNAVAILABLE, message, retryable=not received)
         headers = msg.headers or {}
         if headers.get("Status") == "503":
             message = "no worker serves this endpoint (no responders)"
-            raise RemoteError(ErrorCode.UNAVAILABLE, message, retryable=True)
+            raise remote_error(ErrorCode.UNAVAILABLE, message, retryable=True)
         kind = headers.get(protocol.KIND)
         if kind == protocol.PROBE:
             continue  # the worker is alive; nothing to deliver
         seq = int(headers.get(protocol.SEQ, "-1"))
         if seq != expected:
-            raise RemoteError(
+            raise remote_error(
                 ErrorCode.UNAVAILABLE,
                 f"reply stream lost messages (expected #{expected}, got #{seq})",
                 retryable=not received,
@@ -218,5 +226,5 @@ async def _replies(
         if kind != protocol.END:
             raise decode_error(msg.data)
         if int(headers.get(protocol.COUNT, "-1")) != received:
-            raise RemoteError(ErrorCode.UNAVAILABLE, "reply stream lost messages", retryable=not received)
+            raise remote_error(ErrorCode.UNAVAILABLE, "reply stream lost messages", retryable=not received)
         return

@@ -1,5 +1,5 @@
-"""The trio-ingress TCP transport: the sans-IO protocol (``_protocol``, the codec), the server (``TcpTransport``) and
-the client (``TcpClient``). See docs/protocol-tcp.md.
+"""The trio-ingress TCP transport: the sans-IO protocol (``_protocol``, the codec), the server
+(``TcpTransport``) and the client (``TcpClient``). See docs/protocol-tcp.md.
 
 Names are imported on first use (PEP 562), so the command-line plug-in (``_plugin``) loads light."""
 

@@ -239,7 +239,7 @@ class TcpClient:
 
     def _lost_error(self, chunks: int) -> RemoteError:
         message = self._lost.message if self._lost else "connection lost"
-        return RemoteError(ErrorCode.UNAVAILABLE, message, retryable=chunks == 0)
+        return remote_error(ErrorCode.UNAVAILABLE, message, retryable=chunks == 0)
 
 
 class ClientStream:
