@@ -2,7 +2,6 @@
 
 import pytest
 import trio
-import trio.testing
 from structlog.testing import capture_logs
 
 from runtime import (
@@ -39,11 +38,6 @@ def _worker() -> Worker:
         async with trio.open_nursery():
             raise Overloaded("busy inside a nursery")
 
-    @worker.endpoint("limited", max_concurrency=1)
-    async def limited(request, ctx):
-        await trio.sleep(10)
-        return "done"
-
     return worker
 
 
@@ -74,14 +68,6 @@ async def test_durations_are_measured_from_accept_not_from_when_dispatch_began(a
     labels = {"endpoint": "unary", "transport": "test"}
     assert sample(bound.runtime, "ingress_request_duration_seconds_sum", **labels) == pytest.approx(1.0)
     assert sample(bound.runtime, "ingress_time_to_first_chunk_seconds_sum", **labels) == pytest.approx(1.0)
-
-
-async def test_handler_error_is_sent_with_its_code_and_not_retryable():
-    """An IngressError raised by a handler reaches the caller with its code and message."""
-    outcome, sink, _ = await _run("unary", "bad")
-    assert outcome == "error"
-    assert sink.error is not None and sink.error.code is ErrorCode.BAD_REQUEST
-    assert sink.error.message == "bad input, fix the field" and sink.retryable is False
 
 
 async def test_unexpected_exception_becomes_internal_without_leaking_its_text():
@@ -194,20 +180,6 @@ async def test_caller_gone_during_send_counts_as_disconnected():
     outcome, sink, bound = await _run("unary", 1, sink=RecordingSink(gone=True))
     assert outcome == "disconnected" and sink.error is None
     assert bound.global_inflight.count == 0
-
-
-async def test_admission_rejection_is_counted_and_retryable(autojump_clock):
-    """Past max_concurrency with no queue, a request is rejected OVERLOADED, retryable, and counted."""
-    bound = bind_for_test(_worker())
-    first, second = RecordingSink(), RecordingSink()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: dispatch(bound.endpoint("limited"), bound.context("limited"), None, first))
-        await trio.testing.wait_all_tasks_blocked()
-        assert await dispatch(bound.endpoint("limited"), bound.context("limited"), None, second) == "rejected"
-    assert second.error is not None and second.error.code is ErrorCode.OVERLOADED and second.retryable
-    labels = {"endpoint": "limited", "transport": "test"}
-    assert sample(bound.runtime, "ingress_rejections_total", **labels, reason="overloaded") == 1
-    assert first.chunks == ["done"]
 
 
 async def test_one_canonical_log_line_per_request():

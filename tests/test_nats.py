@@ -169,28 +169,6 @@ async def test_draining_worker_hands_new_requests_to_the_other_and_finishes_its_
     assert not result.forced
 
 
-async def test_caller_gone_cancels_the_handler_within_the_check_interval(nats_url):
-    """A caller whose inbox vanishes mid-stream has its handler killed within the check interval."""
-    from transports.nats import _aio as aio
-
-    cancelled: list[str] = []
-    transport = NatsTransport(nats_url, caller_check_interval=0.2)
-    async with open_worker(_worker("a", finished=cancelled), [transport]) as handle:
-        async with NatsClient.connect(nats_url) as client:
-            send, receive = trio.open_memory_channel(1024)
-            inbox, subscription = await aio.subscribe_inbox(client._client, send)
-            request = aio.Outgoing("ingress.tokens", b'{"n": 100000, "gap": 0.01}', {}, reply=inbox)
-            await aio.publish_batch(client._client, [request])
-            await receive.receive()  # the stream is running
-            await aio.unsubscribe(subscription)  # the caller is gone, without sending anything
-        with trio.fail_after(5):
-            await handle.binding("nats", "tokens").tracker.wait_idle()
-        labels = {"endpoint": "tokens", "transport": "nats"}
-        assert cancelled == ["cancelled"]
-        assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="disconnected") == 1
-        assert sample(handle.runtime, "ingress_client_disconnects_total", **labels, reason="gone") == 1
-
-
 async def test_worker_reconnects_after_a_server_restart_and_is_not_ready_meanwhile():
     """After a server restart the worker resubscribes and serves again; it is unready while cut off."""
     async with trio.open_nursery() as servers:

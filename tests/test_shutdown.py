@@ -71,20 +71,6 @@ async def test_clean_drain_finishes_streams_and_exits_zero(autojump_clock):
     assert drained[0]["transport"] == "memory" and drained[0]["elapsed"] == pytest.approx(4.5)
 
 
-async def test_new_request_during_drain_is_refused_retryable(autojump_clock):
-    """After phase 1 starts, a new request is refused UNAVAILABLE (retryable) while others drain."""
-    transport = MemoryTransport()
-    async with trio.open_nursery() as nursery:
-        handle = await _serve(WorkerConfig(), transport, nursery)
-        _, running = transport.start_request("tokens", {"n": 3})
-        await trio.sleep(0.1)
-        handle.shutdown("test")
-        await trio.sleep(0.1)
-        _, late = transport.start_request("tokens", {"n": 1})
-    assert late.error is not None and late.error.code is ErrorCode.UNAVAILABLE and late.retryable
-    assert running.ended and handle.exit_code == EXIT_OK
-
-
 async def test_request_accepted_in_the_same_tick_as_the_signal_is_not_lost(autojump_clock):
     """A request accepted just before shutdown, whose task has not started yet, is still drained."""
     transport = MemoryTransport()
@@ -131,17 +117,6 @@ async def test_drain_timeout_kills_stragglers_tells_callers_and_exits_forced(aut
         )
         == 1
     )
-
-
-async def test_kill_before_first_chunk_is_retryable(autojump_clock):
-    """A request killed by shutdown before it sent anything is marked retryable."""
-    transport = MemoryTransport()
-    async with trio.open_nursery() as nursery:
-        handle = await _serve(WorkerConfig(drain_timeout=0.5), transport, nursery)
-        _, sink = transport.start_request("tokens", {"n": 10})
-        await trio.sleep(0.1)
-        handle.shutdown("test")
-    assert sink.chunks == [] and sink.error is not None and sink.retryable is True
 
 
 async def test_second_request_skips_the_drain(autojump_clock):
