@@ -42,14 +42,15 @@ class IngressError(Exception):
         self.retryable = retryable
 
     def resolve_retryable(self, *, chunks_sent: int) -> bool:
-        """Whether the caller may retry: explicit choice first, then the code, then "nothing sent yet"."""
+        """Whether the caller may retry. Once a chunk was sent, never: a retry elsewhere would repeat
+        output the caller already has, whatever the code or the handler said. Before that: the explicit
+        choice, then the code (UNAVAILABLE, OVERLOADED: nothing started; SHUTTING_DOWN: killed before
+        it produced anything)."""
+        if chunks_sent:
+            return False
         if self.retryable is not None:
             return self.retryable
-        if self.code in ALWAYS_RETRYABLE:
-            return True
-        # A worker that was killed by shutdown before it produced output can be retried without the
-        # caller seeing duplicated tokens.
-        return self.code is ErrorCode.SHUTTING_DOWN and chunks_sent == 0
+        return self.code in ALWAYS_RETRYABLE or self.code is ErrorCode.SHUTTING_DOWN
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, retryable={self.retryable!r})"

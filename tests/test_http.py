@@ -546,3 +546,27 @@ async def test_an_early_404_leaves_the_keep_alive_connection_open_for_the_next_r
                     response += data
             responses.append(response[:12])
     assert responses == [b"HTTP/1.1 404", b"HTTP/1.1 404"]
+
+
+async def test_kill_route_finds_a_request_id_with_an_escaped_slash_and_404s_a_finished_one():
+    """POST /v1/{endpoint}/{id}/kill reaches an id containing "/" (sent as %2F); a finished id is a 404."""
+    probe = Probe()
+    async with serving(probe) as (_, client):
+        async with trio.open_nursery() as nursery:
+            answers: list[httpx.Response] = []
+
+            async def stream() -> None:
+                headers = {"x-request-id": "tenant/42 a%b"}
+                answers.append(
+                    await client.post("/v1/tokens", json={"n": 1000, "gap": 0.01}, headers=headers)
+                )
+
+            nursery.start_soon(stream)
+            await probe.started.wait()
+            killed = await client.post("/v1/tokens/tenant%2F42%20a%25b/kill")
+        assert killed.status_code == 202 and killed.json() == {"signal": "kill", "requests": 1}
+        assert probe.cancelled
+        (answer,) = answers
+        assert '"CANCELLED"' in answer.text  # a 499, or an error event if a chunk went first
+        gone = await client.post("/v1/tokens/tenant%2F42%20a%25b/stop")
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "NOT_FOUND"

@@ -124,11 +124,6 @@ async def test_error_after_the_first_chunk_arrives_in_the_stream(driver, error, 
     assert outcomes(driver, "tokens") == {"error": 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: IngressError.resolve_retryable answers True for UNAVAILABLE and OVERLOADED whatever "
-    "chunks_sent is (runtime/_errors.py, ALWAYS_RETRYABLE is checked before the chunks)",
-)
 @pytest.mark.parametrize("code", ["UNAVAILABLE", "OVERLOADED"])
 async def test_a_retryable_code_raised_after_a_chunk_is_not_retryable(driver, code):
     """A code that is retryable by default (nothing was started) is not, once chunks were sent: a retry

@@ -70,7 +70,7 @@ class IngressApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
-        route = protocol.parse_route(path)
+        route = protocol.parse_route(path, scope.get("raw_path"))
         if route is not None and method != "POST":
             await self._discard_body(receive)
             await _error(send, 405, BadRequest(f"use POST for {path}"), extra=[(b"allow", b"POST")])

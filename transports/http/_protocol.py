@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from runtime import ErrorCode, IngressError, RemoteError, decode_error, error_body, remote_error
 
@@ -42,11 +43,16 @@ class Route:
     signal: str | None = None
 
 
-def parse_route(path: str) -> Route | None:
-    """``/v1/{endpoint}`` or ``/v1/{endpoint}/{request_id}/stop|kill``; None for anything else."""
+def parse_route(path: str, raw_path: bytes | None = None) -> Route | None:
+    """``/v1/{endpoint}`` or ``/v1/{endpoint}/{request_id}/stop|kill``; None for anything else. Split
+    on the raw path when there is one, so that a request id with an escaped ``/`` (``%2F``) stays one
+    segment; each segment is then percent-decoded."""
     if not path.startswith("/v1/"):
         return None
-    parts = path[len("/v1/") :].split("/")
+    if raw_path is not None:
+        parts = [unquote(part.decode("latin-1")) for part in raw_path.split(b"/")[2:]]
+    else:
+        parts = path[len("/v1/") :].split("/")
     if len(parts) == 1:
         return Route(parts[0])
     if len(parts) == 3 and parts[0] and parts[1] and parts[2] in SIGNALS:

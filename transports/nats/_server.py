@@ -18,7 +18,6 @@ import trio
 from nats.aio.msg import Msg
 
 from runtime import (
-    DRAINING,
     Call,
     Caller,
     EndpointBinding,
@@ -149,7 +148,7 @@ class _Requests:
         task_status.started()
         with endpoint.scope:  # the endpoint scope: cancelled in phase 1
             async for msg in receive:
-                self.start(endpoint, msg)
+                self.start_soon(endpoint, msg)
                 # Start everything else already delivered in this same turn: a checkpoint per message
                 # would cost a whole scheduler pass (an epoll) per request under load.
                 while True:
@@ -157,7 +156,7 @@ class _Requests:
                         msg = receive.receive_nowait()
                     except trio.WouldBlock:
                         break
-                    self.start(endpoint, msg)
+                    self.start_soon(endpoint, msg)
         # Phase 1: no new deliveries; what was delivered but not started goes back to the caller.
         # Phase 3 may begin meanwhile (phase 1 waits for requests, not for this): shielded, so that
         # neither the drain's round trip nor those answers are cut off halfway, and bounded.
@@ -165,13 +164,19 @@ class _Requests:
             await aio.drain_subscription(self.client, subscription)
             send.close()
             async for msg in receive:
-                if msg.reply:
-                    data, headers = protocol.error_message(0, Unavailable(DRAINING), True)
-                    await self.outbox.put(aio.Outgoing(msg.reply, data, headers))
+                refusal = self.start(endpoint, msg)  # refused (and counted) by the core: intake is closed
+                if refusal is not None:
+                    await refuse(*refusal)
 
-    def start(self, endpoint: EndpointBinding, msg: Msg) -> None:
+    def start_soon(self, endpoint: EndpointBinding, msg: Msg) -> None:
+        refusal = self.start(endpoint, msg)
+        if refusal is not None:
+            self.nursery.start_soon(refuse, *refusal)
+
+    def start(self, endpoint: EndpointBinding, msg: Msg) -> tuple[_NatsSink, IngressError] | None:
+        """Open the request and spawn it; a refusal comes back, for the caller's loop to answer."""
         if not msg.reply:
-            return  # a publish with nowhere to answer: nothing can be delivered, so nothing is run
+            return None  # a publish with nowhere to answer: nothing can be delivered, so nothing is run
         headers = msg.headers or {}
         prefix = protocol.METADATA_PREFIX
         sink = _NatsSink(self.outbox, msg.reply, self.control)
@@ -184,9 +189,9 @@ class _Requests:
                 peer=msg.reply,
             )
         except IngressError as error:
-            self.nursery.start_soon(refuse, sink, error)
-            return
+            return sink, error
         self.nursery.start_soon(self.run, call, msg, sink)
+        return None
 
     async def run(self, call: Call, msg: Msg, sink: _NatsSink) -> None:
         headers = msg.headers or {}
