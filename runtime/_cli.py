@@ -1,7 +1,7 @@
 """The ``ingress`` command (also ``python -m runtime``): ``serve`` a worker, ``call`` an endpoint.
 
-This is the composition root: the only place that picks transports from flags, configures logging and
-turns outcomes into exit codes.
+This is the composition root: it asks the installed transport plug-ins (runtime/plugins.py) for their
+flags and transports, configures logging and turns outcomes into exit codes. It imports no transport.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # serve's INGRESS_ variables are read (and checked) only when serve runs: a stale one must not
         # break `ingress call` or `ingress --version`.
-        plugins = discover()
+        plugins = discover(warn=lambda message: print(f"ingress: warning: {message}", file=sys.stderr))
         parser = _parser(plugins, environment=arguments[:1] == ["serve"])
         args = parser.parse_args(arguments)
         code: int = args.run(args, plugins)
@@ -90,7 +91,9 @@ def _parser(plugins: Sequence[TransportPlugin], environment: bool = True) -> arg
     )
     serve.add_argument("--keyfile", type=readable_file, metavar="PEM", help="the private key of --certfile")
     for plugin in plugins:
-        plugin.add_serve_arguments(serve.add_argument_group(f"{plugin.name} transport"))
+        _add_arguments(
+            plugin, plugin.add_serve_arguments, serve.add_argument_group(f"{plugin.name} transport")
+        )
     serve.add_argument(
         "--metrics", type=address, metavar="HOST:PORT", help="serve /metrics, /health and /ready here"
     )
@@ -128,7 +131,8 @@ def _parser(plugins: Sequence[TransportPlugin], environment: bool = True) -> arg
     )
     target = call.add_mutually_exclusive_group()
     for plugin in plugins:
-        plugin.add_call_arguments(call.add_argument_group(f"{plugin.name} transport"), target)
+        group = call.add_argument_group(f"{plugin.name} transport")
+        _add_arguments(plugin, partial(plugin.add_call_arguments, target=target), group)
     call.add_argument("--timeout", type=seconds, metavar="S", help="deadline for the whole call")
     call.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     call.set_defaults(run=_call)
@@ -177,6 +181,15 @@ def _environment_value(action: argparse.Action, variable: str, text: str) -> Any
     if action.choices is not None and value not in action.choices:
         raise UsageError(f"{variable}={text!r}: expected one of {', '.join(map(str, action.choices))}")
     return value
+
+
+def _add_arguments(plugin: TransportPlugin, add: Any, group: Any) -> None:
+    """``add(group)``; a plug-in whose flag clashes with another's (or the core's) is named, not a
+    traceback from argparse."""
+    try:
+        add(group)
+    except argparse.ArgumentError as exc:
+        raise PluginFailed(f"transport plug-in {plugin.name!r} adds a flag that is taken: {exc}") from exc
 
 
 def _version() -> str:
@@ -259,22 +272,26 @@ def _serve(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> int:
 def _transports(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> list[Transport]:
     """What the installed plug-ins build from the flags; with no transport flag at all, their defaults
     (something to curl)."""
+    if not plugins:
+        raise PluginFailed(
+            "no transport plug-in is installed: install the project (pip install -e .), which registers "
+            "them under the entry-point group trio_ingress.transports"
+        )
     if (args.certfile is None) != (args.keyfile is None):
         raise UsageError("--certfile and --keyfile go together")
     tls = TlsFiles(args.certfile, args.keyfile) if args.certfile is not None else None
     chosen = [(plugin, plugin.transport(args, tls)) for plugin in plugins]
-    transports = [(plugin, transport) for plugin, transport in chosen if transport is not None]
-    if tls is not None and not any(plugin.serves_tls for plugin, _ in transports):
+    if all(transport is None for _, transport in chosen):  # no transport flag at all: the defaults
+        chosen = [(plugin, plugin.default_transport(args, tls)) for plugin in plugins]
+    selected = [(plugin, transport) for plugin, transport in chosen if transport is not None]
+    if tls is not None and not any(plugin.serves_tls for plugin, _ in selected):
         # Silently serving cleartext when TLS was asked for would be worse than refusing.
         able = " or ".join(f"--{plugin.name}" for plugin in plugins if plugin.serves_tls) or "no transport"
         raise UsageError(
             f"--certfile/--keyfile serve TLS on {able}, which is not given "
             "(the other listeners have no TLS here yet; --nats-tls-ca connects to NATS over TLS)"
         )
-    if not transports:
-        defaults = [plugin.default_transport(args) for plugin in plugins]
-        return [transport for transport in defaults if transport is not None]
-    return [transport for _, transport in transports]
+    return [transport for _, transport in selected]
 
 
 def _call(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> int:
@@ -290,16 +307,17 @@ def _call(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> int:
 
 
 def _call_target(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> CallTarget:
-    """The client of the transport the flags name; with none named, the first plug-in's default."""
+    """The client of the transport the flags name; with none named, the one default an installed
+    plug-in offers (TCP's 127.0.0.1:9000)."""
     for plugin in plugins:
         target = plugin.call_target(args)
         if target is not None:
             return target
-    for plugin in plugins:
-        target = plugin.default_call_target(args)
-        if target is not None:
-            return target
-    raise UsageError("no installed transport can make the call: name one (--tcp, --http, --nats, ...)")
+    defaults = [(p.name, t) for p in plugins if (t := p.default_call_target(args)) is not None]
+    if len(defaults) == 1:
+        return defaults[0][1]
+    named = ", ".join(f"--{plugin.name}" for plugin in plugins) or "none installed"
+    raise UsageError(f"name the transport to call through ({named})")
 
 
 def _request_text(argument: str) -> tuple[str, str]:

@@ -3,7 +3,8 @@
 ``dispatch`` counts the request in flight, passes admission, runs the handler inside the request's
 cancel scope (which carries the caller's deadline and answers ``ctx.kill()``), streams chunks to the
 transport's sink, turns every way a request can end into exactly one outcome, and writes the metrics
-and the canonical log line. Transports only decode requests and encode responses.
+and the canonical log line. Transports reach it through the intake (runtime/_intake.py, ``Call.run``),
+which also decodes the payload here (``dispatch_payload``); they only frame bytes on the wire.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ _KILL_OUTCOMES = {
 async def dispatch(binding: EndpointBinding, ctx: RequestContext, request: Any, sink: ResponseSink) -> str:
     """Run ``request`` on ``binding``'s endpoint and answer through ``sink``; returns the outcome.
 
-    The request counts as in flight from ``binding.accept(ctx)`` (called here if the transport did not)
-    until this returns, whatever happens in between.
+    The request counts as in flight from ``binding.accept(ctx)`` (the intake's ``Caller.open``; called
+    here too, a no-op then, for a context dispatched directly, as tests do) until this returns.
     """
     run = _Run(binding, ctx, sink)
-    binding.accept(ctx)  # a no-op when the transport accepted it already, as it should
+    binding.accept(ctx)
     # What a handler's own structlog lines carry (merge_contextvars). Set here and reset by token before
     # this returns, so nothing outlives the request even when a transport runs it in a shared task; tasks
     # the handler spawns inherit it. One bind and one reset: four ContextVar sets, no copy of the context.
@@ -69,15 +70,15 @@ async def dispatch_payload(
         ctx.deadline = parse_deadline(ctx.accepted_at, timeout_ms, deadline_unix, timeout_name=timeout_name)
         request = decode_payload(payload)
     except BadRequest as error:
-        await answer_error(binding, ctx, sink, error)
-        return "error"
+        return await answer_error(binding, ctx, sink, error)
     return await dispatch(binding, ctx, request, sink)
 
 
 async def answer_error(
     binding: EndpointBinding, ctx: RequestContext, sink: ResponseSink, error: IngressError
-) -> None:
-    """Answer a request that never reached its handler (say, undecodable input) with full accounting."""
+) -> str:
+    """Answer a request that never reached its handler (say, undecodable input) with full accounting;
+    returns the outcome (``error``, or ``disconnected`` if its caller had already left)."""
     run = _Run(binding, ctx, sink)
     binding.accept(ctx)
     try:
@@ -85,6 +86,7 @@ async def answer_error(
     finally:
         binding.release(ctx)
         run.record()
+    return run.outcome
 
 
 def settle_unrun(binding: EndpointBinding, ctx: RequestContext, *, gone: str | None = None) -> None:
@@ -118,6 +120,11 @@ class _Run:
     async def execute(self, request: Any) -> None:
         ctx = self.ctx
         try:
+            if ctx.kill_reason is not None:
+                # Killed (or its caller gone) between accept and now, say by a KILL in the same read
+                # as its REQUEST: the handler must not start, not even up to its first checkpoint.
+                await self._after_handler()
+                return
             if ctx.deadline <= trio.current_time():
                 # A request that sat in a client buffer (e.g. during a NATS outage) must not start late.
                 raise Rejected("deadline", DeadlineExceeded("deadline had already passed on arrival"))
@@ -222,10 +229,12 @@ class _Run:
         self.ctx.kill(KillReason.DISCONNECTED)
 
     async def _fail(self, outcome: str, error: IngressError) -> None:
+        if self.ctx.kill_reason is KillReason.DISCONNECTED:
+            # However it failed, nobody is left to tell: the caller leaving is how it ended.
+            self._caller_gone()
+            return
         self.outcome = outcome
         self.code = error.code.name
-        if self.ctx.kill_reason is KillReason.DISCONNECTED:
-            return
         try:
             await self.sink.send_error(error, error.resolve_retryable(chunks_sent=self.chunks))
         except CallerGone:

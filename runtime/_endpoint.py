@@ -2,8 +2,8 @@
 
 A worker registers ``Endpoint``s. When it starts serving, each transport gets a ``TransportBinding``
 holding one ``EndpointBinding`` per endpoint: that pair's endpoint scope, in-flight tracker and metric
-children. The shutdown coordinator closes and waits on bindings; transports look endpoints up in them
-and hand each request to the dispatcher with a ``ResponseSink`` that knows the wire format.
+children. The shutdown coordinator closes and waits on bindings; transports hand each request to the
+core's intake (runtime/_intake.py), which looks it up here, with a ``ResponseSink`` that knows the wire.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class EndpointBinding:
         # Read at scrape time: no per-request cost, and it can never drift from the tracker.
         metrics.inflight.set_function(lambda: self.tracker.count)
         # The endpoint scope: a transport with a per-endpoint intake (a subscription) runs it inside
-        # this scope; a transport with a shared listener checks ``accepting`` before each request.
+        # this scope; for every transport the core's intake refuses new requests once it is cancelled.
         self.scope = trio.CancelScope()
 
     @property
@@ -109,9 +109,9 @@ class EndpointBinding:
         return not self.scope.cancel_called
 
     def accept(self, ctx: RequestContext) -> None:
-        """Count ``ctx`` in flight from this moment. A transport that runs requests in their own tasks
-        calls this before spawning the task, so the drain can never see zero while one is on its way;
-        ``dispatch`` (or ``answer_error``) releases it. Idempotent."""
+        """Count ``ctx`` in flight from this moment (the intake's ``Caller.open`` calls it before the
+        transport spawns the request's task, so the drain can never see zero while one is on its way);
+        the dispatcher releases it. Idempotent."""
         self.tracker.enter(ctx)
 
     def release(self, ctx: RequestContext) -> None:

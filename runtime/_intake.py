@@ -24,7 +24,7 @@ from collections.abc import Hashable, Mapping
 from ._context import KillReason, RequestContext, new_request_id
 from ._dispatch import answer_error, dispatch_payload, settle_unrun
 from ._endpoint import EndpointBinding, ResponseSink, TransportBinding
-from ._errors import IngressError, Overloaded, Unavailable
+from ._errors import BadRequest, IngressError, Overloaded, Unavailable
 
 DRAINING = "worker is draining; send new requests elsewhere"
 
@@ -43,6 +43,16 @@ class Caller:
         self.max_calls = max_calls
         self._calls: dict[Hashable, Call] = {}
 
+    def check(self, endpoint: str) -> EndpointBinding:
+        """The binding a request for ``endpoint`` would run on, or the refusal: NOT_FOUND, or
+        UNAVAILABLE while draining (counted). For a transport that must read more of the request
+        before it can ``open`` it (HTTP's body), so that a refusal needs nothing more from the caller."""
+        binding = self._transport.lookup(endpoint)  # NotFound
+        if not binding.accepting:
+            binding.metrics.rejection("unavailable")
+            raise Unavailable(DRAINING, retryable=True)
+        return binding
+
     def open(
         self,
         key: Hashable,
@@ -53,20 +63,21 @@ class Caller:
         peer: str | None = None,
     ) -> Call:
         """Take a request for ``endpoint``; raises the ``IngressError`` to answer if it is refused."""
-        binding = self._transport.lookup(endpoint)  # NotFound
-        if not binding.accepting:
-            binding.metrics.rejection("unavailable")
-            raise Unavailable(DRAINING, retryable=True)
+        binding = self.check(endpoint)
         if self.max_calls is not None and len(self._calls) >= self.max_calls:
             binding.metrics.rejection("stream_limit")
             raise Overloaded(f"more than {self.max_calls} concurrent requests from one caller (stream limit)")
+        if key in self._calls:
+            # Two requests under one key (a NATS reply subject used twice) would share one registry
+            # entry, and their answers one destination: the second is the caller's mistake.
+            raise BadRequest(f"a request under {key!r} is still running; use a new one for each request")
         ctx = RequestContext(
             id=request_id or new_request_id(),
             endpoint=binding.name,
             transport=self._transport.name,
             runtime=self._transport.runtime,
             peer=peer or self.peer,
-            metadata=dict(metadata) if metadata else {},
+            metadata=metadata if metadata is not None else {},
         )
         binding.accept(ctx)  # counted in flight from now, before the transport spawns anything
         call = Call(self, key, binding, ctx)
@@ -99,6 +110,12 @@ class Caller:
         by id, as HTTP's stop and kill routes do). Ids come from callers, so there may be several."""
         return [c for c in self._calls.values() if c.ctx.id == request_id and c.ctx.endpoint == endpoint]
 
+    def drop(self, key: Hashable, reason: str) -> None:
+        """One call's caller went away (an HTTP client closed its connection, a NATS inbox vanished)."""
+        call = self._calls.get(key)
+        if call is not None:
+            call.ctx.caller_gone(reason)
+
     def gone(self, reason: str) -> None:
         """The caller went away (``reason``: closed, reset, gone): kill every open call; each is counted
         as a disconnect under ``reason`` when it ends (runtime/_dispatch.py)."""
@@ -116,13 +133,14 @@ class Caller:
 class Call:
     """One accepted request, from ``Caller.open`` until it is answered (``run``, ``fail`` or ``abandon``)."""
 
-    __slots__ = ("_caller", "binding", "ctx", "key")
+    __slots__ = ("_caller", "_settled", "binding", "ctx", "key")
 
     def __init__(self, caller: Caller, key: Hashable, binding: EndpointBinding, ctx: RequestContext) -> None:
         self._caller = caller
         self.key = key
         self.binding = binding
         self.ctx = ctx
+        self._settled = False  # run, fail or abandon happened: each call has exactly one outcome
 
     async def run(
         self,
@@ -134,6 +152,7 @@ class Call:
         timeout_name: str = "timeout",
     ) -> str:
         """Decode and run the request, answering through ``sink``; returns its outcome."""
+        self._settle()
         try:
             return await dispatch_payload(
                 self.binding,
@@ -150,6 +169,7 @@ class Call:
     async def fail(self, error: IngressError, sink: ResponseSink) -> None:
         """Answer ``error`` without running the handler (the request could not be read, say), with the
         same accounting as any other outcome."""
+        self._settle()
         try:
             await answer_error(self.binding, self.ctx, sink, error)
         finally:
@@ -157,11 +177,17 @@ class Call:
 
     def abandon(self, reason: str) -> None:
         """The caller left before the request could run: counted ``disconnected`` under ``reason``."""
+        self._settle()
         settle_unrun(self.binding, self.ctx, gone=reason)
         self._close()
 
+    def _settle(self) -> None:
+        if self._settled:
+            raise RuntimeError(f"request {self.ctx.id!r} was already run, failed or abandoned")
+        self._settled = True
+
     def _close(self) -> None:
-        if self.ctx in self.binding.tracker:  # cancelled before it reached the dispatcher
+        if self.ctx in self.binding.tracker:  # the dispatcher never took it (an exception before it did)
             settle_unrun(self.binding, self.ctx)
         self._caller._close(self)
 

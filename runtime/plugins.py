@@ -63,7 +63,7 @@ class TransportPlugin(Protocol):
     def transport(self, args: argparse.Namespace, tls: TlsFiles | None) -> Transport | None:
         """The transport ``serve`` asked for, or None when its flags were not given."""
 
-    def default_transport(self, args: argparse.Namespace) -> Transport | None:
+    def default_transport(self, args: argparse.Namespace, tls: TlsFiles | None) -> Transport | None:
         """What to serve when no transport was asked for at all (None: nothing)."""
 
     def add_call_arguments(self, parser: Any, target: Any) -> None:
@@ -74,28 +74,34 @@ class TransportPlugin(Protocol):
         """The client ``call`` asked for, or None when its flags were not given."""
 
     def default_call_target(self, args: argparse.Namespace) -> CallTarget | None:
-        """The client to use when no transport was named (None: not this one)."""
+        """The client to use when no transport was named (None: not this one; at most one installed
+        plug-in may offer one, else the caller must name a transport)."""
 
 
-def discover() -> list[TransportPlugin]:
-    """Every installed transport plug-in, by name. One that fails to load, or that is not a plug-in,
-    is a ``PluginFailed`` naming its entry point: a broken install must not look like a missing flag."""
+def discover(warn: Callable[[str], None] | None = None) -> list[TransportPlugin]:
+    """Every installed transport plug-in, by name. One that fails to load, or is not a plug-in, is left
+    out and named through ``warn`` (so ``--version`` and the other transports still work, and a missing
+    flag is explained); without ``warn`` that is a ``PluginFailed``. Two plug-ins of one name are always
+    a ``PluginFailed``: which one serves must not depend on the order of sys.path."""
     plugins: dict[str, TransportPlugin] = {}
+    sources: dict[str, str] = {}
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        where = f"{entry_point.name!r} ({entry_point.value})"
         try:
             plugin = entry_point.load()
+            if not isinstance(plugin, TransportPlugin):
+                raise TypeError(f"it is a {type(plugin).__name__}, not a runtime.plugins.TransportPlugin")
         except Exception as exc:
-            where = f"{entry_point.name!r} ({entry_point.value})"
-            raise PluginFailed(f"transport plug-in {where} failed to load: {describe(exc)}") from exc
-        if not isinstance(plugin, TransportPlugin):
-            raise PluginFailed(
-                f"transport plug-in {entry_point.name!r} ({entry_point.value}) is a {type(plugin).__name__}, "
-                "not a runtime.plugins.TransportPlugin"
-            )
-        if plugin.name in plugins:
-            # The same distribution seen twice on sys.path (an editable install and a copy, say).
+            message = f"transport plug-in {where} failed to load: {describe(exc)}"
+            if warn is None:
+                raise PluginFailed(message) from exc
+            warn(message)
             continue
-        plugins[plugin.name] = plugin
+        if plugin.name in plugins:
+            raise PluginFailed(
+                f"two transport plug-ins are named {plugin.name!r}: {sources[plugin.name]} and {where}"
+            )
+        plugins[plugin.name], sources[plugin.name] = plugin, where
     return [plugins[name] for name in sorted(plugins)]
 
 

@@ -149,7 +149,9 @@ class MemoryTransport:
         key = next(self._keys)
         try:
             # 2. Synchronously, before anything is spawned: lookup, draining refusal, accept.
-            call = self._caller.open(key, endpoint, request_id=request_id, metadata=metadata)
+            call = self._caller.open(
+                key, endpoint, request_id=request_id, metadata=dict(metadata) if metadata else None
+            )
         except IngressError as error:
             sink.error, sink.retryable = error, error.resolve_retryable(chunks_sent=0)
             return MemoryCall(self._caller, key, None, sink, done=_set_event())
@@ -188,9 +190,7 @@ class MemoryCall:
         self._caller.kill(self._key)
 
     def disconnect(self, reason: str = "closed") -> None:
-        call = self._caller.get(self._key)
-        if call is not None:
-            call.ctx.caller_gone(reason)
+        self._caller.drop(self._key, reason)
 
     async def wait_done(self) -> None:
         await self.done.wait()

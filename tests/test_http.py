@@ -570,3 +570,21 @@ async def test_kill_route_finds_a_request_id_with_an_escaped_slash_and_404s_a_fi
         assert '"CANCELLED"' in answer.text  # a 499, or an error event if a chunk went first
         gone = await client.post("/v1/tokens/tenant%2F42%20a%25b/stop")
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "NOT_FOUND"
+
+
+async def test_a_stalled_upload_is_not_in_flight_and_does_not_hold_the_drain():
+    """Headers sent, body stalled: nothing is accepted yet, so SIGTERM drains at once, unforced."""
+    async with serving(Probe()) as (handle, _):
+        host, port = handle.addresses["http"]
+        async with await trio.open_tcp_stream(host, port) as stream:
+            await stream.send_all(
+                b"POST /v1/echo HTTP/1.1\r\nhost: t\r\ncontent-length: 1000\r\n\r\n"
+                + b'{"pad": "'
+                + b"x" * 10
+            )
+            with trio.fail_after(10):
+                await trio.testing.wait_all_tasks_blocked()  # the app is parked reading the body
+                assert handle.statistics().in_flight == 0
+                handle.shutdown("test")
+                result = await handle.wait_drained()
+    assert result.forced is False and result.killed == 0

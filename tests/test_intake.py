@@ -122,3 +122,49 @@ async def test_undecodable_payload_is_a_counted_bad_request():
     outcome = await Caller(bound.transport).open(1, "hold").run(b"{not json", sink)
     assert outcome == "error" and sink.error is not None and sink.error.code is ErrorCode.BAD_REQUEST
     assert _outcome(bound, "error") == 1
+
+
+async def test_a_second_request_under_an_open_key_is_refused_not_merged():
+    """Two requests under one key (a NATS reply subject used twice) cannot share an entry: 2nd refused."""
+    bound = bind_for_test(_worker([]))
+    caller = Caller(bound.transport)
+    first = caller.open("inbox.1", "hold")
+    with pytest.raises(BadRequest, match="still running"):
+        caller.open("inbox.1", "hold")
+    assert caller.get("inbox.1") is first and bound.endpoint("hold").tracker.count == 1
+
+
+async def test_a_call_killed_before_it_runs_never_starts_its_handler():
+    """A KILL (or the caller leaving) between accept and run: the handler is never entered."""
+    started: list[RequestContext] = []
+    bound = bind_for_test(_worker(started))
+    caller = Caller(bound.transport)
+    killed, gone = RecordingSink(), RecordingSink()
+    first, second = caller.open(1, "hold"), caller.open(2, "hold")
+    caller.kill(1)
+    caller.drop(2, "reset")
+    assert await first.run(b"{}", killed) == "cancelled"
+    assert await second.run(b"{}", gone) == "disconnected"
+    assert started == [] and killed.error is not None and killed.error.code is ErrorCode.CANCELLED
+    assert gone.error is None and gone.chunks == []
+
+
+async def test_a_caller_gone_before_its_payload_is_decoded_counts_as_a_disconnect():
+    """Gone, then an undecodable payload: nobody is told, and it is one disconnect, not an error."""
+    bound = bind_for_test(_worker([]))
+    caller = Caller(bound.transport)
+    call = caller.open(1, "hold")
+    caller.gone("closed")
+    sink = RecordingSink()
+    assert await call.run(b"{oops", sink) == "disconnected"
+    assert sink.error is None and (_outcome(bound, "disconnected"), _outcome(bound, "error")) == (1, 0)
+
+
+async def test_a_call_is_settled_once():
+    """run, fail or abandon a second time is a bug in the transport, said at once."""
+    bound = bind_for_test(_worker([]))
+    call = Caller(bound.transport).open(1, "hold")
+    call.abandon("closed")
+    with pytest.raises(RuntimeError, match="already"):
+        await call.fail(BadRequest("x"), RecordingSink())
+    assert _outcome(bound, "disconnected") == 1 and _outcome(bound, "error") == 0

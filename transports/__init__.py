@@ -1,1 +1,3 @@
-"""The ingress transports: one sub-package per transport (``tcp`` now; ``http`` and ``nats`` follow)."""
+"""The ingress transports, one sub-package each (``tcp``, ``http``, ``nats``), all of the same shape:
+``_protocol`` (sans-IO), ``_server``, ``_client`` and ``_plugin`` (entry point group
+``trio_ingress.transports``)."""

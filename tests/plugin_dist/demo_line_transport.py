@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from runtime import Caller, IngressError, TransportBinding, encode_error, refuse
+from runtime import BadRequest, Caller, CallerGone, IngressError, TransportBinding, encode_error, refuse
 from runtime.plugins import address
 
 
@@ -29,23 +29,32 @@ class LineTransport:
         await trio.serve_listeners(partial(self._connection, binding), listeners)
 
     async def _connection(self, binding: TransportBinding, stream: trio.SocketStream) -> None:
-        caller = Caller(binding, peer="line")
+        caller = Caller(binding, peer="line")  # this connection's open requests
+        async with stream, trio.open_nursery() as nursery:
+            try:
+                await self._read_requests(caller, stream, nursery)
+                reason = "closed"
+            except (trio.BrokenResourceError, CallerGone):
+                reason = "reset"
+            caller.gone(reason)  # every request still running is cancelled and counted, once
+
+    async def _read_requests(self, caller: Caller, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
         keys = itertools.count()
         send_lock = trio.Lock()  # the connection's requests answer concurrently: one write at a time
         buffer = b""
-        async with stream, trio.open_nursery() as nursery:
-            while data := await stream.receive_some():
-                *lines, buffer = (buffer + data).split(b"\n")
-                for line in lines:
-                    endpoint, _, payload = line.partition(b" ")
-                    sink = _LineSink(stream, send_lock)
-                    try:
-                        call = caller.open(next(keys), endpoint.decode())
-                    except IngressError as error:
-                        await refuse(sink, error)
-                        continue
-                    nursery.start_soon(call.run, payload, sink)
-            caller.gone("closed")
+        while data := await stream.receive_some():
+            *lines, buffer = (buffer + data).split(b"\n")
+            for line in lines:
+                endpoint, _, payload = line.partition(b" ")
+                sink = _LineSink(stream, send_lock)
+                try:
+                    if not endpoint or not endpoint.isascii():
+                        raise BadRequest("a line is ENDPOINT JSON, with an ASCII endpoint name")
+                    call = caller.open(next(keys), endpoint.decode("ascii"))
+                except IngressError as error:
+                    await refuse(sink, error)
+                    continue
+                nursery.start_soon(call.run, payload, sink)
 
 
 class _LineSink:
@@ -65,8 +74,11 @@ class _LineSink:
         await self._send(b"error " + encode_error(error, retryable) + b"\n")
 
     async def _send(self, line: bytes) -> None:
-        async with self.lock:
-            await self.stream.send_all(line)
+        try:
+            async with self.lock:
+                await self.stream.send_all(line)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise CallerGone from None  # the core counts a disconnect; the worker goes on
 
 
 class LinePlugin:
@@ -79,7 +91,7 @@ class LinePlugin:
     def transport(self, args: Any, tls: Any) -> LineTransport | None:
         return None if args.line is None else LineTransport(*args.line)
 
-    def default_transport(self, args: Any) -> None:
+    def default_transport(self, args: Any, tls: Any) -> None:
         return None
 
     def add_call_arguments(self, parser: Any, target: Any) -> None:

@@ -1,8 +1,8 @@
 """The HTTP transport: hypercorn's protocol layer (HTTP/1.1 and h2) in the runtime's own connection
 loop, JSON for unary calls, SSE or NDJSON for streams. See docs/http.md.
 
-Names are imported on first use (PEP 562), so the command-line plug-in (``_plugin``) loads without
-hypercorn or httpx."""
+Names are imported on first use (PEP 562), so loading the command-line plug-in (``_plugin``) does not
+import the server or the client (httpx)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 _WHERE = {"HttpTransport": "._server", "http_stream": "._client", "parse_base_url": "._client"}
 __all__ = ["HttpTransport", "http_stream", "parse_base_url"]
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
 
 
 def __getattr__(name: str) -> Any:

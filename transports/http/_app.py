@@ -96,6 +96,22 @@ class IngressApp:
         http1 = _is_http1(scope)
         ndjson = NDJSON in headers.get("accept", "")
         sink = _HttpSink(send, ndjson, id_header, self.stream_high_water, http1=http1)
+        try:
+            # Refused before the body is read: a draining worker's 503 closes an HTTP/1.1 connection
+            # without waiting for a body, and nothing counts in flight while a client uploads.
+            self.caller.check(endpoint)
+        except IngressError as error:
+            if not _closes_connection(error, http1):  # a connection told to close needs no body read
+                await self._discard_body(receive)
+            await refuse(sink, error)
+            return
+        body_error: IngressError | None = None
+        try:
+            body = await self._read_body(receive)
+        except _GoneBeforeBody:
+            return  # nothing was started and nobody is left to answer
+        except IngressError as error:  # too large, too slow: answered and counted like any other error
+            body, body_error = bytearray(), error
         client = scope.get("client")
         try:
             call = self.caller.open(
@@ -105,33 +121,32 @@ class IngressApp:
                 metadata=headers,
                 peer=f"{client[0]}:{client[1]}" if client else None,
             )
-        except IngressError as error:
-            if not _closes_connection(error, http1):  # a connection told to close needs no body read
-                await self._discard_body(receive)
+        except IngressError as error:  # the drain began while the body was arriving
             await refuse(sink, error)
             return
-        try:
-            body = await self._read_body(receive)
-        except _GoneBeforeBody:
-            call.abandon("closed")
+        if body_error is not None:
+            await call.fail(body_error, sink)
             return
-        except IngressError as error:  # too large, too slow
-            await call.fail(error, sink)
-            return
-        except BaseException:
-            call.abandon("closed")  # cancelled (phase 3) while the body was still coming
-            raise
         await self._run(call, body, sink, receive)
 
     async def _run(self, call: Call, body: bytearray, sink: _HttpSink, receive: Receive) -> None:
         timeout_ms = call.ctx.metadata.get(TIMEOUT_HEADER)
         async with trio.open_nursery() as nursery:
             sink.nursery = nursery
-            nursery.start_soon(_watch_disconnect, receive, call, sink)
+            nursery.start_soon(self._watch_disconnect, receive, call, sink)
             try:
                 await call.run(body, sink, timeout_ms=timeout_ms, timeout_name=TIMEOUT_HEADER)
             finally:
                 nursery.cancel_scope.cancel(reason="request finished")
+
+    async def _watch_disconnect(self, receive: Receive, call: Call, sink: _HttpSink) -> None:
+        """Kill the handler when the client goes away (hypercorn will not)."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not sink.finished:
+                    self.caller.drop(call.key, "closed")
+                return
 
     async def _signal(self, send: Send, route: protocol.Route) -> None:
         """Stop or kill the running requests of ``route.endpoint`` with ``route.request_id``."""
@@ -195,16 +210,6 @@ def _closes_connection(error: IngressError, http1: bool) -> bool:
     client to go elsewhere, and a body that timed out may still be arriving. HTTP/2 forbids the header
     (RFC 9113 8.2.2: it would take the whole connection down)."""
     return http1 and (error.code in protocol.DRAINING_CODES or isinstance(error, _BodyTimedOut))
-
-
-async def _watch_disconnect(receive: Receive, call: Call, sink: _HttpSink) -> None:
-    """Kill the handler when the client goes away (hypercorn will not)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if not sink.finished:
-                call.ctx.caller_gone("closed")
-            return
 
 
 class _AsgiBody:

@@ -23,7 +23,8 @@ class HttpPlugin:
             "--http",
             type=address,
             metavar="HOST:PORT",
-            help="serve HTTP/1.1 and h2 here (with no transport flag at all: 127.0.0.1:8000 and TCP 9000)",
+            help="serve HTTP/1.1 and h2 here (with no transport flag at all, every installed transport "
+            "serves on its default address: HTTP 127.0.0.1:8000)",
         )
         parser.add_argument(
             "--http-backlog",
@@ -36,16 +37,11 @@ class HttpPlugin:
     def transport(self, args: argparse.Namespace, tls: TlsFiles | None) -> Transport | None:
         if args.http is None:
             return None
-        from ._server import HttpTransport
 
-        host, port = args.http
-        certfile, keyfile = (tls.certfile, tls.keyfile) if tls is not None else (None, None)
-        return HttpTransport(host, port, certfile=certfile, keyfile=keyfile, backlog=args.http_backlog)
+        return _transport(args.http, args, tls)
 
-    def default_transport(self, args: argparse.Namespace) -> Transport | None:
-        from ._server import HttpTransport
-
-        return HttpTransport(*DEFAULT_ADDRESS, backlog=args.http_backlog)  # something to curl
+    def default_transport(self, args: argparse.Namespace, tls: TlsFiles | None) -> Transport | None:
+        return _transport(DEFAULT_ADDRESS, args, tls)  # something to curl
 
     def add_call_arguments(self, parser: Any, target: Any) -> None:
         target.add_argument("--http", metavar="URL", help="e.g. http://127.0.0.1:8000 or https://host:8443")
@@ -76,6 +72,13 @@ class HttpPlugin:
 
     def default_call_target(self, args: argparse.Namespace) -> CallTarget | None:
         return None
+
+
+def _transport(address: tuple[str, int], args: argparse.Namespace, tls: TlsFiles | None) -> Transport:
+    from ._server import HttpTransport
+
+    certfile, keyfile = (tls.certfile, tls.keyfile) if tls is not None else (None, None)
+    return HttpTransport(*address, certfile=certfile, keyfile=keyfile, backlog=args.http_backlog)
 
 
 plugin = HttpPlugin()

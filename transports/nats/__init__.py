@@ -2,8 +2,8 @@
 caller-gone probes, STOP/KILL, and NatsClient. nats-py runs through trio-asyncio; all asyncio code is in
 ``_aio``. See docs/protocol-nats.md.
 
-Names are imported on first use (PEP 562), so the command-line plug-in (``_plugin``) loads without
-nats-py or trio-asyncio."""
+Names are imported on first use (PEP 562), so loading the command-line plug-in (``_plugin``) does not
+import nats-py or trio-asyncio."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 _WHERE = {"NatsClient": "._client", "RetryBudget": "._client", "NatsTransport": "._server"}
 __all__ = ["NatsClient", "NatsTransport", "RetryBudget"]
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
 
 
 def __getattr__(name: str) -> Any:

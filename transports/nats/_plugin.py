@@ -42,7 +42,7 @@ class NatsPlugin:
             startup_timeout=args.nats_startup_timeout,
         )
 
-    def default_transport(self, args: argparse.Namespace) -> Transport | None:
+    def default_transport(self, args: argparse.Namespace, tls: TlsFiles | None) -> Transport | None:
         return None  # there is no NATS server to assume
 
     def add_call_arguments(self, parser: Any, target: Any) -> None:

@@ -75,7 +75,7 @@ class NatsTransport:
             if closing:
                 return  # our own close in phase 3, not an outage
             # Not ready while NATS is unreachable: requests cannot reach this worker anyway.
-            binding.readiness.report("nats", connected, f"disconnected from {self.url}")
+            binding.readiness.report(self.name, connected, f"disconnected from {self.url}")
             log.warning("nats.reconnected" if connected else "nats.disconnected", url=self.url)
 
         def on_error(exc: Exception) -> None:
@@ -230,7 +230,7 @@ class _Requests:
             alive = await aio.probe_all(self.client, [call.key for call in checked], interval)
             for call, is_alive in zip(checked, alive, strict=True):
                 if not is_alive and not call.ctx.is_killed:
-                    call.ctx.caller_gone("gone")
+                    self.caller.drop(call.key, "gone")
 
 
 class _NatsSink:

@@ -1,7 +1,8 @@
 """The trio-ingress TCP transport: the sans-IO protocol (``_protocol``, the codec), the server
 (``TcpTransport``) and the client (``TcpClient``). See docs/protocol-tcp.md.
 
-Names are imported on first use (PEP 562), so the command-line plug-in (``_plugin``) loads light."""
+Names are imported on first use (PEP 562), so loading the command-line plug-in (``_plugin``) does not
+import the server or the client."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ if TYPE_CHECKING:
 
 _WHERE = {"ClientStream": "._client", "TcpClient": "._client", "TcpTransport": "._server"}
 __all__ = ["ClientStream", "TcpClient", "TcpTransport"]
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
 
 
 def __getattr__(name: str) -> Any:

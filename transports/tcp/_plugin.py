@@ -17,7 +17,12 @@ class TcpPlugin:
     serves_tls = False
 
     def add_serve_arguments(self, parser: Any) -> None:
-        parser.add_argument("--tcp", type=address, metavar="HOST:PORT", help="serve the TCP protocol here")
+        parser.add_argument(
+            "--tcp",
+            type=address,
+            metavar="HOST:PORT",
+            help="serve the TCP protocol here (with no transport flag at all: 127.0.0.1:9000)",
+        )
 
     def transport(self, args: argparse.Namespace, tls: TlsFiles | None) -> Transport | None:
         if args.tcp is None:
@@ -26,7 +31,7 @@ class TcpPlugin:
 
         return TcpTransport(*args.tcp)
 
-    def default_transport(self, args: argparse.Namespace) -> Transport | None:
+    def default_transport(self, args: argparse.Namespace, tls: TlsFiles | None) -> Transport | None:
         from ._server import TcpTransport
 
         return TcpTransport(*DEFAULT_ADDRESS)
