@@ -81,6 +81,21 @@ class Reply:
         return self.ended and self.code is None and self.cut is None
 
 
+async def _collect(chunks: AsyncIterator[Any]) -> Reply:
+    """A client's stream as a Reply: its chunks, then a clean end or the error it raised (a RemoteError,
+    or the client's own, such as Unavailable after GOAWAY)."""
+    reply = Reply()
+    try:
+        async for chunk in chunks:
+            reply.chunks.append(chunk)
+        reply.ended = True
+    except IngressError as error:
+        reply.code = error.code.name
+        reply.retryable = error.resolve_retryable(chunks_sent=len(reply.chunks))
+        reply.message = error.message
+    return reply
+
+
 class StreamOver(Exception):
     """``next_chunk`` on an answer that has ended; ``reply`` is the whole of it."""
 
@@ -424,20 +439,11 @@ class TcpDriver(Driver):
             )
         # An explicit deadline: the client would otherwise send the test's own fail_after as one.
         deadline = math.inf if timeout_ms is None else trio.current_time() + timeout_ms / 1000
-        reply = Reply()
         stream = self.client.stream(
             endpoint, payload, deadline=deadline, metadata=metadata, request_id=request_id
         )
-        try:
-            async with stream:
-                async for chunk in stream:
-                    reply.chunks.append(chunk)
-            reply.ended = True
-        except IngressError as error:  # RemoteError, or the client's own Unavailable (after GOAWAY)
-            reply.code = error.code.name
-            reply.retryable = error.resolve_retryable(chunks_sent=len(reply.chunks))
-            reply.message = error.message
-        return reply
+        async with stream:
+            return await _collect(stream)
 
     @asynccontextmanager
     async def open(
@@ -746,20 +752,11 @@ class NatsDriver(Driver):
                 timeout_text=timeout_text,
             )
         deadline = math.inf if timeout_ms is None else trio.current_time() + timeout_ms / 1000
-        reply = Reply()
         stream = self.client.stream(
             endpoint, payload, deadline=deadline, metadata=metadata, request_id=request_id
         )
-        try:
-            async with aclosing(stream):
-                async for chunk in stream:
-                    reply.chunks.append(chunk)
-            reply.ended = True
-        except IngressError as error:
-            reply.code = error.code.name
-            reply.retryable = error.resolve_retryable(chunks_sent=len(reply.chunks))
-            reply.message = error.message
-        return reply
+        async with aclosing(stream):
+            return await _collect(stream)
 
     @asynccontextmanager
     async def open(

@@ -6,8 +6,9 @@ import the server or the client (httpx)."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._client import http_stream as http_stream
@@ -18,11 +19,4 @@ _WHERE = {"HttpTransport": "._server", "http_stream": "._client", "parse_base_ur
 __all__ = ["HttpTransport", "http_stream", "parse_base_url"]
 
 
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_WHERE[name], __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

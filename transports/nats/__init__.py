@@ -7,8 +7,9 @@ import nats-py or trio-asyncio."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._client import NatsClient as NatsClient
@@ -19,11 +20,4 @@ _WHERE = {"NatsClient": "._client", "RetryBudget": "._client", "NatsTransport": 
 __all__ = ["NatsClient", "NatsTransport", "RetryBudget"]
 
 
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_WHERE[name], __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
