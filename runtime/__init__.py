@@ -8,6 +8,7 @@ from ._admission import Admission as Admission
 from ._admission import AdmissionStatistics as AdmissionStatistics
 from ._admission import Rejected as Rejected
 from ._config import EXIT_DRAIN_FORCED as EXIT_DRAIN_FORCED
+from ._config import EXIT_ENGINE_FAILED as EXIT_ENGINE_FAILED
 from ._config import EXIT_FAILURE as EXIT_FAILURE
 from ._config import EXIT_OK as EXIT_OK
 from ._config import EXIT_USAGE as EXIT_USAGE
@@ -28,6 +29,7 @@ from ._endpoint import TransportBinding as TransportBinding
 from ._errors import BadRequest as BadRequest
 from ._errors import Cancelled as Cancelled
 from ._errors import DeadlineExceeded as DeadlineExceeded
+from ._errors import EngineStartFailed as EngineStartFailed
 from ._errors import ErrorCode as ErrorCode
 from ._errors import IngressError as IngressError
 from ._errors import InternalError as InternalError
@@ -66,6 +68,7 @@ __all__ = [
     "DEFAULT_BACKLOG",
     "DRAINING",
     "EXIT_DRAIN_FORCED",
+    "EXIT_ENGINE_FAILED",
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_USAGE",
@@ -80,6 +83,7 @@ __all__ = [
     "Endpoint",
     "EndpointBinding",
     "EndpointOptions",
+    "EngineStartFailed",
     "ErrorCode",
     "GlobalInFlight",
     "InFlight",

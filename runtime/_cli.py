@@ -18,8 +18,8 @@ from typing import Any
 
 import trio
 
-from ._config import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, WorkerConfig
-from ._errors import IngressError, StartupFailed
+from ._config import EXIT_ENGINE_FAILED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, WorkerConfig
+from ._errors import EngineStartFailed, IngressError, StartupFailed
 from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from ._worker import Transport, Worker
 from .plugins import (
@@ -267,6 +267,8 @@ def _serve(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> int:
         return worker.run(transports, config, metrics_address=args.metrics)
     except StartupFailed:
         return EXIT_FAILURE  # the worker logged why (worker.startup_failed); a traceback adds nothing
+    except EngineStartFailed:
+        return EXIT_ENGINE_FAILED  # logged too, with the engine's error
 
 
 def _transports(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> list[Transport]:

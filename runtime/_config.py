@@ -11,6 +11,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_DRAIN_FORCED = 3
+# The worker's lifespan (its engine) failed to start: a supervisor may want to tell a model that will
+# not load from a crash.
+EXIT_ENGINE_FAILED = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +31,18 @@ class WorkerConfig:
     progress_interval: float = 1.0
     # One canonical log line per request (like uvicorn's access log); off for benchmarks.
     access_log: bool = True
+    # After the drain (phase 2), how long the lifespan's shutdown (the engine's stop) may take before
+    # phase 3 cancels it.
+    engine_stop_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("drain_timeout", "shutdown_delay", "kill_grace", "progress_interval"):
+        for name in (
+            "drain_timeout",
+            "shutdown_delay",
+            "kill_grace",
+            "progress_interval",
+            "engine_stop_timeout",
+        ):
             value = getattr(self, name)
             if not (value >= 0 and not math.isnan(value)):
                 raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")

@@ -51,6 +51,9 @@ class RuntimeContext:
     config: WorkerConfig
     metrics: Metrics
     logger: Any  # a structlog BoundLogger; typed loosely because structlog's types are protocols
+    # What the worker's lifespan made for every request to share (the engine, say): filled once,
+    # before the first request, from what the lifespan yields; read-only for handlers.
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -108,6 +111,11 @@ class RequestContext:
     @property
     def kill_reason(self) -> KillReason | None:
         return self._kill_reason
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The worker's shared state (``runtime.state``): the engine the lifespan started, say."""
+        return self.runtime.state
 
     def time_remaining(self) -> float:
         """Seconds until the deadline (``inf`` without one); handlers pass it on to their own calls."""

@@ -130,6 +130,13 @@ class StartupFailed(Exception):
         self.transport = transport
 
 
+class EngineStartFailed(Exception):
+    """The worker's lifespan (its engine's start-up) raised: ``ingress serve`` logs it and exits 4."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"the engine failed to start: {type(cause).__name__}: {describe(cause)}")
+
+
 def sole_exception(exc: BaseException) -> BaseException:
     """The one exception inside (nested) groups of one, as nurseries wrap a lone error; else ``exc``."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:

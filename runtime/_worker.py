@@ -7,9 +7,11 @@ shutdown coordinator runs phases 0-2 and ``serve`` performs phase 3 by cancellin
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,7 +21,7 @@ from ._admission import Admission
 from ._config import EXIT_DRAIN_FORCED, EXIT_OK, EndpointOptions, WorkerConfig
 from ._context import RuntimeContext
 from ._endpoint import Endpoint, EndpointBinding, Handler, TransportBinding, bind_transport
-from ._errors import StartupFailed
+from ._errors import EngineStartFailed, StartupFailed, describe
 from ._inflight import GlobalInFlight, InFlightStatistics
 from ._logging import get_logger
 from ._metrics import Metrics
@@ -28,6 +30,10 @@ from ._ops_server import OpsApp, serve_ops
 from ._readiness import Readiness
 from ._shutdown import ShutdownCoordinator, ShutdownResult
 from ._signals import watch_signals
+
+# A lifespan: ``async def engine(runtime): start; yield {"engine": ...}; stop`` (see Worker.lifespan).
+LifespanFunction = Callable[[RuntimeContext], AsyncIterator[Mapping[str, Any] | None]]
+Lifespan = Callable[[RuntimeContext], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
 
 class Transport(Protocol):
@@ -93,9 +99,13 @@ class WorkerHandle:
 class Worker:
     """A set of named endpoints, served over any number of transports by ``serve`` or ``run``."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, asyncio: bool = False) -> None:
         self.name = name
+        # Open one asyncio loop (trio-asyncio) around everything the worker runs: handlers reach
+        # asyncio engines through it (runtime.engines), and the NATS transport shares it.
+        self.asyncio = asyncio
         self._endpoints: dict[str, Endpoint] = {}
+        self._lifespan: Lifespan | None = None
 
     @property
     def endpoints(self) -> dict[str, Endpoint]:
@@ -117,6 +127,20 @@ class Worker:
             return handler
 
         return register
+
+    def lifespan(self, fn: LifespanFunction) -> LifespanFunction:
+        """Decorator: ``fn(runtime)``, an async generator function, starts what every request shares
+        (the engine), yields it as a mapping (it becomes ``runtime.state``, ``ctx.state`` in
+        handlers) and stops it after its ``yield`` once the drain is over (after phase 2, before
+        phase 3 closes connections). It runs in Trio, with the worker's asyncio loop open when
+        ``asyncio=True`` (start an asyncio engine with ``runtime.engines.aio_call``). An exception
+        before the ``yield`` fails the start-up: ``ingress serve`` exits 4."""
+        if self._lifespan is not None:
+            raise ValueError(f"worker {self.name!r} already has a lifespan")
+        if not inspect.isasyncgenfunction(fn):
+            raise TypeError(f"a lifespan is an async generator function (async def with yield), got {fn!r}")
+        self._lifespan = asynccontextmanager(fn)
+        return fn
 
     def add_endpoint(self, name: str, handler: Handler, options: EndpointOptions | None = None) -> None:
         if not name or "/" in name or any(c.isspace() for c in name):
@@ -153,19 +177,22 @@ class Worker:
         ]
         coordinator = ShutdownCoordinator(runtime, bindings, global_inflight, admissions.values(), readiness)
         handle = WorkerHandle(runtime, {}, coordinator, global_inflight, bindings, readiness)
-        failure: StartupFailed | None = None
-        async with trio.open_nursery() as primary:
+        failure: StartupFailed | EngineStartFailed | None = None
+        engine = _EngineTask(self._lifespan, runtime)
+        async with self._asyncio_loop(), trio.open_nursery() as primary:
             if handle_signals:
                 await primary.start(watch_signals, coordinator)
-            # A shutdown asked for while transports are still coming up (say, a NATS server that is
-            # not there yet) stops the start-up: nothing was accepted, so there is nothing to drain.
+            # A shutdown asked for while the engine or the transports are still coming up (say, a
+            # NATS server that is not there yet) stops the start-up: nothing was accepted.
             with trio.CancelScope() as startup:
                 primary.start_soon(_cancel_on_shutdown, coordinator, startup)
                 try:
+                    await engine.start(primary)
                     await _start_transports(primary, transports, bindings, handle, metrics_address)
-                except StartupFailed as exc:
+                except (StartupFailed, EngineStartFailed) as exc:
                     failure = exc
-                    runtime.logger.error("worker.startup_failed", transport=exc.transport, error=str(exc))
+                    where = exc.transport if isinstance(exc, StartupFailed) else "engine"
+                    runtime.logger.error("worker.startup_failed", transport=where, error=str(exc))
                     primary.cancel_scope.cancel(reason="start-up failed")
             if failure is None:
                 if startup.cancelled_caught:
@@ -180,6 +207,7 @@ class Worker:
                 task_status.started(handle)
                 handle.result = await coordinator.run()
                 handle._drained.set()
+                await engine.stop()
                 primary.cancel_scope.cancel(reason="shutdown phase 3")
         if failure is not None:
             raise failure
@@ -187,6 +215,13 @@ class Worker:
         runtime.logger.info("worker.stopped", forced=handle.result.forced, exit_code=handle.exit_code)
         assert handle.exit_code is not None
         return handle.exit_code
+
+    def _asyncio_loop(self) -> AbstractAsyncContextManager[Any]:
+        if not self.asyncio:
+            return nullcontext()
+        from .engines import open_asyncio_loop  # trio-asyncio, only for workers that asked for it
+
+        return open_asyncio_loop()
 
     def run(self, transports: Sequence[Transport], config: WorkerConfig | None = None, **kwargs: Any) -> int:
         """Serve from plain (non-async) code; returns the process exit code."""
@@ -221,6 +256,60 @@ async def open_worker(
         finally:
             if not handle._coordinator.shutdown_requested:
                 handle.shutdown("open_worker block exited")
+
+
+class _EngineTask:
+    """The worker's lifespan in a task of its own: started before the transports, stopped after the
+    drain. Without a lifespan it does nothing."""
+
+    def __init__(self, lifespan: Lifespan | None, runtime: RuntimeContext) -> None:
+        self._lifespan = lifespan
+        self._runtime = runtime
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        if self._lifespan is not None:
+            await nursery.start(self._run, self._lifespan)
+
+    async def _run(self, lifespan: Lifespan, *, task_status: trio.TaskStatus[None]) -> None:
+        log = self._runtime.logger
+        try:
+            manager = lifespan(self._runtime)
+            try:
+                state = await manager.__aenter__()
+            except Exception as exc:
+                raise EngineStartFailed(exc) from exc
+            self._runtime.state.update(state or {})
+            log.info("worker.engine_started", state=sorted(self._runtime.state))
+            task_status.started()
+            try:
+                await self._stop.wait()
+            except BaseException:
+                # Phase 3 came first (the stop timed out, or the start-up was aborted): the lifespan
+                # sees the cancellation at its yield.
+                if not await manager.__aexit__(*sys.exc_info()):
+                    raise
+                return
+            try:
+                await manager.__aexit__(None, None, None)
+                log.info("worker.engine_stopped")
+            except Exception as exc:
+                # The requests are over; a failing stop must not turn a clean drain into a crash.
+                log.error("worker.engine_stop_failed", error=describe(exc), exc_info=exc)
+        finally:
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """After phase 2: let the lifespan run its stop, for at most ``engine_stop_timeout``."""
+        if self._lifespan is None:
+            return
+        self._stop.set()
+        limit = self._runtime.config.engine_stop_timeout
+        with trio.move_on_after(limit) as waited:
+            await self._stopped.wait()
+        if waited.cancelled_caught:
+            self._runtime.logger.warning("worker.engine_stop_timed_out", engine_stop_timeout=limit)
 
 
 def _printable(addresses: dict[str, Any]) -> dict[str, str]:

@@ -3,16 +3,21 @@
 ``generate`` streams ``max_tokens`` chunks ``{"index": i, "token": "tok<i>"}``, waiting ``ttft_ms``
 before the first and ``itl_ms`` between the others, like a model's prefill and decode. ``echo`` answers
 with its request. Run it with ``ingress serve runtime.mocker:worker``.
+
+``aio_worker`` serves the same endpoints and fields through the asyncio bridge from a fake engine in
+the shape of vLLM's ``AsyncLLM`` (``ingress serve runtime.mocker:aio_worker``); ``thread_worker`` from
+a fake blocking engine in a thread. Both export the fake's ``mocker_engine_running`` (0 when nothing is
+generating) and ``mocker_engine_aborted`` on ``/metrics``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import trio
 
-from ._context import RequestContext
+from ._context import RequestContext, RuntimeContext
 from ._errors import BadRequest
 from ._worker import Worker
 
@@ -66,3 +71,145 @@ def create_mocker(name: str = "mocker", **generate_options: Any) -> Worker:
 
 
 worker = create_mocker()
+
+
+# ---- the same endpoints, served by engines that are not Trio code (docs/engines.md) ----------------
+
+
+def _generate_fields(request: Any) -> tuple[int, float, float]:
+    fields = _as_object(request)
+    max_tokens = _int_field(fields, "max_tokens", 16, MAX_TOKENS_LIMIT)
+    ttft = _int_field(fields, "ttft_ms", 0, MAX_DELAY_MS) / 1000
+    itl = _int_field(fields, "itl_ms", 0, MAX_DELAY_MS) / 1000
+    return max_tokens, ttft, itl
+
+
+class FakeAsyncEngine:
+    """asyncio: a fake engine in the shape of vLLM's ``AsyncLLM`` (``generate`` is an async generator
+    per request id, ``abort(request_id)`` stops one), which records what it was asked to abort."""
+
+    def __init__(self) -> None:
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.completed = 0
+
+    async def generate(
+        self, request_id: str, max_tokens: int, ttft: float, itl: float
+    ) -> AsyncIterator[dict[str, Any]]:
+        import asyncio
+
+        self.running.add(request_id)
+        try:
+            if ttft:
+                await asyncio.sleep(ttft)
+            for index in range(max_tokens):
+                if index and itl:
+                    await asyncio.sleep(itl)
+                yield {"index": index, "token": f"tok{index}"}
+            self.completed += 1
+        finally:
+            self.running.discard(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        self.running.discard(request_id)
+
+
+class FakeBlockingEngine:
+    """A fake blocking engine (a C++/CUDA call in a thread): ``generate`` is a plain generator that
+    sleeps between tokens, wakes early and stops when the handler is cancelled (``abort_requested``),
+    and records each request that did not run to its end."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.completed = 0
+
+    def generate(self, request_id: str, max_tokens: int, ttft: float, itl: float) -> Iterator[dict[str, Any]]:
+        from .engines import abort_requested, wait_for_abort
+
+        with self._lock:
+            self.running.add(request_id)
+        finished = False
+        try:
+            if ttft and wait_for_abort(ttft):
+                return
+            for index in range(max_tokens):
+                if (index and itl and wait_for_abort(itl)) or abort_requested():
+                    return
+                yield {"index": index, "token": f"tok{index}"}
+            finished = True
+        finally:
+            with self._lock:
+                self.running.discard(request_id)
+                if finished:
+                    self.completed += 1
+                else:
+                    self.aborted.append(request_id)
+
+
+def _export_engine(runtime: RuntimeContext, engine: FakeAsyncEngine | FakeBlockingEngine) -> None:
+    """The fake's counters on the worker's /metrics: chaos scripts check that nothing runs for nobody."""
+    from prometheus_client import Gauge
+
+    registry = runtime.metrics.registry
+    running = Gauge("mocker_engine_running", "Requests the fake engine is generating.", registry=registry)
+    running.set_function(lambda: len(engine.running))
+    aborted = Gauge("mocker_engine_aborted", "Requests the fake engine was told to abort.", registry=registry)
+    aborted.set_function(lambda: len(engine.aborted))
+
+
+def create_aio_mocker(name: str = "aio-mocker", **generate_options: Any) -> Worker:
+    """The mocker's endpoints served through the asyncio bridge by ``FakeAsyncEngine``."""
+    worker = Worker(name, asyncio=True)
+
+    @worker.lifespan
+    async def engine(runtime: RuntimeContext) -> AsyncIterator[dict[str, Any]]:
+        fake = FakeAsyncEngine()
+        _export_engine(runtime, fake)
+        yield {"engine": fake}
+
+    async def generate_aio(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        max_tokens, ttft, itl = _generate_fields(request)
+        from .engines import aio_stream  # trio-asyncio: imported by the workers that use it
+
+        fake: FakeAsyncEngine = ctx.state["engine"]
+        tokens = fake.generate(ctx.id, max_tokens, ttft, itl)
+        async with aio_stream(tokens, on_abort=lambda: fake.abort(ctx.id)) as stream:
+            async for token in stream:
+                yield token
+
+    worker.endpoint("generate", **generate_options)(generate_aio)
+    worker.endpoint("echo")(echo)
+    return worker
+
+
+def create_thread_mocker(name: str = "thread-mocker", **generate_options: Any) -> Worker:
+    """The mocker's endpoints served from a thread by ``FakeBlockingEngine``."""
+    worker = Worker(name)
+
+    @worker.lifespan
+    async def engine(runtime: RuntimeContext) -> AsyncIterator[dict[str, Any]]:
+        fake = FakeBlockingEngine()
+        _export_engine(runtime, fake)
+        yield {"engine": fake}
+
+    async def generate_blocking(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        max_tokens, ttft, itl = _generate_fields(request)
+        from .engines import thread_stream
+
+        fake: FakeBlockingEngine = ctx.state["engine"]
+        async with thread_stream(fake.generate, ctx.id, max_tokens, ttft, itl) as stream:
+            async for token in stream:
+                yield token
+
+    worker.endpoint("generate", **generate_options)(generate_blocking)
+    worker.endpoint("echo")(echo)
+    return worker
+
+
+aio_worker = create_aio_mocker()
+thread_worker = create_thread_mocker()

@@ -25,7 +25,7 @@ import trio_asyncio
 from nats.aio.client import DEFAULT_RECONNECT_TIME_WAIT, Client
 from nats.aio.msg import Msg
 
-from runtime._nursery import unwrap_body_error
+from runtime.engines import open_asyncio_loop
 
 _INBOX_FULL = b'{"code":"OVERLOADED","message":"worker inbox is full","retryable":true}'
 
@@ -336,9 +336,11 @@ async def _unsubscribe(subscription: Any) -> None:
 
 
 def open_loop() -> AbstractAsyncContextManager[Any]:
-    """trio: ``trio_asyncio.open_loop()``, except that an error raised by the block comes out as itself,
-    not wrapped in the loop's nursery groups (so ``except Unavailable`` works around a client block)."""
-    return unwrap_body_error(trio_asyncio.open_loop())
+    """trio: the worker's asyncio loop when it has one (``Worker(asyncio=True)``: shared with the
+    handlers' engines), else a new ``trio_asyncio.open_loop()``; an error raised by the block comes
+    out as itself, not wrapped in the loop's nursery groups (so ``except Unavailable`` works around a
+    client block)."""
+    return open_asyncio_loop()
 
 
 # The crossings.
