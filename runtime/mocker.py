@@ -92,6 +92,7 @@ class FakeAsyncEngine:
         self.running: set[str] = set()
         self.aborted: list[str] = []
         self.completed = 0
+        self.produced = 0  # tokens generated, over all requests
 
     async def generate(
         self, request_id: str, max_tokens: int, ttft: float, itl: float
@@ -105,6 +106,7 @@ class FakeAsyncEngine:
             for index in range(max_tokens):
                 if index and itl:
                     await asyncio.sleep(itl)
+                self.produced += 1
                 yield {"index": index, "token": f"tok{index}"}
             self.completed += 1
         finally:
@@ -127,6 +129,7 @@ class FakeBlockingEngine:
         self.running: set[str] = set()
         self.aborted: list[str] = []
         self.completed = 0
+        self.produced = 0  # tokens generated, over all requests
 
     def generate(self, request_id: str, max_tokens: int, ttft: float, itl: float) -> Iterator[dict[str, Any]]:
         from .engines import abort_requested, wait_for_abort
@@ -140,6 +143,7 @@ class FakeBlockingEngine:
             for index in range(max_tokens):
                 if (index and itl and wait_for_abort(itl)) or abort_requested():
                     return
+                self.produced += 1
                 yield {"index": index, "token": f"tok{index}"}
             finished = True
         finally:

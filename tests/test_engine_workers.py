@@ -1,0 +1,154 @@
+"""Workers whose engine is not Trio code, over real TCP sockets: the asyncio mocker (through the bridge)
+and the thread mocker. A caller that leaves aborts the engine's request; a drain lets engine streams
+finish; a forced drain aborts them; engine errors reach the caller; a slow caller holds the engine back."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from runtime import ErrorCode, RemoteError, RuntimeContext, Worker, WorkerConfig, open_worker
+from runtime.engines import aio_stream
+from runtime.mocker import create_aio_mocker, create_thread_mocker
+from runtime.testing import sample
+from transports.tcp import TcpClient, TcpTransport
+from transports.tcp import _protocol as codec
+
+MOCKERS = {"asyncio": create_aio_mocker, "thread": create_thread_mocker}
+TEST_TIMEOUT = 20
+
+
+@asynccontextmanager
+async def serving(make: Callable[[], Worker], **config: Any) -> AsyncIterator[tuple[Any, TcpClient, Any]]:
+    async with (
+        open_worker(make(), [TcpTransport(port=0)], WorkerConfig(**config)) as handle,
+        TcpClient.connect(*handle.addresses["tcp"]) as client,
+    ):
+        yield handle, client, handle.runtime.state["engine"]
+
+
+async def _idle(handle: Any) -> None:
+    await handle.binding("tcp", "generate").tracker.wait_idle()
+
+
+@pytest.mark.parametrize("kind", MOCKERS)
+async def test_a_caller_that_leaves_mid_stream_aborts_the_engines_request(kind):
+    """Leaving the stream (KILL) cancels the handler and the engine's request: recorded as aborted."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(MOCKERS[kind]) as (handle, client, engine):
+            stream = client.stream(
+                "generate", {"max_tokens": 100_000, "itl_ms": 5}, request_id="leaver", deadline=math.inf
+            )
+            async with stream:
+                async for chunk in stream:
+                    if chunk["index"] == 2:
+                        break
+            await _idle(handle)
+            assert engine.aborted == ["leaver"] and engine.running == set()
+            assert sample(handle.runtime, "mocker_engine_running") == 0
+
+
+@pytest.mark.parametrize("kind", MOCKERS)
+async def test_a_drain_lets_engine_streams_finish(kind):
+    """SIGTERM (shutdown) mid-stream: the engine's stream runs to its end; nothing is aborted."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(MOCKERS[kind]) as (handle, client, engine):
+            stream = client.stream("generate", {"max_tokens": 20, "itl_ms": 5}, deadline=math.inf)
+            chunks = []
+            async with stream:
+                async for chunk in stream:
+                    chunks.append(chunk)
+                    if len(chunks) == 1:
+                        handle.shutdown("test")
+            result = await handle.wait_drained()
+    assert len(chunks) == 20 and not result.forced
+    assert engine.completed == 1 and engine.aborted == []
+
+
+@pytest.mark.parametrize("kind", MOCKERS)
+async def test_a_forced_drain_aborts_the_engines_requests(kind):
+    """The drain deadline passes: the caller hears SHUTTING_DOWN and the engine request is aborted."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(MOCKERS[kind], drain_timeout=0.2) as (handle, client, engine):
+            stream = client.stream(
+                "generate", {"max_tokens": 1000, "itl_ms": 1000}, request_id="slow", deadline=math.inf
+            )
+
+            async def read_and_shut_down() -> None:
+                async with stream:
+                    async for _ in stream:
+                        handle.shutdown("test")
+
+            with pytest.raises(RemoteError) as ended:
+                await read_and_shut_down()
+            result = await handle.wait_drained()
+    assert ended.value.code is ErrorCode.SHUTTING_DOWN and result.forced
+    assert engine.aborted == ["slow"] and engine.running == set()
+
+
+def _failing_engine_worker() -> Worker:
+    """An asyncio engine that fails after two tokens, as an engine does when its GPU goes away."""
+    worker = Worker("failing", asyncio=True)
+
+    class Engine:
+        async def generate(self) -> AsyncIterator[int]:
+            yield 0
+            yield 1
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+    @worker.lifespan
+    async def engine(runtime: RuntimeContext) -> AsyncIterator[dict[str, Any]]:
+        yield {"engine": Engine()}
+
+    @worker.endpoint("generate")
+    async def generate(request: Any, ctx: Any) -> AsyncIterator[int]:
+        async with aio_stream(ctx.state["engine"].generate()) as tokens:
+            async for token in tokens:
+                yield token
+
+    return worker
+
+
+async def test_an_engine_error_reaches_the_caller_as_internal_with_its_message():
+    """The engine's exception mid-stream: the caller gets its chunks, then INTERNAL naming the error."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(_failing_engine_worker) as (_, client, _engine):
+            chunks: list[int] = []
+
+            async def read() -> None:
+                async for chunk in client.stream("generate", {}, deadline=math.inf):
+                    chunks.append(chunk)
+
+            with pytest.raises(RemoteError) as failed:
+                await read()
+    assert chunks == [0, 1] and failed.value.code is ErrorCode.INTERNAL
+    assert "device-side assert" in failed.value.message and failed.value.retryable is False
+
+
+@pytest.mark.parametrize("kind", MOCKERS)
+async def test_a_caller_that_stops_reading_holds_the_engine_back(kind):
+    """A raw client asks for ten million tokens and reads none: the engine stops, bounded, far short."""
+    total = 10_000_000
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(MOCKERS[kind]) as (handle, _, engine):
+            stream = await trio.open_tcp_stream(*handle.addresses["tcp"])
+            connection = codec.Connection(codec.Role.CLIENT)
+            request = codec.Request(1, "generate", "stuck", 0, (), b'{"max_tokens": %d}' % total)
+            await stream.send_all(connection.send(connection.local_hello))
+            while connection.peer_hello is None:
+                connection.receive_data(await stream.receive_some())
+                connection.next_event()
+            await stream.send_all(connection.send(request))
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            held_at = engine.produced
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert 0 < held_at == engine.produced < total  # stopped, not merely slow
+            await stream.aclose()
+            await _idle(handle)
+            assert engine.running == set() and engine.aborted == ["stuck"]
