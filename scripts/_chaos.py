@@ -51,14 +51,37 @@ class Tally:
 
 async def inflight_from_metrics(address: tuple[str, int]) -> tuple[float, float]:
     """(in-flight, disconnects) summed over every endpoint, from the worker's /metrics."""
+    names = ("ingress_inflight_requests", "ingress_client_disconnects_total")
+    sums = await _metrics(address, names)
+    return sums.get(names[0], 0.0), sums.get(names[1], 0.0)
+
+
+async def check_engine_idle(address: tuple[str, int], tally: Tally, *, patience: float = 10.0) -> None:
+    """With an engine mocker (``INGRESS_APP=runtime.mocker:aio_worker`` or ``thread_worker``), once the
+    worker's in-flight count is back to 0 the fake engine must be generating nothing: a request whose
+    caller went away was aborted in the engine too. ``patience`` covers a caller-gone probe (NATS)."""
+    metrics: dict[str, float] = {}
+    with trio.move_on_after(patience):
+        while True:
+            metrics = await _metrics(address, ("ingress_inflight_requests", "mocker_engine_running"))
+            if metrics.get("ingress_inflight_requests") == 0:
+                break
+            await trio.sleep(0.1)
+    running = metrics.get("mocker_engine_running")
+    if running:  # None: not an engine mocker
+        tally.violations.append(f"the engine still generates {running:g} requests after every caller left")
+
+
+async def _metrics(address: tuple[str, int], names: tuple[str, ...]) -> dict[str, float]:
+    """The named samples of the worker's /metrics, summed over labels (absent names are left out)."""
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"http://{address[0]}:{address[1]}/metrics")).text
-    sums = {"ingress_inflight_requests": 0.0, "ingress_client_disconnects_total": 0.0}
+    sums: dict[str, float] = {}
     for line in text.splitlines():
-        name = line.split("{", 1)[0]
-        if name in sums:
-            sums[name] += float(line.rsplit(" ", 1)[1])
-    return sums["ingress_inflight_requests"], sums["ingress_client_disconnects_total"]
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in names:
+            sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return sums
 
 
 def run_cli(doc: str | None, main: Callable[[bool, int], Awaitable[int]]) -> None:

@@ -36,7 +36,7 @@ import h2.connection
 import h2.events
 import httpx
 import trio
-from _chaos import Tally, inflight_from_metrics, run_cli
+from _chaos import Tally, check_engine_idle, inflight_from_metrics, run_cli
 
 from runtime.testing import worker_process
 
@@ -257,6 +257,7 @@ async def run(load: Load, tally: Tally, report: dict[str, object], rng: random.R
                 tally.violations.append(f"in-flight is {report['inflight_after_round1']} after round 1")
             if tally.cut_count() and not report["disconnects_counted"]:
                 tally.violations.append("streams were cut but the worker counted no disconnect")
+            await check_engine_idle(http, tally)
             report["stage"] = "round 2"
             tally.start_round(per_round // 4)
             routed_away = trio.Event()

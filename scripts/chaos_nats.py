@@ -22,7 +22,7 @@ import signal
 from contextlib import AsyncExitStack, aclosing
 
 import trio
-from _chaos import Tally, record_stream, run_cli
+from _chaos import Tally, check_engine_idle, record_stream, run_cli
 
 from runtime.testing import WorkerProcess, start_nats_server, worker_process
 from transports.nats import NatsClient
@@ -65,6 +65,7 @@ async def run(short: bool, seed: int) -> int:
     report: dict[str, object] = {"exit_codes": []}
     concurrency = 8 if short else 32
     args = ("--namespace", "chaos", "--no-access-log", "--drain-timeout", "30", "--tcp", "127.0.0.1:0")
+    args += ("--metrics", "127.0.0.1:0")
     started: list[int] = []
     restarts = WORKERS if short else 2 * WORKERS
     with trio.fail_after(RUN_TIMEOUT):
@@ -100,6 +101,8 @@ async def run(short: bool, seed: int) -> int:
                 await trio.sleep(0.3)
                 stop.set()
                 await load_done.wait()  # the load finishes its last streams on the remaining workers
+                for process in processes:
+                    await check_engine_idle(process.addresses["metrics"], tally)
                 for process in processes:
                     process.send_signal(signal.SIGTERM)
                     report["exit_codes"].append(await process.wait_exit())  # type: ignore[attr-defined]

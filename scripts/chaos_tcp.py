@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 
 import trio
-from _chaos import Tally, inflight_from_metrics, record_stream, run_cli
+from _chaos import Tally, check_engine_idle, inflight_from_metrics, record_stream, run_cli
 
 from runtime import IngressError
 from runtime.testing import worker_process
@@ -155,6 +155,7 @@ async def _run(load: Load, tally: Tally, report: dict[str, object], rng: random.
                 tally.violations.append(
                     f"{cut_in_round1} streams were cut but the worker counted no disconnect"
                 )
+            await check_engine_idle(metrics, tally)
             report["stage"] = "round 2"  # SIGTERM once a quarter of the streams are running
             tally.start_round(load.connections * load.streams_per_connection // 4)
             async with trio.open_nursery() as nursery:

@@ -5,6 +5,7 @@ finish; a forced drain aborts them; engine errors reach the caller; a slow calle
 from __future__ import annotations
 
 import math
+import pathlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,7 +31,7 @@ async def serving(make: Callable[[], Worker], **config: Any) -> AsyncIterator[tu
         open_worker(make(), [TcpTransport(port=0)], WorkerConfig(**config)) as handle,
         TcpClient.connect(*handle.addresses["tcp"]) as client,
     ):
-        yield handle, client, handle.runtime.state["engine"]
+        yield handle, client, handle.runtime.state.get("engine")
 
 
 async def _idle(handle: Any) -> None:
@@ -152,3 +153,32 @@ async def test_a_caller_that_stops_reading_holds_the_engine_back(kind):
             await stream.aclose()
             await _idle(handle)
             assert engine.running == set() and engine.aborted == ["stuck"]
+
+
+def _documented_worker() -> Worker:
+    """The complete vLLM-shaped worker of docs/engines.md, run exactly as written there."""
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "engines.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {"__name__": "documented_app"}
+    exec(compile(code, "docs/engines.md", "exec"), namespace)
+    return namespace["worker"]
+
+
+async def test_the_documented_vllm_shaped_worker_streams_and_aborts_a_caller_that_leaves():
+    """docs/engines.md's example: a full stream works, and a caller that leaves is in llm.aborted."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(_documented_worker) as (handle, client, _):
+            llm = handle.runtime.state["llm"]
+            full = [
+                c
+                async for c in client.stream("generate", {"prompt": "hi", "max_tokens": 3}, deadline=math.inf)
+            ]
+            stream = client.stream(
+                "generate", {"prompt": "hi", "max_tokens": 1000}, request_id="gone", deadline=math.inf
+            )
+            async with stream:
+                async for _ in stream:
+                    break
+            await _idle(handle)
+    assert full == [{"text": "tok0"}, {"text": "tok1"}, {"text": "tok2"}]
+    assert llm.aborted == ["gone"]
