@@ -7,16 +7,17 @@ from __future__ import annotations
 import math
 import pathlib
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+import trio_asyncio
 
 from runtime import ErrorCode, RemoteError, RuntimeContext, Worker, WorkerConfig, open_worker
 from runtime.engines import aio_stream
-from runtime.mocker import create_aio_mocker, create_thread_mocker
+from runtime.mocker import FakeAsyncEngine, create_aio_mocker, create_thread_mocker
 from runtime.testing import sample
 from transports.tcp import TcpClient, TcpTransport
 from transports.tcp import _protocol as codec
@@ -182,3 +183,50 @@ async def test_the_documented_vllm_shaped_worker_streams_and_aborts_a_caller_tha
             await _idle(handle)
     assert full == [{"text": "tok0"}, {"text": "tok1"}, {"text": "tok2"}]
     assert llm.aborted == ["gone"]
+
+
+def _nats_engine_worker() -> Worker:
+    """An asyncio engine behind NATS: the lifespan notes the worker's loop, a handler reports its own."""
+    worker = Worker("nats-engine", asyncio=True)
+
+    @worker.lifespan
+    async def engine(runtime: RuntimeContext) -> AsyncIterator[dict[str, Any]]:
+        yield {"engine": FakeAsyncEngine(), "loop": trio_asyncio.current_loop.get()}
+
+    @worker.endpoint("generate")
+    async def generate(request: Any, ctx: Any) -> AsyncIterator[dict[str, Any]]:
+        fake = ctx.state["engine"]
+        async with aio_stream(
+            fake.generate(ctx.id, request["n"], 0, 0.005), on_abort=lambda: fake.abort(ctx.id)
+        ) as s:
+            async for token in s:
+                yield token
+
+    @worker.endpoint("same_loop")
+    async def same_loop(request: Any, ctx: Any) -> bool:
+        return trio_asyncio.current_loop.get() is ctx.state["loop"]  # NATS's request task's loop
+
+    return worker
+
+
+async def test_nats_and_an_asyncio_engine_share_the_workers_loop_and_leaving_aborts_the_engine():
+    """NATS (asyncio inside) and the engine bridge in one worker: one loop; leaving aborts the engine."""
+    from runtime.testing import nats_server
+    from transports.nats import NatsClient, NatsTransport
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            nats_server() as url,
+            open_worker(_nats_engine_worker(), [NatsTransport(url, namespace="engines")]) as handle,
+            NatsClient.connect(url, namespace="engines") as client,
+        ):
+            engine = handle.runtime.state["engine"]
+            assert await client.call("same_loop", {}) is True
+            full = [c async for c in client.stream("generate", {"n": 3}, deadline=math.inf)]
+            stream = client.stream("generate", {"n": 100_000}, request_id="gone", deadline=math.inf)
+            async with aclosing(stream):
+                async for _ in stream:
+                    break
+            await handle.binding("nats", "generate").tracker.wait_idle()
+    assert [c["index"] for c in full] == [0, 1, 2]
+    assert engine.aborted == ["gone"] and engine.running == set()
