@@ -118,8 +118,8 @@ async def aio_stream(
     a plain one): the documented place for ``engine.abort(request_id)``."""
     loop = _loop()
     pump = _AioPump(items, max_batch)
-    await trio_asyncio.aio_as_trio(pump.start, loop=loop)()
     try:
+        await trio_asyncio.aio_as_trio(pump.start, loop=loop)()
         yield _Batches(trio_asyncio.aio_as_trio(pump.take, loop=loop))
     finally:
         if not pump.finished:
@@ -138,6 +138,7 @@ class _AioPump:
         self.buffer: list[Any] = []
         self.finished = False  # the engine's iterator ended, cleanly or with an error
         self.error: BaseException | None = None
+        self.task: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         self.ready = asyncio.Event()  # the buffer has something, or the iterator ended
@@ -154,7 +155,8 @@ class _AioPump:
                     self.room.clear()
                     await self.room.wait()
         except asyncio.CancelledError:
-            if not self.task.cancelling():
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():
                 self.error = asyncio.CancelledError()  # the engine cancelled it, not us: an error
                 self.finished = True
             raise
@@ -176,10 +178,11 @@ class _AioPump:
         return batch, self.error, self.finished
 
     async def abort(self, on_abort: Callable[[], Any] | None) -> None:
-        self.task.cancel()
-        # It was cancelled: whatever it raised on the way out is the engine's own business.
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.task
+        if self.task is not None:
+            self.task.cancel()
+            # It was cancelled: whatever it raised on the way out is the engine's own business.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
         aclose = getattr(self.items, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 import trio_asyncio
 
-from runtime import ErrorCode, IngressError, Overloaded
+from runtime import ErrorCode, IngressError, Overloaded, Unavailable
 from runtime.engines import (
     DEFAULT_MAX_BATCH,
     EngineError,
@@ -225,3 +225,25 @@ async def test_thread_stream_errors_arrive_after_the_items_before_them():
     with pytest.raises(EngineError, match="out of memory"):
         await consume()
     assert received == [0, 1, 2, 3, 4] and engine.closed == 1
+
+
+async def test_an_engine_that_cancels_on_its_own_is_unavailable_not_a_hang():
+    """asyncio-side cancellation nobody on the Trio side asked for: UNAVAILABLE, in a call or a stream."""
+
+    async def engine_gives_up() -> None:
+        raise asyncio.CancelledError
+
+    async def stream_then_give_up() -> AsyncIterator[int]:
+        yield 0
+        raise asyncio.CancelledError
+
+    async def consume() -> list[int]:
+        async with aio_stream(stream_then_give_up()) as items:
+            return [item async for item in items]
+
+    async with trio_asyncio.open_loop():
+        with trio.fail_after(10):
+            with pytest.raises(Unavailable, match="engine cancelled"):
+                await aio_call(engine_gives_up)
+            with pytest.raises(Unavailable, match="engine cancelled"):
+                await consume()
