@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -178,7 +177,7 @@ class Worker:
         coordinator = ShutdownCoordinator(runtime, bindings, global_inflight, admissions.values(), readiness)
         handle = WorkerHandle(runtime, {}, coordinator, global_inflight, bindings, readiness)
         failure: StartupFailed | EngineStartFailed | None = None
-        engine = _EngineTask(self._lifespan, runtime)
+        engine = _Lifespan(self._lifespan, runtime)
         async with self._asyncio_loop(), trio.open_nursery() as primary:
             if handle_signals:
                 await primary.start(watch_signals, coordinator)
@@ -193,6 +192,8 @@ class Worker:
                     failure = exc
                     where = exc.transport if isinstance(exc, StartupFailed) else "engine"
                     runtime.logger.error("worker.startup_failed", transport=where, error=str(exc))
+                    # Where a model load or a bind failed, for whoever runs with --log-level debug.
+                    runtime.logger.debug("worker.startup_failed.traceback", exc_info=exc.__cause__ or exc)
                     primary.cancel_scope.cancel(reason="start-up failed")
             if failure is None:
                 if startup.cancelled_caught:
@@ -207,7 +208,7 @@ class Worker:
                 task_status.started(handle)
                 handle.result = await coordinator.run()
                 handle._drained.set()
-                await engine.stop()
+                await engine.stop(global_inflight)
                 primary.cancel_scope.cancel(reason="shutdown phase 3")
         if failure is not None:
             raise failure
@@ -219,9 +220,9 @@ class Worker:
     def _asyncio_loop(self) -> AbstractAsyncContextManager[Any]:
         if not self.asyncio:
             return nullcontext()
-        from .engines import open_asyncio_loop  # trio-asyncio, only for workers that asked for it
+        from .engines import open_worker_loop  # trio-asyncio, only for workers that asked for it
 
-        return open_asyncio_loop()
+        return open_worker_loop()
 
     def run(self, transports: Sequence[Transport], config: WorkerConfig | None = None, **kwargs: Any) -> int:
         """Serve from plain (non-async) code; returns the process exit code."""
@@ -258,9 +259,11 @@ async def open_worker(
                 handle.shutdown("open_worker block exited")
 
 
-class _EngineTask:
+class _Lifespan:
     """The worker's lifespan in a task of its own: started before the transports, stopped after the
-    drain. Without a lifespan it does nothing."""
+    drain. Its stop always runs, shielded and bounded by ``engine_stop_timeout``, however the worker
+    ends (a drain, a transport that failed to start, a cancellation from outside). Without a lifespan
+    it does nothing."""
 
     def __init__(self, lifespan: Lifespan | None, runtime: RuntimeContext) -> None:
         self._lifespan = lifespan
@@ -273,43 +276,48 @@ class _EngineTask:
             await nursery.start(self._run, self._lifespan)
 
     async def _run(self, lifespan: Lifespan, *, task_status: trio.TaskStatus[None]) -> None:
-        log = self._runtime.logger
         try:
             manager = lifespan(self._runtime)
             try:
                 state = await manager.__aenter__()
             except Exception as exc:
                 raise EngineStartFailed(exc) from exc
-            self._runtime.state.update(state or {})
-            log.info("worker.engine_started", state=sorted(self._runtime.state))
-            task_status.started()
             try:
+                if state is not None and not isinstance(state, Mapping):
+                    raise EngineStartFailed(
+                        TypeError(f"a lifespan yields a mapping (or nothing), got {type(state).__name__}")
+                    )
+                self._runtime.state.update(state or {})
+                self._runtime.logger.info("worker.engine_started", state=sorted(self._runtime.state))
+                task_status.started()
                 await self._stop.wait()
-            except BaseException:
-                # Phase 3 came first (the stop timed out, or the start-up was aborted): the lifespan
-                # sees the cancellation at its yield.
-                if not await manager.__aexit__(*sys.exc_info()):
-                    raise
-                return
+            finally:
+                await self._close(manager)
+        finally:
+            self._stopped.set()
+
+    async def _close(self, manager: AbstractAsyncContextManager[Any]) -> None:
+        """Run the lifespan's stop (the code after its yield), whatever is being cancelled around it."""
+        log, limit = self._runtime.logger, self._runtime.config.engine_stop_timeout
+        with trio.move_on_after(limit, shield=True) as waited:
             try:
                 await manager.__aexit__(None, None, None)
                 log.info("worker.engine_stopped")
             except Exception as exc:
                 # The requests are over; a failing stop must not turn a clean drain into a crash.
                 log.error("worker.engine_stop_failed", error=describe(exc), exc_info=exc)
-        finally:
-            self._stopped.set()
+        if waited.cancelled_caught:
+            log.warning("worker.engine_stop_timed_out", engine_stop_timeout=limit)
 
-    async def stop(self) -> None:
-        """After phase 2: let the lifespan run its stop, for at most ``engine_stop_timeout``."""
+    async def stop(self, in_flight: GlobalInFlight) -> None:
+        """After phase 2: once no request runs any more (after a forced drain, the killed ones may still
+        be aborting their engine work, ``ABORT_TIMEOUT`` at most), run the lifespan's stop."""
         if self._lifespan is None:
             return
+        with trio.move_on_after(self._runtime.config.engine_stop_timeout):
+            await in_flight.wait_idle()
         self._stop.set()
-        limit = self._runtime.config.engine_stop_timeout
-        with trio.move_on_after(limit) as waited:
-            await self._stopped.wait()
-        if waited.cancelled_caught:
-            self._runtime.logger.warning("worker.engine_stop_timed_out", engine_stop_timeout=limit)
+        await self._stopped.wait()
 
 
 def _printable(addresses: dict[str, Any]) -> dict[str, str]:

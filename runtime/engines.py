@@ -2,15 +2,16 @@
 loop (trio-asyncio), blocking engines in threads. See docs/engines.md.
 
 The guarantees a handler has stop nowhere on the way: a handler cancelled for any reason (caller gone,
-kill, deadline, inactivity, forced drain) cancels the engine's side at once and waits until it has
-finished cancelling, so the engine's own cleanup (an ``engine.abort(request_id)``) has run before the
-request counts as done; an error on the engine's side arrives in the handler as an ``IngressError``
-(``EngineError``, INTERNAL with the engine's message, unless the engine raised an ``IngressError``
-itself), never as a hang; and a slow caller slows the engine instead of buffering its output, because
-at most ``max_batch`` items wait on the engine's side of the bridge.
+kill, deadline, inactivity, forced drain) cancels the engine's side at once and waits, for at most
+``ABORT_TIMEOUT``, until it has finished cancelling, so the engine's own cleanup (an
+``engine.abort(request_id)``) has run before the request counts as done; an engine that does not stop
+in that time is left behind (logged), never waited on forever. An error on the engine's side arrives in
+the handler as an ``IngressError`` (``EngineError``, INTERNAL with the engine's message, unless the
+engine raised an ``IngressError`` itself), never as a hang; and a slow caller slows the engine instead
+of buffering its output, because at most ``max_batch`` items wait on the engine's side of the bridge.
 
 asyncio:
-    ``await aio_call(engine.start)``; ``async with aio_stream(engine.generate(...), on_abort=...) as
+    ``await aio_call(fn, *args)``; ``async with aio_stream(engine.generate(...), on_abort=...) as
     tokens: async for token in tokens: ...`` crosses once per batch of items that are ready, not per item.
 threads:
     ``await thread_call(blocking_fn, *args)``; ``async with thread_stream(blocking_generator_fn, *args)``;
@@ -26,7 +27,7 @@ import inspect
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -34,6 +35,7 @@ import trio
 import trio_asyncio
 
 from ._errors import IngressError, InternalError, Unavailable, describe
+from ._logging import get_logger
 from ._nursery import open_background_nursery, unwrap_body_error
 
 T = TypeVar("T")
@@ -41,9 +43,15 @@ T = TypeVar("T")
 # Items an engine may have produced that the handler has not taken yet (per stream): the bound that makes
 # a slow caller hold the engine back. Also the most items one crossing of the bridge carries.
 DEFAULT_MAX_BATCH = 64
-# Bound on an engine's abort (its cancellation, then ``on_abort``): a hung engine must not hold a
-# request, and so the drain, forever.
+# After a handler is cancelled: how long its engine work (an asyncio task's cancellation, an abort
+# hook, a thread that polls its abort flag) may take to stop before it is left behind. A hung engine
+# must not hold a request, and so the drain and the process's exit, forever.
 ABORT_TIMEOUT = 5.0
+# When the worker exits: how long the asyncio tasks left on its loop (an engine's background tasks) may
+# take to finish being cancelled before the loop is left behind.
+LOOP_CLOSE_TIMEOUT = 5.0
+
+_log = get_logger(component="engines")
 
 
 class EngineError(InternalError):
@@ -55,15 +63,29 @@ class EngineError(InternalError):
 
 
 def _engine_error(exc: BaseException) -> IngressError:
+    """What a handler gets for an exception on the engine's side (logged, with its traceback)."""
     if isinstance(exc, IngressError):
         return exc
     if isinstance(exc, asyncio.CancelledError):
         # The engine cancelled the request itself (it is shutting down, say): nothing was asked of it.
         return Unavailable("the engine cancelled the request")
+    _log.error("engine.failed", error=describe(exc), exc_info=exc)
     return EngineError(exc)
 
 
+def _check_batch(max_batch: int) -> None:
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+
+
 # ---- the worker's asyncio loop --------------------------------------------------------------------
+
+# The loop of the worker that asked for one (Worker(asyncio=True)), for handlers. Not trio-asyncio's own
+# current loop: a NATS transport without it opens a private loop, and a handler must not find that one
+# on NATS requests only.
+_worker_loop: contextvars.ContextVar[trio_asyncio.TrioEventLoop | None] = contextvars.ContextVar(
+    "ingress_worker_loop", default=None
+)
 
 
 @asynccontextmanager
@@ -78,8 +100,33 @@ async def open_asyncio_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
         yield loop
 
 
+@asynccontextmanager
+async def open_worker_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
+    """The worker's own loop, around everything it runs. Closing it cancels the asyncio tasks still
+    there (an engine's background tasks): that may take ``LOOP_CLOSE_TIMEOUT`` at most, and what fails
+    or hangs in it is logged, never turned into the worker's exit status."""
+    close_timeout = LOOP_CLOSE_TIMEOUT
+    with trio.CancelScope() as closing:
+        body_done = False
+        try:
+            async with open_asyncio_loop() as loop:
+                token = _worker_loop.set(loop)
+                try:
+                    yield loop
+                    body_done = True
+                finally:
+                    _worker_loop.reset(token)
+                    closing.deadline = trio.current_time() + close_timeout
+        except Exception as exc:
+            if not body_done:
+                raise
+            _log.warning("worker.asyncio_close_failed", error=describe(exc))
+    if closing.cancelled_caught:
+        _log.warning("worker.asyncio_close_timed_out", close_timeout=close_timeout)
+
+
 def _loop() -> trio_asyncio.TrioEventLoop:
-    loop = trio_asyncio.current_loop.get()
+    loop = _worker_loop.get()
     if loop is None:
         raise RuntimeError(
             "no asyncio loop: create the worker with Worker(name, asyncio=True) to call asyncio engines"
@@ -87,16 +134,40 @@ def _loop() -> trio_asyncio.TrioEventLoop:
     return loop
 
 
+async def _run_task(loop: trio_asyncio.TrioEventLoop, coroutine: Coroutine[Any, Any, T], what: str) -> T:
+    """Trio: run ``coroutine`` as an asyncio task on ``loop`` and return its result. If this is cancelled,
+    the task is cancelled and waited on for ``ABORT_TIMEOUT`` at most, then left behind (logged)."""
+    done = trio.Event()
+    task = loop.create_task(coroutine)
+    task.add_done_callback(lambda _: done.set())  # a plain call from asyncio into Trio: same thread
+    try:
+        await done.wait()
+    except trio.Cancelled:
+        task.cancel()
+        with trio.move_on_after(ABORT_TIMEOUT, shield=True):
+            await done.wait()
+        if not done.is_set():
+            _log.warning("engine.abandoned", what=what, abort_timeout=ABORT_TIMEOUT)
+        raise
+    result: T = task.result()
+    return result
+
+
 async def aio_call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
     """Trio: await the asyncio coroutine function ``fn(*args, **kwargs)`` on the worker's loop.
 
     If the handler is cancelled, the asyncio task is cancelled and this waits until it has finished
-    cancelling; an exception on the asyncio side arrives as ``EngineError`` (or as itself, for an
-    ``IngressError``), an asyncio-side cancellation the handler did not ask for as UNAVAILABLE."""
+    cancelling (``ABORT_TIMEOUT`` at most); an exception on the asyncio side arrives as ``EngineError``
+    (or as itself, for an ``IngressError``), an asyncio-side cancellation the handler did not ask for
+    as UNAVAILABLE."""
     loop = _loop()
+
+    async def call() -> T:
+        return await fn(*args, **kwargs)
+
     try:
-        return await trio_asyncio.aio_as_trio(fn, loop=loop)(*args, **kwargs)  # type: ignore[no-any-return]
-    except (IngressError, trio.Cancelled):
+        return await _run_task(loop, call(), getattr(fn, "__qualname__", repr(fn)))
+    except trio.Cancelled:
         raise
     except (Exception, asyncio.CancelledError) as exc:
         raise _engine_error(exc) from exc
@@ -115,7 +186,9 @@ async def aio_stream(
     ready. If the block is left before the engine's iterator ended (the handler was cancelled, or
     stopped early), the task is cancelled (the engine's generator sees ``CancelledError`` at its
     ``await``), awaited, and then ``on_abort()`` runs on the loop (an asyncio coroutine function or
-    a plain one): the documented place for ``engine.abort(request_id)``."""
+    a plain one): the documented place for ``engine.abort(request_id)``. All of it is bounded by
+    ``ABORT_TIMEOUT``; a failure in it is logged, and the handler's own outcome stands."""
+    _check_batch(max_batch)
     loop = _loop()
     pump = _AioPump(items, max_batch)
     try:
@@ -123,16 +196,27 @@ async def aio_stream(
         yield _Batches(trio_asyncio.aio_as_trio(pump.take, loop=loop))
     finally:
         if not pump.finished:
-            with trio.move_on_after(ABORT_TIMEOUT, shield=True):
-                await trio_asyncio.aio_as_trio(pump.abort, loop=loop)(on_abort)
+            with trio.CancelScope(shield=True):
+                await _abort_pump(loop, pump, on_abort)
+
+
+async def _abort_pump(
+    loop: trio_asyncio.TrioEventLoop, pump: _AioPump, on_abort: Callable[[], Any] | None
+) -> None:
+    """Trio, shielded: run ``pump.abort`` for ``ABORT_TIMEOUT`` at most; log whatever goes wrong."""
+    with trio.move_on_after(ABORT_TIMEOUT) as waited:
+        try:
+            await _run_task(loop, pump.abort(on_abort), "abort")
+        except Exception as exc:
+            _log.warning("engine.abort_failed", error=describe(exc), exc_info=exc)
+    if waited.cancelled_caught:
+        _log.warning("engine.abandoned", what="abort", abort_timeout=ABORT_TIMEOUT)
 
 
 class _AioPump:
     """asyncio: the task that pulls an engine's items into a bounded buffer for the Trio side."""
 
     def __init__(self, items: AsyncIterator[Any], max_batch: int) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.items = items
         self.max_batch = max_batch
         self.buffer: list[Any] = []
@@ -154,17 +238,16 @@ class _AioPump:
                 if len(self.buffer) >= self.max_batch:
                     self.room.clear()
                     await self.room.wait()
+            self.finished = True
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and not task.cancelling():
-                self.error = asyncio.CancelledError()  # the engine cancelled it, not us: an error
-                self.finished = True
+                self.error, self.finished = asyncio.CancelledError(), True  # the engine's own doing
             raise
-        except Exception as exc:
-            self.error = exc
-            self.finished = True
-        else:
-            self.finished = True
+        except BaseException as exc:  # anything else the engine raised ends the stream with it
+            self.error, self.finished = exc, True
+            if not isinstance(exc, Exception):
+                raise
         finally:
             self.ready.set()
 
@@ -178,11 +261,17 @@ class _AioPump:
         return batch, self.error, self.finished
 
     async def abort(self, on_abort: Callable[[], Any] | None) -> None:
+        if self.finished:
+            return  # it ended on its own meanwhile: there is nothing to abort
         if self.task is not None:
             self.task.cancel()
-            # It was cancelled: whatever it raised on the way out is the engine's own business.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await self.task
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise  # the abort itself is being cancelled (ABORT_TIMEOUT): stop here
+            except Exception as exc:  # raised on its way out: the engine's own business, logged
+                _log.warning("engine.abort_failed", error=describe(exc))
         aclose = getattr(self.items, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -197,7 +286,7 @@ class _Batches:
 
     def __init__(self, take: Callable[[], Awaitable[tuple[list[Any], BaseException | None, bool]]]) -> None:
         self._take = take
-        self.crossings = 0  # how many times items came over the bridge (batching, for tests)
+        self.crossings = 0  # how many times items came over the bridge (observable batching)
         self._items: deque[Any] = deque()
         self._error: BaseException | None = None
         self._ended = False
@@ -238,33 +327,60 @@ def wait_for_abort(seconds: float) -> bool:
     return flag.wait(seconds)
 
 
+class _Thread:
+    """One blocking function in a thread of ``limiter``, with its abort flag. If the Trio side is
+    cancelled, the flag is set and the thread is waited on for ``ABORT_TIMEOUT`` at most, then
+    abandoned (logged); a thread still queued for the limiter is simply never started."""
+
+    def __init__(self, limiter: trio.CapacityLimiter | None) -> None:
+        self.limiter = limiter
+        self.abort = threading.Event()
+        self.started = threading.Event()
+        self.done = trio.Event()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        token = _abort.set(self.abort)  # to_thread runs the function in a copy of this context
+        try:
+            return await trio.to_thread.run_sync(
+                self._in_thread, fn, args, limiter=self.limiter, abandon_on_cancel=True
+            )
+        except trio.Cancelled:
+            self.abort.set()
+            if self.started.is_set():
+                with trio.move_on_after(ABORT_TIMEOUT, shield=True):
+                    await self.done.wait()
+                if not self.done.is_set():
+                    _log.warning("engine.abandoned", what=getattr(fn, "__qualname__", "thread"))
+            raise
+        finally:
+            _abort.reset(token)
+
+    def _in_thread(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        self.started.set()
+        try:
+            if self.abort.is_set():
+                raise _NotStarted  # cancelled as it got its thread (nobody waits for the result)
+            return fn(*args)
+        finally:
+            with contextlib.suppress(trio.RunFinishedError):  # abandoned, and the worker exited since
+                trio.from_thread.run_sync(self.done.set)
+
+
+class _NotStarted(Exception):
+    pass
+
+
 async def thread_call(fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter | None = None) -> T:
     """Trio: run the blocking ``fn(*args)`` in a thread (of ``limiter``, default Trio's) and return its
-    result. A cancelled handler sets ``abort_requested()`` and waits for the thread to return (so the
-    drain waits for it too); an exception in it arrives as ``EngineError`` (or as itself, for an
+    result. A cancelled handler sets ``abort_requested()`` and waits for the thread to return
+    (``ABORT_TIMEOUT`` at most); an exception in it arrives as ``EngineError`` (or as itself, for an
     ``IngressError``)."""
-    flag = threading.Event()
-    token = _abort.set(flag)  # to_thread runs fn in a copy of this context
     try:
-        async with open_background_nursery() as nursery:
-            nursery.start_soon(_raise_flag_when_cancelled, flag)
-            try:
-                return await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=False)
-            except (IngressError, trio.Cancelled):
-                raise
-            except Exception as exc:
-                raise EngineError(exc) from exc
-            finally:
-                nursery.cancel_scope.cancel()
-    finally:
-        _abort.reset(token)
-
-
-async def _raise_flag_when_cancelled(flag: threading.Event) -> None:
-    try:
-        await trio.sleep_forever()
-    finally:
-        flag.set()  # cancelled: the handler's, or the call's own when fn returned (harmless then)
+        return await _Thread(limiter).run(fn, *args)
+    except trio.Cancelled:
+        raise
+    except Exception as exc:
+        raise _engine_error(exc) from exc
 
 
 @asynccontextmanager
@@ -279,38 +395,47 @@ async def thread_stream(
     The thread waits while ``max_batch`` items are untaken (a slow caller holds the engine back) and
     crosses into Trio only to wake a handler that waits for items. Leaving the block early sets
     ``abort_requested()``, wakes the thread, closes the generator (its ``finally`` runs) and waits
-    for the thread to return."""
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-    channel = _ThreadChannel(max_batch)
-    token = _abort.set(channel.abort)
-    try:
-        async with open_background_nursery() as nursery:
-            nursery.start_soon(_run_producer, channel, fn, args, limiter)
-            try:
-                yield channel
-            finally:
-                channel.close()
-    finally:
-        _abort.reset(token)
+    for the thread to return, ``ABORT_TIMEOUT`` at most."""
+    _check_batch(max_batch)
+    thread = _Thread(limiter)
+    channel = _ThreadChannel(max_batch, thread.abort)
+    async with open_background_nursery() as nursery:
+        # The producer answers only to its own scope, so that what ends this block (a cancellation
+        # from outside, an error, GeneratorExit) ends it the same way: flag, bounded wait, gone.
+        producer = trio.CancelScope(shield=True)
+        nursery.start_soon(_produce, producer, thread, channel, fn, args)
+        try:
+            yield channel
+        finally:
+            channel.close()
+            producer.cancel()
 
 
-async def _run_producer(
-    channel: _ThreadChannel, fn: Callable[..., Iterator[Any]], args: tuple[Any, ...], limiter: Any
+async def _produce(
+    scope: trio.CancelScope,
+    thread: _Thread,
+    channel: _ThreadChannel,
+    fn: Callable[..., Iterator[Any]],
+    args: tuple[Any, ...],
 ) -> None:
-    with trio.CancelScope(shield=True):  # the thread always runs to its end; close() makes that quick
-        await trio.to_thread.run_sync(channel.produce, fn, args, limiter=limiter, abandon_on_cancel=False)
+    with scope:
+        try:
+            await thread.run(channel.produce, fn, args)
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:  # produce itself failed (not the engine's items): end the stream
+            channel.fail(exc, in_trio=True)
 
 
 class _ThreadChannel:
     """A bounded hand-over from one producer thread to one Trio consumer, crossing only to wake it."""
 
-    def __init__(self, max_batch: int) -> None:
+    def __init__(self, max_batch: int, abort: threading.Event) -> None:
         self.max_batch = max_batch
+        self.abort = abort
         self.lock = threading.Lock()
         self.room = threading.Condition(self.lock)
         self.buffer: deque[Any] = deque()
-        self.abort = threading.Event()
         self.held_back = threading.Event()  # set while the producer waits for room (the reader is slow)
         self.ended = False
         self.error: BaseException | None = None
@@ -335,17 +460,31 @@ class _ThreadChannel:
         except Exception as exc:
             self.error = exc
         finally:
-            close = getattr(items, "close", None)  # None too if fn itself raised
-            if close is not None:
-                close()  # the generator's finally runs here, in its own thread
-            with self.lock:
-                self.ended = True
-            self._wake()
+            try:
+                close = getattr(items, "close", None)  # None too if fn itself raised
+                if close is not None:
+                    close()  # the generator's finally runs here, in its own thread
+            except Exception as exc:
+                self.error = self.error or exc
+            finally:
+                self.fail(None)
 
-    def _wake(self) -> None:
+    def fail(self, error: BaseException | None, *, in_trio: bool = False) -> None:
+        """The stream is over (with ``error``, if not None and none was recorded): wake the consumer."""
+        with self.lock:
+            self.error = self.error or error
+            self.ended = True
+        self._wake(in_trio=in_trio)
+
+    def _wake(self, *, in_trio: bool = False) -> None:
         with self.lock:
             wakeup, self._wakeup = self._wakeup, None
-        if wakeup is not None:
+        if wakeup is None:
+            return
+        if in_trio:
+            wakeup.set()
+            return
+        with contextlib.suppress(trio.RunFinishedError):  # an abandoned thread, after the worker exited
             trio.from_thread.run_sync(wakeup.set)
 
     # Trio side

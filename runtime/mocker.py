@@ -12,6 +12,7 @@ generating) and ``mocker_engine_aborted`` on ``/metrics``.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -84,13 +85,22 @@ def _generate_fields(request: Any) -> tuple[int, float, float]:
     return max_tokens, ttft, itl
 
 
+# How many recent request ids a fake engine remembers (aborted, abort calls): enough for any test, and
+# bounded for a mocker that runs for days.
+RECENT = 1000
+
+
 class FakeAsyncEngine:
     """asyncio: a fake engine in the shape of vLLM's ``AsyncLLM`` (``generate`` is an async generator
-    per request id, ``abort(request_id)`` stops one), which records what it was asked to abort."""
+    per request id, ``abort(request_id)`` stops one). ``running`` holds the requests it is generating
+    (a request leaves it only when its generator has really stopped), ``aborted`` those that stopped
+    before their end, ``abort_calls`` what it was asked to abort."""
 
     def __init__(self) -> None:
         self.running: set[str] = set()
-        self.aborted: list[str] = []
+        self.aborted: deque[str] = deque(maxlen=RECENT)
+        self.aborted_total = 0
+        self.abort_calls: deque[str] = deque(maxlen=RECENT)
         self.completed = 0
         self.produced = 0  # tokens generated, over all requests
 
@@ -100,6 +110,7 @@ class FakeAsyncEngine:
         import asyncio
 
         self.running.add(request_id)
+        finished = False
         try:
             if ttft:
                 await asyncio.sleep(ttft)
@@ -108,26 +119,31 @@ class FakeAsyncEngine:
                     await asyncio.sleep(itl)
                 self.produced += 1
                 yield {"index": index, "token": f"tok{index}"}
-            self.completed += 1
+            finished = True
         finally:
             self.running.discard(request_id)
+            if finished:
+                self.completed += 1
+            else:
+                self.aborted.append(request_id)
+                self.aborted_total += 1
 
     async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-        self.running.discard(request_id)
+        self.abort_calls.append(request_id)
 
 
 class FakeBlockingEngine:
     """A fake blocking engine (a C++/CUDA call in a thread): ``generate`` is a plain generator that
-    sleeps between tokens, wakes early and stops when the handler is cancelled (``abort_requested``),
-    and records each request that did not run to its end."""
+    sleeps between tokens, wakes early and stops when the handler is cancelled (``abort_requested``).
+    ``running`` and ``aborted`` mean what they mean for ``FakeAsyncEngine``."""
 
     def __init__(self) -> None:
         import threading
 
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # every request's generator runs in a thread of its own
         self.running: set[str] = set()
-        self.aborted: list[str] = []
+        self.aborted: deque[str] = deque(maxlen=RECENT)
+        self.aborted_total = 0
         self.completed = 0
         self.produced = 0  # tokens generated, over all requests
 
@@ -143,7 +159,8 @@ class FakeBlockingEngine:
             for index in range(max_tokens):
                 if (index and itl and wait_for_abort(itl)) or abort_requested():
                     return
-                self.produced += 1
+                with self._lock:
+                    self.produced += 1
                 yield {"index": index, "token": f"tok{index}"}
             finished = True
         finally:
@@ -153,6 +170,7 @@ class FakeBlockingEngine:
                     self.completed += 1
                 else:
                     self.aborted.append(request_id)
+                    self.aborted_total += 1
 
 
 def _export_engine(runtime: RuntimeContext, engine: FakeAsyncEngine | FakeBlockingEngine) -> None:
@@ -162,8 +180,10 @@ def _export_engine(runtime: RuntimeContext, engine: FakeAsyncEngine | FakeBlocki
     registry = runtime.metrics.registry
     running = Gauge("mocker_engine_running", "Requests the fake engine is generating.", registry=registry)
     running.set_function(lambda: len(engine.running))
-    aborted = Gauge("mocker_engine_aborted", "Requests the fake engine was told to abort.", registry=registry)
-    aborted.set_function(lambda: len(engine.aborted))
+    aborted = Gauge(
+        "mocker_engine_aborted", "Requests the fake engine stopped before their end.", registry=registry
+    )
+    aborted.set_function(lambda: engine.aborted_total)
 
 
 def create_aio_mocker(name: str = "aio-mocker", **generate_options: Any) -> Worker:

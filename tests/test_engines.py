@@ -10,15 +10,16 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import trio
 import trio.testing
-import trio_asyncio
+from structlog.testing import capture_logs
 
-from runtime import ErrorCode, IngressError, Overloaded, Unavailable
+from runtime import ErrorCode, IngressError, Overloaded, Unavailable, engines
 from runtime.engines import (
     DEFAULT_MAX_BATCH,
     EngineError,
     abort_requested,
     aio_call,
     aio_stream,
+    open_worker_loop,
     thread_call,
     thread_stream,
     wait_for_abort,
@@ -70,7 +71,7 @@ class AsyncEngine:
 async def test_aio_call_returns_and_maps_engine_errors():
     """A value comes back; an engine exception is INTERNAL with its message; an IngressError passes."""
     engine = AsyncEngine()
-    async with trio_asyncio.open_loop():
+    async with open_worker_loop():
         assert await aio_call(engine.answer, {"ok": 1}) == {"ok": 1}
         with pytest.raises(EngineError, match="ValueError: weights not loaded") as failed:
             await aio_call(engine.answer, None, fail=ValueError("weights not loaded"))
@@ -82,7 +83,7 @@ async def test_aio_call_returns_and_maps_engine_errors():
 async def test_a_cancelled_handler_cancels_the_asyncio_task_and_waits_for_it():
     """Cancelling the Trio side cancels the asyncio coroutine, which has seen it before the call returns."""
     engine = AsyncEngine()
-    async with trio_asyncio.open_loop():
+    async with open_worker_loop():
         with trio.move_on_after(0.05):
             await aio_call(engine.hang)
         assert engine.cancelled_calls == 1
@@ -97,7 +98,7 @@ async def test_without_the_workers_loop_the_error_says_what_to_do():
 async def test_aio_stream_crosses_once_per_batch_not_per_item():
     """An engine with 1,000 items ready delivers them in order in about 1000 / max_batch crossings."""
     engine = AsyncEngine()
-    async with trio_asyncio.open_loop(), aio_stream(engine.tokens(1000, paced=False)) as items:
+    async with open_worker_loop(), aio_stream(engine.tokens(1000, paced=False)) as items:
         received = [item async for item in items]
         crossings = items.crossings
     assert received == list(range(1000)) and engine.finally_ran == 1
@@ -107,7 +108,7 @@ async def test_aio_stream_crosses_once_per_batch_not_per_item():
 async def test_a_slow_consumer_holds_the_asyncio_engine_back():
     """Nothing read after the first item: the engine stops within max_batch items of the reader."""
     engine = AsyncEngine()
-    async with trio_asyncio.open_loop(), aio_stream(engine.tokens(100_000), max_batch=8) as items:
+    async with open_worker_loop(), aio_stream(engine.tokens(100_000), max_batch=8) as items:
         assert await items.__anext__() == 0
         await trio.testing.wait_all_tasks_blocked()
         assert engine.produced <= 1 + 2 * 8  # the batch in hand, and a full buffer behind it
@@ -116,7 +117,7 @@ async def test_a_slow_consumer_holds_the_asyncio_engine_back():
 async def test_leaving_an_aio_stream_early_cancels_the_engine_and_runs_on_abort():
     """A handler cancelled mid-stream: the engine's generator is closed and on_abort runs, once."""
     engine = AsyncEngine()
-    async with trio_asyncio.open_loop():
+    async with open_worker_loop():
         with trio.CancelScope() as scope:
             async with aio_stream(engine.tokens(100_000), on_abort=lambda: engine.abort("r1")) as items:
                 async for item in items:
@@ -130,7 +131,7 @@ async def test_an_engine_that_ends_normally_is_not_aborted():
     """on_abort is only for streams the handler left early."""
     engine = AsyncEngine()
     async with (
-        trio_asyncio.open_loop(),
+        open_worker_loop(),
         aio_stream(engine.tokens(3), on_abort=lambda: engine.abort("r1")) as items,
     ):
         assert [item async for item in items] == [0, 1, 2]
@@ -147,7 +148,7 @@ async def test_an_engine_error_mid_stream_arrives_after_the_items_before_it():
             async for item in items:
                 received.append(item)
 
-    async with trio_asyncio.open_loop():
+    async with open_worker_loop():
         with pytest.raises(EngineError, match="KV cache is full"):
             await consume()
     assert received == [0, 1, 2, 3]
@@ -241,9 +242,59 @@ async def test_an_engine_that_cancels_on_its_own_is_unavailable_not_a_hang():
         async with aio_stream(stream_then_give_up()) as items:
             return [item async for item in items]
 
-    async with trio_asyncio.open_loop():
+    async with open_worker_loop():
         with trio.fail_after(10):
             with pytest.raises(Unavailable, match="engine cancelled"):
                 await aio_call(engine_gives_up)
             with pytest.raises(Unavailable, match="engine cancelled"):
                 await consume()
+
+
+async def test_an_engine_that_ignores_cancellation_is_left_behind_after_abort_timeout(monkeypatch):
+    """A cancelled call waits ABORT_TIMEOUT for an engine that will not stop, then leaves it (logged)."""
+    monkeypatch.setattr(engines, "ABORT_TIMEOUT", 0.2)
+    stubborn = asyncio.Event()
+
+    async def ignores_cancellation() -> None:
+        while not stubborn.is_set():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue  # a badly behaved engine
+
+    async with open_worker_loop():
+        with capture_logs() as logs, trio.fail_after(5):
+            with trio.move_on_after(0.05):
+                await aio_call(ignores_cancellation)
+            stubborn.set()
+    assert [e["event"] for e in logs] == ["engine.abandoned"]
+
+
+async def test_a_cancelled_thread_call_whose_function_raises_on_abort_is_just_cancelled():
+    """Blocking code that raises when it sees the flag: the handler gets its cancellation, not a group."""
+    entered = threading.Event()
+
+    def raises_on_abort() -> None:
+        entered.set()
+        while not wait_for_abort(0.01):
+            pass
+        raise RuntimeError("aborted by flag")
+
+    with trio.fail_after(5):
+        with trio.move_on_after(0.05) as scope:
+            await thread_call(raises_on_abort)
+    assert scope.cancelled_caught and entered.is_set()
+
+
+async def test_a_call_queued_for_a_thread_leaves_at_once_when_cancelled_and_never_runs():
+    """With the limiter full, a cancelled call does not wait for a thread, and its function never runs."""
+    limiter = trio.CapacityLimiter(1)
+    release, ran = threading.Event(), []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: thread_call(release.wait, limiter=limiter))
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5), trio.move_on_after(0.05):
+            await thread_call(ran.append, "queued", limiter=limiter)
+        assert ran == []  # left while the other call still holds the only thread
+        release.set()
+    assert ran == []

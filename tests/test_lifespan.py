@@ -98,3 +98,48 @@ def test_ingress_serve_exits_4_when_the_engine_fails_to_start():
     assert result.returncode == EXIT_ENGINE_FAILED
     failed = [line for line in result.stdout.splitlines() if "worker.startup_failed" in line]
     assert len(failed) == 1 and "model weights not found" in failed[0] and "Traceback" not in result.stdout
+
+
+async def test_a_lifespan_that_yields_something_else_than_a_mapping_fails_the_start_up_and_is_stopped():
+    """Yielding the engine itself (not {"name": engine}) is EngineStartFailed; its stop still runs."""
+    worker, stopped = Worker("odd"), []
+
+    @worker.lifespan
+    async def engine(runtime: RuntimeContext) -> AsyncIterator[Any]:
+        yield object()
+        stopped.append(True)
+
+    @worker.endpoint("echo")
+    async def echo(request: Any, ctx: Any) -> Any:
+        return request
+
+    with pytest.raises(EngineStartFailed, match="yields a mapping"):
+        async with open_worker(worker, [MemoryTransport()]):
+            raise AssertionError("served")
+    assert stopped == [True]
+
+
+async def test_the_lifespan_stop_can_await_even_when_the_worker_is_cancelled_from_outside():
+    """Cancelled from outside (no drain): the code after the yield still runs its awaits."""
+    events: list[str] = []
+    worker = Worker("cancelled")
+
+    @worker.lifespan
+    async def engine(runtime: RuntimeContext) -> AsyncIterator[dict[str, Any]]:
+        yield {}
+        await trio.lowlevel.checkpoint()  # would raise Cancelled at once without the shield
+        events.append("stopped cleanly")
+
+    @worker.endpoint("echo")
+    async def echo(request: Any, ctx: Any) -> Any:
+        return request
+
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: worker.serve(
+                    [MemoryTransport()], handle_signals=False, task_status=task_status
+                )
+            )
+            scope.cancel()
+    assert events == ["stopped cleanly"]

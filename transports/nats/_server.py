@@ -1,7 +1,8 @@
 """The NATS ingress: one queue subscription per endpoint, replies streamed to the caller's inbox.
 
-The worker's nursery owns the trio-asyncio loop (``open_loop`` inside ``serve``), so no asyncio task
-outlives the transport. Each endpoint's intake (its subscription loop) runs inside that endpoint's scope;
+The transport runs on the worker's asyncio loop when it has one (``Worker(asyncio=True)``), else on a
+trio-asyncio loop of its own, opened in ``serve``, so that no asyncio task of it outlives the transport.
+Each endpoint's intake (its subscription loop) runs inside that endpoint's scope;
 phase 1 cancels it, drains the subscription (NATS routes new requests to other workers of the queue
 group) and answers anything already delivered but not started with a retryable UNAVAILABLE. Replies from
 every request go through one outbox to an asyncio publisher task, with no crossing per message.
