@@ -119,6 +119,9 @@ async def _close_intake(
 class _ServerConnection:
     """One client connection: the reader runs in ``run``; writer and request tasks in its nursery."""
 
+    # Thousands of idle connections are a normal load: no per-instance dict.
+    __slots__ = ("binding", "caller", "codec", "log", "peer", "stream", "transport", "writer")
+
     def __init__(self, transport: TcpTransport, binding: TransportBinding, stream: trio.SocketStream) -> None:
         self.transport = transport
         self.binding = binding
