@@ -9,6 +9,7 @@ so a waiter always holds the event that the next 1 -> 0 transition will set.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,6 +67,25 @@ class _IdleCounter:
 
 class GlobalInFlight(_IdleCounter):
     """The sum over every endpoint tracker of a worker; phase 2 of shutdown waits on it."""
+
+
+class EngineWork(_IdleCounter):
+    """The engine calls and streams of a worker's handlers that are still running (runtime.engines),
+    aborts included: the lifespan stops the engine only once this is zero (or after a bound)."""
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        self._increment()
+        try:
+            yield
+        finally:
+            self._decrement()
+
+
+# The current worker's, for the handlers it runs (Worker.serve sets it; tasks inherit it).
+current_engine_work: contextvars.ContextVar[EngineWork | None] = contextvars.ContextVar(
+    "ingress_engine_work", default=None
+)
 
 
 class InFlight(_IdleCounter, Generic[T]):

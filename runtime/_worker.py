@@ -21,7 +21,7 @@ from ._config import EXIT_DRAIN_FORCED, EXIT_OK, EndpointOptions, WorkerConfig
 from ._context import RuntimeContext
 from ._endpoint import Endpoint, EndpointBinding, Handler, TransportBinding, bind_transport
 from ._errors import EngineStartFailed, StartupFailed, describe
-from ._inflight import GlobalInFlight, InFlightStatistics
+from ._inflight import EngineWork, GlobalInFlight, InFlightStatistics, current_engine_work
 from ._logging import get_logger
 from ._metrics import Metrics
 from ._nursery import open_background_nursery
@@ -178,38 +178,44 @@ class Worker:
         handle = WorkerHandle(runtime, {}, coordinator, global_inflight, bindings, readiness)
         failure: StartupFailed | EngineStartFailed | None = None
         engine = _Lifespan(self._lifespan, runtime)
-        async with self._asyncio_loop(), trio.open_nursery() as primary:
-            if handle_signals:
-                await primary.start(watch_signals, coordinator)
-            # A shutdown asked for while the engine or the transports are still coming up (say, a
-            # NATS server that is not there yet) stops the start-up: nothing was accepted.
-            with trio.CancelScope() as startup:
-                primary.start_soon(_cancel_on_shutdown, coordinator, startup)
-                try:
-                    await engine.start(primary)
-                    await _start_transports(primary, transports, bindings, handle, metrics_address)
-                except (StartupFailed, EngineStartFailed) as exc:
-                    failure = exc
-                    where = exc.transport if isinstance(exc, StartupFailed) else "engine"
-                    runtime.logger.error("worker.startup_failed", transport=where, error=str(exc))
-                    # Where a model load or a bind failed, for whoever runs with --log-level debug.
-                    runtime.logger.debug("worker.startup_failed.traceback", exc_info=exc.__cause__ or exc)
-                    primary.cancel_scope.cancel(reason="start-up failed")
-            if failure is None:
-                if startup.cancelled_caught:
-                    runtime.logger.info("worker.startup_aborted", started=sorted(handle.addresses))
-                else:
-                    coordinator.mark_ready()
-                    runtime.logger.info(
-                        "worker.ready",
-                        addresses=_printable(handle.addresses),
-                        endpoints=sorted(self._endpoints),
-                    )
-                task_status.started(handle)
-                handle.result = await coordinator.run()
-                handle._drained.set()
-                await engine.stop(global_inflight)
-                primary.cancel_scope.cancel(reason="shutdown phase 3")
+        engine_work = EngineWork()
+        # The handlers' engine work is counted for this worker: what serve spawns inherits the variable.
+        engine_work_token = current_engine_work.set(engine_work)
+        try:
+            async with self._asyncio_loop(), trio.open_nursery() as primary:
+                if handle_signals:
+                    await primary.start(watch_signals, coordinator)
+                # A shutdown asked for while the engine or the transports are still coming up (say, a
+                # NATS server that is not there yet) stops the start-up: nothing was accepted.
+                with trio.CancelScope() as startup:
+                    primary.start_soon(_cancel_on_shutdown, coordinator, startup)
+                    try:
+                        await engine.start(primary)
+                        await _start_transports(primary, transports, bindings, handle, metrics_address)
+                    except (StartupFailed, EngineStartFailed) as exc:
+                        failure = exc
+                        where = exc.transport if isinstance(exc, StartupFailed) else "engine"
+                        runtime.logger.error("worker.startup_failed", transport=where, error=str(exc))
+                        # Where a model load or a bind failed, for whoever runs with --log-level debug.
+                        runtime.logger.debug("worker.startup_failed.traceback", exc_info=exc.__cause__ or exc)
+                        primary.cancel_scope.cancel(reason="start-up failed")
+                if failure is None:
+                    if startup.cancelled_caught:
+                        runtime.logger.info("worker.startup_aborted", started=sorted(handle.addresses))
+                    else:
+                        coordinator.mark_ready()
+                        runtime.logger.info(
+                            "worker.ready",
+                            addresses=_printable(handle.addresses),
+                            endpoints=sorted(self._endpoints),
+                        )
+                    task_status.started(handle)
+                    handle.result = await coordinator.run()
+                    handle._drained.set()
+                    await engine.stop(engine_work)
+                    primary.cancel_scope.cancel(reason="shutdown phase 3")
+        finally:
+            current_engine_work.reset(engine_work_token)
         if failure is not None:
             raise failure
         assert handle.result is not None
@@ -309,13 +315,14 @@ class _Lifespan:
         if waited.cancelled_caught:
             log.warning("worker.engine_stop_timed_out", engine_stop_timeout=limit)
 
-    async def stop(self, in_flight: GlobalInFlight) -> None:
-        """After phase 2: once no request runs any more (after a forced drain, the killed ones may still
-        be aborting their engine work, ``ABORT_TIMEOUT`` at most), run the lifespan's stop."""
+    async def stop(self, engine_work: EngineWork) -> None:
+        """After phase 2: once no handler uses the engine any more (after a forced drain, the killed
+        ones may still be aborting their engine work, ``ABORT_TIMEOUT`` at most), run the lifespan's
+        stop. A request that is only writing its last error to a slow client does not hold it."""
         if self._lifespan is None:
             return
         with trio.move_on_after(self._runtime.config.engine_stop_timeout):
-            await in_flight.wait_idle()
+            await engine_work.wait_idle()
         self._stop.set()
         await self._stopped.wait()
 

@@ -35,6 +35,7 @@ import trio
 import trio_asyncio
 
 from ._errors import IngressError, InternalError, Unavailable, describe
+from ._inflight import current_engine_work
 from ._logging import get_logger
 from ._nursery import open_background_nursery, unwrap_body_error
 
@@ -71,6 +72,18 @@ def _engine_error(exc: BaseException) -> IngressError:
         return Unavailable("the engine cancelled the request")
     _log.error("engine.failed", error=describe(exc), exc_info=exc)
     return EngineError(exc)
+
+
+@contextlib.contextmanager
+def _engine_work() -> Iterator[None]:
+    """Count an engine call or stream (its abort included) as the worker's engine work: the lifespan
+    stops the engine only once none is left."""
+    work = current_engine_work.get()
+    if work is None:  # used outside a worker (a test, a script)
+        yield
+        return
+    with work.track():
+        yield
 
 
 def _check_batch(max_batch: int) -> None:
@@ -166,7 +179,8 @@ async def aio_call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -
         return await fn(*args, **kwargs)
 
     try:
-        return await _run_task(loop, call(), getattr(fn, "__qualname__", repr(fn)))
+        with _engine_work():
+            return await _run_task(loop, call(), getattr(fn, "__qualname__", repr(fn)))
     except trio.Cancelled:
         raise
     except (Exception, asyncio.CancelledError) as exc:
@@ -191,13 +205,14 @@ async def aio_stream(
     _check_batch(max_batch)
     loop = _loop()
     pump = _AioPump(items, max_batch)
-    try:
-        await trio_asyncio.aio_as_trio(pump.start, loop=loop)()
-        yield _Batches(trio_asyncio.aio_as_trio(pump.take, loop=loop))
-    finally:
-        if not pump.finished:
-            with trio.CancelScope(shield=True):
-                await _abort_pump(loop, pump, on_abort)
+    with _engine_work():
+        try:
+            await trio_asyncio.aio_as_trio(pump.start, loop=loop)()
+            yield _Batches(trio_asyncio.aio_as_trio(pump.take, loop=loop))
+        finally:
+            if not pump.finished:
+                with trio.CancelScope(shield=True):
+                    await _abort_pump(loop, pump, on_abort)
 
 
 async def _abort_pump(
@@ -376,7 +391,8 @@ async def thread_call(fn: Callable[..., T], *args: Any, limiter: trio.CapacityLi
     (``ABORT_TIMEOUT`` at most); an exception in it arrives as ``EngineError`` (or as itself, for an
     ``IngressError``)."""
     try:
-        return await _Thread(limiter).run(fn, *args)
+        with _engine_work():
+            return await _Thread(limiter).run(fn, *args)
     except trio.Cancelled:
         raise
     except Exception as exc:
@@ -399,16 +415,17 @@ async def thread_stream(
     _check_batch(max_batch)
     thread = _Thread(limiter)
     channel = _ThreadChannel(max_batch, thread.abort)
-    async with open_background_nursery() as nursery:
-        # The producer answers only to its own scope, so that what ends this block (a cancellation
-        # from outside, an error, GeneratorExit) ends it the same way: flag, bounded wait, gone.
-        producer = trio.CancelScope(shield=True)
-        nursery.start_soon(_produce, producer, thread, channel, fn, args)
-        try:
-            yield channel
-        finally:
-            channel.close()
-            producer.cancel()
+    with _engine_work():
+        async with open_background_nursery() as nursery:
+            # The producer answers only to its own scope, so that what ends this block (a cancellation
+            # from outside, an error, GeneratorExit) ends it the same way: flag, bounded wait, gone.
+            producer = trio.CancelScope(shield=True)
+            nursery.start_soon(_produce, producer, thread, channel, fn, args)
+            try:
+                yield channel
+            finally:
+                channel.close()
+                producer.cancel()
 
 
 async def _produce(

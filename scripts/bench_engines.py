@@ -77,7 +77,7 @@ async def measure(worker: WorkerProcess, load: Load) -> tuple[float, float]:
 
 async def main(loads: tuple[Load, ...]) -> None:
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    args = ("--tcp", "127.0.0.1:0", "--no-access-log", "--log-level", "warning")
+    args = ("--tcp", "127.0.0.1:0", "--no-access-log")  # info: the worker.ready line is awaited
     with trio.fail_after(RUN_TIMEOUT):
         for round_ in range(3):
             for kind, app in APPS.items():

@@ -232,3 +232,24 @@ async def test_nats_and_an_asyncio_engine_share_the_workers_loop_and_leaving_abo
             await handle.binding("nats", "generate").tracker.wait_idle()
     assert [c["index"] for c in full] == [0, 1, 2]
     assert list(engine.aborted) == ["gone"] and list(engine.abort_calls) == ["gone"] and not engine.running
+
+
+@pytest.mark.parametrize("kind", MOCKERS)
+async def test_a_forced_drain_with_a_client_that_reads_nothing_still_stops_the_engine_and_exits(kind):
+    """The killed request is stuck writing to a client that reads nothing: the engine stops anyway
+    (its work was aborted) and phase 3 comes, instead of waiting engine_stop_timeout for that write."""
+    with trio.fail_after(TEST_TIMEOUT):  # engine_stop_timeout is 60 s: waiting on the write would fail here
+        async with serving(MOCKERS[kind], drain_timeout=0.2, engine_stop_timeout=60) as (handle, _, engine):
+            stream = await trio.open_tcp_stream(*handle.addresses["tcp"])
+            connection = codec.Connection(codec.Role.CLIENT)
+            await stream.send_all(connection.send(connection.local_hello))
+            while connection.peer_hello is None:
+                connection.receive_data(await stream.receive_some())
+                connection.next_event()
+            request = codec.Request(1, "generate", "deaf", 0, (), b'{"max_tokens": 10000000}')
+            await stream.send_all(connection.send(request))
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            handle.shutdown("test")
+            result = await handle.wait_drained()
+        await stream.aclose()
+    assert result.forced and list(engine.aborted) == ["deaf"] and engine.running == set()
