@@ -196,19 +196,20 @@ async def aio_stream(
 ) -> AsyncIterator[AsyncIterator[T]]:
     """Trio: iterate an asyncio async iterator (``engine.generate(...)``) as a Trio one.
 
-    An asyncio task pulls items into a buffer of at most ``max_batch``; each crossing takes everything
-    ready. If the block is left before the engine's iterator ended (the handler was cancelled, or
-    stopped early), the task is cancelled (the engine's generator sees ``CancelledError`` at its
-    ``await``), awaited, and then ``on_abort()`` runs on the loop (an asyncio coroutine function or
-    a plain one): the documented place for ``engine.abort(request_id)``. All of it is bounded by
+    An asyncio task pulls items into a buffer of at most ``max_batch``; the handler takes them without
+    a crossing per item, and waits (one wake-up) only when none is ready. If the block is left before
+    the engine's iterator ended (the handler was cancelled, or stopped early), the task is cancelled
+    (the engine's generator sees ``CancelledError`` at its ``await``), awaited, and then
+    ``on_abort()`` runs on the loop (an asyncio coroutine function or a plain one): the documented
+    place for ``engine.abort(request_id)``. All of it is bounded by
     ``ABORT_TIMEOUT``; a failure in it is logged, and the handler's own outcome stands."""
     _check_batch(max_batch)
     loop = _loop()
     pump = _AioPump(items, max_batch)
     with _engine_work():
         try:
-            await trio_asyncio.aio_as_trio(pump.start, loop=loop)()
-            yield _Batches(trio_asyncio.aio_as_trio(pump.take, loop=loop))
+            pump.start(loop)
+            yield pump
         finally:
             if not pump.finished:
                 with trio.CancelScope(shield=True):
@@ -229,27 +230,33 @@ async def _abort_pump(
 
 
 class _AioPump:
-    """asyncio: the task that pulls an engine's items into a bounded buffer for the Trio side."""
+    """The bridge of one stream. An asyncio task pulls the engine's items into a buffer of at most
+    ``max_batch``; the handler's side takes them, with no crossing of the bridge per item: both sides
+    run in one thread, so each wakes the other with a plain call (a ``trio.Event`` set from asyncio,
+    an ``asyncio.Event`` set from Trio), and the handler only waits when the buffer is empty."""
 
     def __init__(self, items: AsyncIterator[Any], max_batch: int) -> None:
         self.items = items
         self.max_batch = max_batch
-        self.buffer: list[Any] = []
+        self.buffer: deque[Any] = deque()
         self.finished = False  # the engine's iterator ended, cleanly or with an error
         self.error: BaseException | None = None
         self.task: asyncio.Future[None] | None = None
-
-    async def start(self) -> None:
-        self.ready = asyncio.Event()  # the buffer has something, or the iterator ended
-        self.room = asyncio.Event()  # the buffer has room
+        self.room = asyncio.Event()  # the buffer has room (set from Trio, waited on in asyncio)
         self.room.set()
-        self.task = asyncio.ensure_future(self._run())
+        self.waiter: trio.Event | None = None  # set while the handler waits for items
+        self.waits = 0  # how often the handler had to wait: one wake-up per batch (observable)
+
+    def start(self, loop: trio_asyncio.TrioEventLoop) -> None:
+        self.task = loop.create_task(self._run())
+
+    # asyncio side
 
     async def _run(self) -> None:
         try:
             async for item in self.items:
                 self.buffer.append(item)
-                self.ready.set()
+                self._wake_handler()
                 if len(self.buffer) >= self.max_batch:
                     self.room.clear()
                     await self.room.wait()
@@ -264,16 +271,12 @@ class _AioPump:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            self.ready.set()
+            self._wake_handler()
 
-    async def take(self) -> tuple[list[Any], BaseException | None, bool]:
-        """Everything ready (waits for at least one item, or the end): (items, error, ended)."""
-        await self.ready.wait()
-        batch, self.buffer = self.buffer, []
-        if not self.finished:
-            self.ready.clear()
-        self.room.set()
-        return batch, self.error, self.finished
+    def _wake_handler(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            waiter.set()
 
     async def abort(self, on_abort: Callable[[], Any] | None) -> None:
         if self.finished:
@@ -295,30 +298,24 @@ class _AioPump:
             if inspect.isawaitable(result):
                 await result
 
+    # Trio side: the handler's async iterator
 
-class _Batches:
-    """Trio: the handler's iterator over what the pump hands over, one crossing per batch."""
-
-    def __init__(self, take: Callable[[], Awaitable[tuple[list[Any], BaseException | None, bool]]]) -> None:
-        self._take = take
-        self.crossings = 0  # how many times items came over the bridge (observable batching)
-        self._items: deque[Any] = deque()
-        self._error: BaseException | None = None
-        self._ended = False
-
-    def __aiter__(self) -> _Batches:
+    def __aiter__(self) -> _AioPump:
         return self
 
     async def __anext__(self) -> Any:
-        while not self._items:
-            if self._ended:
-                if self._error is not None:
-                    raise _engine_error(self._error) from self._error
+        while not self.buffer:
+            if self.finished:
+                if self.error is not None:
+                    raise _engine_error(self.error) from self.error
                 raise StopAsyncIteration
-            batch, self._error, self._ended = await self._take()
-            self.crossings += 1
-            self._items.extend(batch)
-        return self._items.popleft()
+            self.waiter = trio.Event()
+            self.waits += 1
+            await self.waiter.wait()
+        item = self.buffer.popleft()
+        if not self.room.is_set() and len(self.buffer) < self.max_batch:
+            self.room.set()
+        return item
 
 
 # ---- threads --------------------------------------------------------------------------------------
@@ -352,6 +349,8 @@ class _Thread:
         self.abort = threading.Event()
         self.started = threading.Event()
         self.done = trio.Event()
+        # How the thread wakes Trio without waiting for it (run_sync_soon: no round trip per wake-up).
+        self.trio_token = trio.lowlevel.current_trio_token()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         token = _abort.set(self.abort)  # to_thread runs the function in a copy of this context
@@ -378,7 +377,7 @@ class _Thread:
             return fn(*args)
         finally:
             with contextlib.suppress(trio.RunFinishedError):  # abandoned, and the worker exited since
-                trio.from_thread.run_sync(self.done.set)
+                self.trio_token.run_sync_soon(self.done.set)
 
 
 class _NotStarted(Exception):
@@ -414,7 +413,7 @@ async def thread_stream(
     for the thread to return, ``ABORT_TIMEOUT`` at most."""
     _check_batch(max_batch)
     thread = _Thread(limiter)
-    channel = _ThreadChannel(max_batch, thread.abort)
+    channel = _ThreadChannel(max_batch, thread.abort, thread.trio_token)
     with _engine_work():
         async with open_background_nursery() as nursery:
             # The producer answers only to its own scope, so that what ends this block (a cancellation
@@ -447,9 +446,10 @@ async def _produce(
 class _ThreadChannel:
     """A bounded hand-over from one producer thread to one Trio consumer, crossing only to wake it."""
 
-    def __init__(self, max_batch: int, abort: threading.Event) -> None:
+    def __init__(self, max_batch: int, abort: threading.Event, trio_token: trio.lowlevel.TrioToken) -> None:
         self.max_batch = max_batch
         self.abort = abort
+        self.trio_token = trio_token
         self.lock = threading.Lock()
         self.room = threading.Condition(self.lock)
         self.buffer: deque[Any] = deque()
@@ -501,8 +501,9 @@ class _ThreadChannel:
         if in_trio:
             wakeup.set()
             return
+        # Not from_thread.run_sync: the producer goes on while Trio wakes up, so items batch up.
         with contextlib.suppress(trio.RunFinishedError):  # an abandoned thread, after the worker exited
-            trio.from_thread.run_sync(wakeup.set)
+            self.trio_token.run_sync_soon(wakeup.set)
 
     # Trio side
 

@@ -141,6 +141,8 @@ class FakeBlockingEngine:
         import threading
 
         self._lock = threading.Lock()  # every request's generator runs in a thread of its own
+        # One thread per stream: sized for the streams a mocker serves at once (Trio's default is 40).
+        self.threads = trio.CapacityLimiter(1024)
         self.running: set[str] = set()
         self.aborted: deque[str] = deque(maxlen=RECENT)
         self.aborted_total = 0
@@ -226,7 +228,9 @@ def create_thread_mocker(name: str = "thread-mocker", **generate_options: Any) -
         from .engines import thread_stream
 
         fake: FakeBlockingEngine = ctx.state["engine"]
-        async with thread_stream(fake.generate, ctx.id, max_tokens, ttft, itl) as stream:
+        async with thread_stream(
+            fake.generate, ctx.id, max_tokens, ttft, itl, limiter=fake.threads
+        ) as stream:
             async for token in stream:
                 yield token
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import trio
 from bench_nats import cpu_seconds
-from bench_tcp import IngressConnection, progress
+from bench_tcp import IngressConnection
 
 from runtime.testing import WorkerProcess, worker_process
 
@@ -52,6 +53,10 @@ QUICK = (
 )
 
 
+def progress(message: str) -> None:
+    print(f"bench_engines: {message}", file=sys.stderr, flush=True)
+
+
 async def measure(worker: WorkerProcess, load: Load) -> tuple[float, float]:
     """(tokens/s, worker CPU us per token) for ``load`` against ``worker``."""
     connections = [await IngressConnection.open(worker.addresses["tcp"]) for _ in range(load.streams)]
@@ -81,7 +86,7 @@ async def main(loads: tuple[Load, ...]) -> None:
     with trio.fail_after(RUN_TIMEOUT):
         for round_ in range(3):
             for kind, app in APPS.items():
-                progress(f"bench_engines: round {round_ + 1}, {kind}")
+                progress(f"round {round_ + 1}, {kind}")
                 async with worker_process(app, *args) as worker:
                     for load in loads:
                         results.setdefault((kind, load.label), []).append(await measure(worker, load))

@@ -100,7 +100,7 @@ async def test_aio_stream_crosses_once_per_batch_not_per_item():
     engine = AsyncEngine()
     async with open_worker_loop(), aio_stream(engine.tokens(1000, paced=False)) as items:
         received = [item async for item in items]
-        crossings = items.crossings
+        crossings = items.waits
     assert received == list(range(1000)) and engine.finally_ran == 1
     assert crossings <= 1000 // DEFAULT_MAX_BATCH + 2
 
