@@ -1,7 +1,7 @@
 """Engines that are not Trio code: the mocker served through the asyncio bridge (runtime.mocker:aio_worker)
 and from a thread (thread_worker), side by side with the Trio mocker (worker) in one run, over TCP.
 
-    python scripts/bench_engines.py            # about two minutes
+    python scripts/bench_engines.py            # about three minutes
     python scripts/bench_engines.py --quick    # smaller sizes, a smoke test
 
 Workloads: 1 stream, and 256 concurrent streams (one connection each), of tokens as fast as the engine
