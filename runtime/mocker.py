@@ -13,7 +13,7 @@ generating) and ``mocker_engine_aborted`` on ``/metrics``.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import trio
@@ -188,55 +188,58 @@ def _export_engine(runtime: RuntimeContext, engine: FakeAsyncEngine | FakeBlocki
     aborted.set_function(lambda: engine.aborted_total)
 
 
-def create_aio_mocker(name: str = "aio-mocker", **generate_options: Any) -> Worker:
-    """The mocker's endpoints served through the asyncio bridge by ``FakeAsyncEngine``."""
-    worker = Worker(name, asyncio=True)
+async def generate_aio(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+    """``generate``, from the worker's ``FakeAsyncEngine`` through the asyncio bridge."""
+    from .engines import aio_stream  # trio-asyncio: imported by the workers that use it
+
+    max_tokens, ttft, itl = _generate_fields(request)
+    fake: FakeAsyncEngine = ctx.state["engine"]
+    tokens = fake.generate(ctx.id, max_tokens, ttft, itl)
+    async with aio_stream(tokens, on_abort=lambda: fake.abort(ctx.id)) as stream:
+        async for token in stream:
+            yield token
+
+
+async def generate_blocking(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+    """``generate``, from the worker's ``FakeBlockingEngine`` in a thread."""
+    from .engines import thread_stream
+
+    max_tokens, ttft, itl = _generate_fields(request)
+    fake: FakeBlockingEngine = ctx.state["engine"]
+    async with thread_stream(fake.generate, ctx.id, max_tokens, ttft, itl, limiter=fake.threads) as stream:
+        async for token in stream:
+            yield token
+
+
+def _engine_mocker(
+    name: str,
+    make_engine: Callable[[], FakeAsyncEngine | FakeBlockingEngine],
+    generate_handler: Callable[[Any, RequestContext], AsyncIterator[dict[str, Any]]],
+    generate_options: dict[str, Any],
+    *,
+    asyncio: bool = False,
+) -> Worker:
+    worker = Worker(name, asyncio=asyncio)
 
     @worker.lifespan
     async def engine(runtime: RuntimeContext) -> AsyncIterator[dict[str, Any]]:
-        fake = FakeAsyncEngine()
+        fake = make_engine()
         _export_engine(runtime, fake)
         yield {"engine": fake}
 
-    async def generate_aio(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
-        max_tokens, ttft, itl = _generate_fields(request)
-        from .engines import aio_stream  # trio-asyncio: imported by the workers that use it
-
-        fake: FakeAsyncEngine = ctx.state["engine"]
-        tokens = fake.generate(ctx.id, max_tokens, ttft, itl)
-        async with aio_stream(tokens, on_abort=lambda: fake.abort(ctx.id)) as stream:
-            async for token in stream:
-                yield token
-
-    worker.endpoint("generate", **generate_options)(generate_aio)
+    worker.endpoint("generate", **generate_options)(generate_handler)
     worker.endpoint("echo")(echo)
     return worker
+
+
+def create_aio_mocker(name: str = "aio-mocker", **generate_options: Any) -> Worker:
+    """The mocker's endpoints served through the asyncio bridge by ``FakeAsyncEngine``."""
+    return _engine_mocker(name, FakeAsyncEngine, generate_aio, generate_options, asyncio=True)
 
 
 def create_thread_mocker(name: str = "thread-mocker", **generate_options: Any) -> Worker:
     """The mocker's endpoints served from a thread by ``FakeBlockingEngine``."""
-    worker = Worker(name)
-
-    @worker.lifespan
-    async def engine(runtime: RuntimeContext) -> AsyncIterator[dict[str, Any]]:
-        fake = FakeBlockingEngine()
-        _export_engine(runtime, fake)
-        yield {"engine": fake}
-
-    async def generate_blocking(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
-        max_tokens, ttft, itl = _generate_fields(request)
-        from .engines import thread_stream
-
-        fake: FakeBlockingEngine = ctx.state["engine"]
-        async with thread_stream(
-            fake.generate, ctx.id, max_tokens, ttft, itl, limiter=fake.threads
-        ) as stream:
-            async for token in stream:
-                yield token
-
-    worker.endpoint("generate", **generate_options)(generate_blocking)
-    worker.endpoint("echo")(echo)
-    return worker
+    return _engine_mocker(name, FakeBlockingEngine, generate_blocking, generate_options)
 
 
 aio_worker = create_aio_mocker()
