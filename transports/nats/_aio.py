@@ -28,6 +28,9 @@ from nats.aio.msg import Msg
 from runtime.engines import open_asyncio_loop
 
 _INBOX_FULL = b'{"code":"OVERLOADED","message":"worker inbox is full","retryable":true}'
+_DRAINING = (
+    b'{"code":"UNAVAILABLE","message":"worker is draining; send new requests elsewhere","retryable":true}'
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +138,15 @@ async def _subscribe(client: Client, subject: str, queue: str, inbox: trio.Memor
             inbox.send_nowait(msg)
         except trio.WouldBlock:
             # Trio is behind by a whole buffer: refuse rather than queue without bound.
-            if msg.reply:
-                await client.publish(
-                    msg.reply, _INBOX_FULL, headers={"Ingress-Kind": "error", "Ingress-Seq": "0"}
-                )
+            await _refuse(msg, _INBOX_FULL)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # draining: the subscription is going away
+            # Delivered after the drain handed the inbox's last messages to Trio (nats-py can still
+            # run a callback then): the caller must not wait for a reply that will never come.
+            await _refuse(msg, _DRAINING)
+
+    async def _refuse(msg: Msg, body: bytes) -> None:
+        if msg.reply:
+            await client.publish(msg.reply, body, headers={"Ingress-Kind": "error", "Ingress-Seq": "0"})
 
     return await client.subscribe(subject, queue=queue, cb=deliver)  # queue "" means every message
 
