@@ -50,6 +50,10 @@ class WorkerConfig:
             raise ValueError("progress_interval must be positive")
 
 
+# An exchange's inbound messages waiting for its handler, in bytes, before the caller is held back.
+DEFAULT_MAX_INPUT_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointOptions:
     """Per-endpoint limits, set where the endpoint is registered."""
@@ -58,6 +62,10 @@ class EndpointOptions:
     max_queue: int = 0
     # Kill a stream that yields nothing for this long (seconds); None turns the check off.
     inactivity_timeout: float | None = None
+    # Exchanges (duplex endpoints): end one whose caller sent nothing for this long (seconds; None: off),
+    # and hold a caller back once this many bytes of its messages wait for the handler.
+    input_timeout: float | None = None
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -66,3 +74,7 @@ class EndpointOptions:
             raise ValueError("max_queue must not be negative")
         if self.inactivity_timeout is not None and not self.inactivity_timeout > 0:
             raise ValueError("inactivity_timeout must be positive seconds or None")
+        if self.input_timeout is not None and not self.input_timeout > 0:
+            raise ValueError("input_timeout must be positive seconds or None")
+        if self.max_input_bytes < 1:
+            raise ValueError("max_input_bytes must be at least 1")

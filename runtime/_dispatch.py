@@ -20,6 +20,7 @@ from ._admission import Rejected
 from ._context import KillReason, RequestContext
 from ._endpoint import CallerGone, EndpointBinding, ResponseSink
 from ._errors import BadRequest, DeadlineExceeded, IngressError, InternalError, sole_exception
+from ._exchange import Inbox, Messages
 from ._payload import decode_payload, encode_json, parse_deadline
 
 # How each kill reason is recorded in ingress_requests_total{outcome}.
@@ -30,13 +31,19 @@ _KILL_OUTCOMES = {
 }
 
 
-async def dispatch(binding: EndpointBinding, ctx: RequestContext, request: Any, sink: ResponseSink) -> str:
+async def dispatch(
+    binding: EndpointBinding,
+    ctx: RequestContext,
+    request: Any,
+    sink: ResponseSink,
+    inbox: Inbox | None = None,
+) -> str:
     """Run ``request`` on ``binding``'s endpoint and answer through ``sink``; returns the outcome.
 
     The request counts as in flight from ``binding.accept(ctx)`` (the intake's ``Caller.open``; called
     here too, a no-op then, for a context dispatched directly, as tests do) until this returns.
     """
-    run = _Run(binding, ctx, sink)
+    run = _Run(binding, ctx, sink, inbox)
     binding.accept(ctx)
     # What a handler's own structlog lines carry (merge_contextvars). Set here and reset by token before
     # this returns, so nothing outlives the request even when a transport runs it in a shared task; tasks
@@ -47,6 +54,8 @@ async def dispatch(binding: EndpointBinding, ctx: RequestContext, request: Any, 
     try:
         await run.execute(request)
     finally:
+        if inbox is not None:
+            inbox.close()  # the handler is done: what the caller still sends is discarded
         reset_contextvars(**tokens)
         binding.release(ctx)
         run.record()
@@ -62,6 +71,7 @@ async def dispatch_payload(
     timeout_ms: str | int | None = None,
     deadline_unix: str | None = None,
     timeout_name: str = "timeout",
+    inbox: Inbox | None = None,
 ) -> str:
     """``dispatch`` for a request as it came off the wire: its payload and deadline headers are decoded
     here, the one place every transport goes through, and any failure of either is BAD_REQUEST for
@@ -71,7 +81,7 @@ async def dispatch_payload(
         request = decode_payload(payload)
     except BadRequest as error:
         return await answer_error(binding, ctx, sink, error)
-    return await dispatch(binding, ctx, request, sink)
+    return await dispatch(binding, ctx, request, sink, inbox)
 
 
 async def answer_error(
@@ -104,12 +114,15 @@ def settle_unrun(binding: EndpointBinding, ctx: RequestContext, *, gone: str | N
 class _Run:
     """The mutable state of one request while it runs (kept off the RequestContext on purpose)."""
 
-    __slots__ = ("binding", "chunks", "code", "ctx", "ended", "outcome", "sink", "started")
+    __slots__ = ("binding", "chunks", "code", "ctx", "ended", "inbox", "outcome", "sink", "started")
 
-    def __init__(self, binding: EndpointBinding, ctx: RequestContext, sink: ResponseSink) -> None:
+    def __init__(
+        self, binding: EndpointBinding, ctx: RequestContext, sink: ResponseSink, inbox: Inbox | None = None
+    ) -> None:
         self.binding = binding
         self.ctx = ctx
         self.sink = sink
+        self.inbox = inbox
         self.chunks = 0
         self.ended = False
         self.outcome = ""
@@ -165,7 +178,9 @@ class _Run:
             self.chunks = 1
             await self.sink.send_result(data)
         else:
-            await self._stream(endpoint.handler(request, self.ctx))
+            # A duplex handler takes the caller's messages where another takes its request.
+            source = Messages(self.inbox) if endpoint.duplex and self.inbox is not None else request
+            await self._stream(endpoint.handler(source, self.ctx))
             await self.sink.send_end(self.chunks)
         self.ended = True
 
@@ -258,6 +273,9 @@ class _Run:
             # connection broken before the transport noticed reports no reason: a reset.
             metrics.disconnect(self.ctx._gone_reason or "reset")
         metrics.duration.observe(elapsed)
+        messages_in = None if self.inbox is None else self.inbox.received
+        if messages_in is not None:
+            metrics.exchange_messages(received=messages_in, sent=self.chunks)
         if not self.binding.access_log:
             return
         self.binding.logger.info(
@@ -266,6 +284,7 @@ class _Run:
             outcome=self.outcome or "cancelled",
             code=self.code,
             chunks=self.chunks,
+            messages_in=messages_in,
             duration_ms=round(elapsed * 1000, 3),
             peer=self.ctx.peer,
         )

@@ -28,22 +28,29 @@ Handler = Callable[[Any, RequestContext], Any]
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """A registered handler: an async generator function streams, a coroutine function answers once."""
+    """A registered handler: an async generator function streams, a coroutine function answers once; a
+    duplex one (an async generator taking ``(messages, ctx)``) is a full-duplex exchange."""
 
     name: str
     handler: Handler
     options: EndpointOptions
     streaming: bool  # decided once here, not per request
+    duplex: bool = False
 
     @classmethod
-    def create(cls, name: str, handler: Handler, options: EndpointOptions) -> Endpoint:
+    def create(cls, name: str, handler: Handler, options: EndpointOptions, duplex: bool = False) -> Endpoint:
         streaming = inspect.isasyncgenfunction(handler)
+        if duplex and not streaming:
+            raise TypeError(
+                f"endpoint {name!r}: a duplex handler is an async generator taking (messages, ctx), "
+                f"got {handler!r}"
+            )
         if not (streaming or inspect.iscoroutinefunction(handler)):
             raise TypeError(
                 f"endpoint {name!r}: handler must be an 'async def' function or an async generator, "
                 f"got {handler!r}"
             )
-        return cls(name, handler, options, streaming)
+        return cls(name, handler, options, streaming, duplex)
 
 
 class CallerGone(Exception):

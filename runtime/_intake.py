@@ -25,6 +25,7 @@ from ._context import KillReason, RequestContext, new_request_id
 from ._dispatch import answer_error, dispatch_payload, settle_unrun
 from ._endpoint import EndpointBinding, ResponseSink, TransportBinding
 from ._errors import BadRequest, IngressError, Overloaded, Unavailable
+from ._exchange import Inbox
 
 DRAINING = "worker is draining; send new requests elsewhere"
 
@@ -32,13 +33,21 @@ DRAINING = "worker is draining; send new requests elsewhere"
 class Caller:
     """The open calls of one caller, keyed by whatever the transport names them with."""
 
-    __slots__ = ("_calls", "_transport", "max_calls", "peer")
+    __slots__ = ("_calls", "_transport", "exchanges", "max_calls", "peer")
 
     def __init__(
-        self, transport: TransportBinding, *, peer: str | None = None, max_calls: int | None = None
+        self,
+        transport: TransportBinding,
+        *,
+        peer: str | None = None,
+        max_calls: int | None = None,
+        exchanges: bool = False,
     ) -> None:
         self._transport = transport
         self.peer = peer
+        # Whether the transport streams an exchange's messages into ``Call.inbox`` as they come. If not,
+        # a duplex endpoint takes the request payload as all of its input (NDJSON lines, then the end).
+        self.exchanges = exchanges
         # More open calls than this at once are refused OVERLOADED (say, streams on one connection).
         self.max_calls = max_calls
         self._calls: dict[Hashable, Call] = {}
@@ -81,6 +90,9 @@ class Caller:
         )
         binding.accept(ctx)  # counted in flight from now, before the transport spawns anything
         call = Call(self, key, binding, ctx)
+        if binding.endpoint.duplex:
+            options = binding.endpoint.options
+            call.inbox = Inbox(options.max_input_bytes, options.input_timeout)
         self._calls[key] = call
         return call
 
@@ -133,7 +145,7 @@ class Caller:
 class Call:
     """One accepted request, from ``Caller.open`` until it is answered (``run``, ``fail`` or ``abandon``)."""
 
-    __slots__ = ("_caller", "_settled", "binding", "ctx", "key")
+    __slots__ = ("_caller", "_settled", "binding", "ctx", "inbox", "key")
 
     def __init__(self, caller: Caller, key: Hashable, binding: EndpointBinding, ctx: RequestContext) -> None:
         self._caller = caller
@@ -141,6 +153,8 @@ class Call:
         self.binding = binding
         self.ctx = ctx
         self._settled = False  # run, fail or abandon happened: each call has exactly one outcome
+        # A duplex endpoint's inbound messages: the transport offers them here and ends it (half-close).
+        self.inbox: Inbox | None = None
 
     async def run(
         self,
@@ -151,8 +165,14 @@ class Call:
         deadline_unix: str | None = None,
         timeout_name: str = "timeout",
     ) -> str:
-        """Decode and run the request, answering through ``sink``; returns its outcome."""
+        """Decode and run the request, answering through ``sink``; returns its outcome. For an exchange on
+        a transport that does not stream its input, ``payload`` is all of it (NDJSON lines); one that
+        does offers the messages to ``inbox`` itself, the first one (if any) right after ``open``."""
         self._settle()
+        if self.inbox is not None:
+            if not self._caller.exchanges:
+                self.inbox.fill(payload)
+            payload = b""
         try:
             return await dispatch_payload(
                 self.binding,
@@ -162,6 +182,7 @@ class Call:
                 timeout_ms=timeout_ms,
                 deadline_unix=deadline_unix,
                 timeout_name=timeout_name,
+                inbox=self.inbox,
             )
         finally:
             self._close()

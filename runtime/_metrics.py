@@ -54,6 +54,12 @@ class Metrics:
             labels,
             registry=r,
         )
+        self.messages = Counter(
+            "ingress_exchange_messages",
+            "Messages of full-duplex exchanges, by direction (received from callers, sent to them).",
+            (*labels, "direction"),
+            registry=r,
+        )
         self.protocol_errors = Counter(
             "ingress_protocol_errors", "Connections closed for malformed input.", ("transport",), registry=r
         )
@@ -104,3 +110,8 @@ class BindingMetrics:
 
     def rejection(self, reason: str) -> None:
         self._metrics.rejections.labels(*self._labels, reason).inc()
+
+    def exchange_messages(self, *, received: int, sent: int) -> None:
+        messages = self._metrics.messages
+        messages.labels(*self._labels, "received").inc(received)
+        messages.labels(*self._labels, "sent").inc(sent)

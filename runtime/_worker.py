@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import trio
 
 from ._admission import Admission
-from ._config import EXIT_DRAIN_FORCED, EXIT_OK, EndpointOptions, WorkerConfig
+from ._config import DEFAULT_MAX_INPUT_BYTES, EXIT_DRAIN_FORCED, EXIT_OK, EndpointOptions, WorkerConfig
 from ._context import RuntimeContext
 from ._endpoint import Endpoint, EndpointBinding, Handler, TransportBinding, bind_transport
 from ._errors import EngineStartFailed, StartupFailed, describe
@@ -117,12 +117,18 @@ class Worker:
         max_concurrency: float = math.inf,
         max_queue: int = 0,
         inactivity_timeout: float | None = None,
+        duplex: bool = False,
+        input_timeout: float | None = None,
+        max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
     ) -> Callable[[Handler], Handler]:
-        """Decorator registering an endpoint; the name defaults to the function's."""
-        options = EndpointOptions(max_concurrency, max_queue, inactivity_timeout)
+        """Decorator registering an endpoint; the name defaults to the function's. ``duplex=True``: a
+        full-duplex exchange, an async generator taking ``(messages, ctx)`` (docs/exchanges.md)."""
+        options = EndpointOptions(
+            max_concurrency, max_queue, inactivity_timeout, input_timeout, max_input_bytes
+        )
 
         def register(handler: Handler) -> Handler:
-            self.add_endpoint(name or handler.__name__, handler, options)
+            self.add_endpoint(name or handler.__name__, handler, options, duplex=duplex)
             return handler
 
         return register
@@ -141,12 +147,14 @@ class Worker:
         self._lifespan = asynccontextmanager(fn)
         return fn
 
-    def add_endpoint(self, name: str, handler: Handler, options: EndpointOptions | None = None) -> None:
+    def add_endpoint(
+        self, name: str, handler: Handler, options: EndpointOptions | None = None, *, duplex: bool = False
+    ) -> None:
         if not name or "/" in name or any(c.isspace() for c in name):
             raise ValueError(f"endpoint name {name!r} must be non-empty, with no '/' or white space")
         if name in self._endpoints:
             raise ValueError(f"endpoint {name!r} is already registered on worker {self.name!r}")
-        self._endpoints[name] = Endpoint.create(name, handler, options or EndpointOptions())
+        self._endpoints[name] = Endpoint.create(name, handler, options or EndpointOptions(), duplex)
 
     async def serve(
         self,

@@ -1,6 +1,7 @@
 """The mock inference engine: the default app of ``ingress serve``, and the workload of tests and benchmarks.
 
-``generate`` streams ``max_tokens`` chunks ``{"index": i, "token": "tok<i>"}``, waiting ``ttft_ms``
+``chat`` is a full-duplex exchange (each inbound message answered by a turn of tokens). ``generate``
+streams ``max_tokens`` chunks ``{"index": i, "token": "tok<i>"}``, waiting ``ttft_ms``
 before the first and ``itl_ms`` between the others, like a model's prefill and decode. ``echo`` answers
 with its request. Run it with ``ingress serve runtime.mocker:worker``.
 
@@ -58,6 +59,22 @@ async def generate(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str,
         yield {"index": index, "token": f"tok{index}"}
 
 
+async def chat(messages: AsyncIterator[Any], ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+    """A full-duplex exchange: each message ``{"max_tokens": n, "itl_ms": t}`` (defaults 4 and 0) is
+    answered by n chunks ``{"turn": k, "index": i, "token": ...}``, k counting messages from 0; once
+    the caller half-closes, the exchange ends after the last turn is answered."""
+    turn = 0
+    async for message in messages:
+        fields = _as_object(message)
+        max_tokens = _int_field(fields, "max_tokens", 4, MAX_TOKENS_LIMIT)
+        itl = _int_field(fields, "itl_ms", 0, MAX_DELAY_MS) / 1000
+        for index in range(max_tokens):
+            if index and itl:
+                await trio.sleep(itl)
+            yield {"turn": turn, "index": index, "token": f"tok{index}"}
+        turn += 1
+
+
 async def echo(request: Any, ctx: RequestContext) -> Any:
     """Answer once, with the request itself."""
     return request
@@ -68,6 +85,7 @@ def create_mocker(name: str = "mocker", **generate_options: Any) -> Worker:
     worker = Worker(name)
     worker.endpoint("generate", **generate_options)(generate)
     worker.endpoint("echo")(echo)
+    worker.endpoint("chat", duplex=True)(chat)
     return worker
 
 

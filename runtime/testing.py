@@ -126,7 +126,7 @@ class MemoryTransport:
     ) -> None:
         # 1. One Caller holds the open requests of one caller; this transport has a single caller.
         self._binding = binding
-        self._caller = Caller(binding, peer="memory")
+        self._caller = Caller(binding, peer="memory", exchanges=True)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started("memory")
@@ -152,6 +152,8 @@ class MemoryTransport:
             call = self._caller.open(
                 key, endpoint, request_id=request_id, metadata=dict(metadata) if metadata else None
             )
+            if call.inbox is not None and payload:
+                call.inbox.offer(payload)  # an exchange's first message, in order before any send()
         except IngressError as error:
             sink.error, sink.retryable = error, error.resolve_retryable(chunks_sent=0)
             return MemoryCall(self._caller, key, None, sink, done=_set_event())
@@ -191,6 +193,18 @@ class MemoryCall:
 
     def disconnect(self, reason: str = "closed") -> None:
         self._caller.drop(self._key, reason)
+
+    async def send(self, message: Any) -> None:
+        """An exchange: send one message (JSON-encoded here), waiting while the handler is behind."""
+        call = self._caller.get(self._key)
+        if call is not None and call.inbox is not None:
+            await call.inbox.put(json.dumps(message).encode())
+
+    def end(self) -> None:
+        """An exchange: half-close (the handler's iteration of the messages ends)."""
+        call = self._caller.get(self._key)
+        if call is not None and call.inbox is not None:
+            call.inbox.end()
 
     async def wait_done(self) -> None:
         await self.done.wait()
