@@ -1118,7 +1118,7 @@ async def tcp_hello(mode: Mode) -> list[Row]:
 
     rows = [functools.partial(survive, "HELLO + REQUEST in one write", "tcp", together)]
     bad_hellos = [
-        ("HELLO version 2", MAGIC + hello(version=2)),
+        ("HELLO version 0", MAGIC + hello(version=0)),
         ("HELLO max_frame_size 100", MAGIC + hello(max_frame_size=100)),
         ("HELLO max_streams 0", MAGIC + hello(max_streams=0)),
         ("bad magic", b"XINGRESS" + hello()),

@@ -364,7 +364,7 @@ def _reading_client() -> codec.Connection:
 @pytest.mark.parametrize(
     ("fields", "says"),
     [
-        ((7, 1 << 20, 128), "unsupported protocol version 7"),
+        ((0, 1 << 20, 128), "unsupported protocol version 0"),
         ((1, 100, 128), "frame limit below 1024"),
         ((1, 1 << 20, 0), "no streams"),
     ],

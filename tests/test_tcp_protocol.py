@@ -48,7 +48,7 @@ def test_preface_and_hello_bytes_are_exactly_as_documented():
     """The preface is the magic followed by a 10-byte HELLO frame on stream 0 (docs/protocol-tcp.md)."""
     client = codec.Connection(Role.CLIENT, max_frame_size=4096, max_streams=7)
     assert client.send(client.local_hello) == b"TINGRESS" + struct.pack("!IBI", 10, 0, 0) + struct.pack(
-        "!HII", 1, 4096, 7
+        "!HII", 2, 4096, 7
     )
 
 
@@ -85,8 +85,8 @@ def test_frames_on_a_finished_stream_are_dropped_not_errors():
     [
         (b"GET / HTTP/1.1\r\n", "bad preface"),
         (
-            b"TINGRESS" + struct.pack("!IBI", 10, 0, 0) + struct.pack("!HII", 9, 4096, 1),
-            "unsupported protocol version 9",
+            b"TINGRESS" + struct.pack("!IBI", 10, 0, 0) + struct.pack("!HII", 0, 4096, 1),
+            "unsupported protocol version 0",
         ),
         (b"TINGRESS" + struct.pack("!IBI", 5000, 0, 0), "exceeds the limit"),
         (b"TINGRESS" + struct.pack("!IBI", 0, 2, 1), "expected HELLO first"),
@@ -120,7 +120,7 @@ def test_stream_ids_must_increase_and_roles_are_enforced():
         _events(server)
     _, server2 = _pair()
     server2.receive_data(codec.HEADER.pack(1, codec.FrameType.DATA, 1) + b"x")
-    with pytest.raises(RemoteProtocolError, match="a client may not send DATA"):
+    with pytest.raises(RemoteProtocolError, match="never opened"):
         _events(server2)
 
 
@@ -225,3 +225,119 @@ def test_a_connection_closed_before_sending_anything_is_a_clean_close():
     partial.receive_data(b"")
     with pytest.raises(RemoteProtocolError):
         _events(partial)
+
+
+def _versioned_pair(client_version: int) -> tuple[codec.Connection, codec.Connection]:
+    client = codec.Connection(Role.CLIENT)
+    client.local_hello = Hello(
+        client_version, client.local_hello.max_frame_size, client.local_hello.max_streams
+    )
+    server = codec.Connection(Role.SERVER)
+    server.receive_data(client.send(client.local_hello))
+    _events(server)
+    client.receive_data(server.send(server.local_hello))
+    _events(client)
+    return client, server
+
+
+@pytest.mark.parametrize(("client_version", "agreed"), [(1, 1), (2, 2), (9, 2)])
+def test_both_sides_use_the_lower_of_the_versions_they_announce(client_version, agreed):
+    """HELLO carries each side's highest version; a version-1 client is still served, at version 1."""
+    client, server = _versioned_pair(client_version)
+    assert client.version == server.version == agreed
+
+
+def test_an_exchange_round_trips_client_data_end_and_window_updates():
+    """Version 2: the server grants credit, the client sends within it and half-closes; the server ends."""
+    client, server = _pair()
+    server.receive_data(client.send(Request(1, "chat", "", 0, (), b"")))
+    _events(server)
+    client.receive_data(server.send(codec.WindowUpdate(1, 10)))
+    assert _events(client) == [codec.WindowUpdate(1, 10)] and client.credit[1] == 10
+    server.receive_data(client.send(Data(1, b'{"a":1}')) + client.send(End(1)))
+    assert _events(server) == [Data(1, b'{"a":1}'), End(1)]
+    assert client.credit[1] == server.credit[1] == 3  # both sides count the credit the same way
+    client.receive_data(server.send(Data(1, b"[1]")) + server.send(End(1)))
+    assert _events(client) == [Data(1, b"[1]"), End(1)] and 1 not in client.open_streams
+
+
+def test_client_data_past_its_credit_or_after_its_end_is_refused_on_both_sides():
+    """Flow control and half-close are enforced where the frame is made and where it arrives."""
+    client, server = _pair()
+    server.receive_data(client.send(Request(1, "chat", "", 0, (), b"")))
+    _events(server)
+    client.receive_data(server.send(codec.WindowUpdate(1, 4)))
+    _events(client)
+    with pytest.raises(LocalProtocolError, match="credit"):
+        client.send(Data(1, b"12345"))
+    server.receive_data(codec.HEADER.pack(5, codec.FrameType.DATA, 1) + b"12345")  # a client that cheats
+    with pytest.raises(RemoteProtocolError, match="flow control"):
+        _events(server)
+    client2, server2 = _pair()
+    server2.receive_data(client2.send(Request(1, "chat", "", 0, (), b"")) + client2.send(End(1)))
+    _events(server2)
+    with pytest.raises(LocalProtocolError, match="after this client's END"):
+        client2.send(End(1))
+    server2.receive_data(codec.HEADER.pack(0, codec.FrameType.END, 1))
+    with pytest.raises(RemoteProtocolError, match="after the client's END"):
+        _events(server2)
+
+
+def test_a_version_1_peer_may_not_use_exchange_frames():
+    """At version 1 a client's DATA is a protocol error and no WINDOW_UPDATE is sent."""
+    client, server = _versioned_pair(1)
+    server.receive_data(client.send(Request(1, "chat", "", 0, (), b"")))
+    _events(server)
+    with pytest.raises(LocalProtocolError, match="version 2"):
+        server.send(codec.WindowUpdate(1, 10))
+    server.receive_data(codec.HEADER.pack(1, codec.FrameType.DATA, 1) + b"x")
+    with pytest.raises(RemoteProtocolError, match="version 2"):
+        _events(server)
+
+
+@given(
+    messages=st.lists(st.binary(min_size=0, max_size=40), max_size=20),
+    window=st.integers(min_value=40, max_value=200),
+    split=st.integers(min_value=1, max_value=17),
+)
+@settings(max_examples=60, deadline=None)
+def test_any_exchange_within_its_window_arrives_intact_however_the_bytes_are_split(messages, window, split):
+    """Messages sent within credit (returned as they arrive) arrive in order, however the bytes are split."""
+    client, server = _pair()
+    server.receive_data(client.send(Request(1, "chat", "", 0, (), b"")))
+    _events(server)
+    client.receive_data(server.send(codec.WindowUpdate(1, window)))
+    _events(client)
+    received: list[bytes] = []
+    for message in messages:
+        wire = client.send(Data(1, message))
+        for i in range(0, len(wire), split):
+            server.receive_data(wire[i : i + split])
+            for event in _events(server):
+                assert isinstance(event, Data)
+                received.append(event.payload)
+                if event.payload:  # the handler took it: the credit goes back
+                    client.receive_data(server.send(codec.WindowUpdate(1, len(event.payload))))
+                    _events(client)
+    assert received == messages and client.credit[1] == server.credit[1] == window
+
+
+def test_the_exchange_example_in_the_protocol_doc_is_exact():
+    """The version-2 exchange example in docs/protocol-tcp.md is byte for byte what the codec sends."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "protocol-tcp.md").read_text()
+    example = doc.split("## Exchanges (version 2)", 1)[1].split("```")[1]
+    documented = bytes.fromhex(
+        "".join(re.findall(r"^\s*([0-9A-F ]+?)\s{2,}", example, re.M)).replace(" ", "")
+    )
+    client, server = _pair()
+    request = client.send(Request(1, "chat", "", 0, (), b'{"max_tokens":1}'))
+    server.receive_data(request)
+    _events(server)
+    grant = server.send(codec.WindowUpdate(1, 65536))
+    client.receive_data(grant)
+    _events(client)
+    rest = client.send(Data(1, b'{"max_tokens":2}')) + client.send(End(1))
+    assert documented == request + grant + rest

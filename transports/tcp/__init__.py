@@ -11,12 +11,18 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from ._client import ClientExchange as ClientExchange
     from ._client import ClientStream as ClientStream
     from ._client import TcpClient as TcpClient
     from ._server import TcpTransport as TcpTransport
 
-_WHERE = {"ClientStream": "._client", "TcpClient": "._client", "TcpTransport": "._server"}
-__all__ = ["ClientStream", "TcpClient", "TcpTransport"]
+_WHERE = {
+    "ClientExchange": "._client",
+    "ClientStream": "._client",
+    "TcpClient": "._client",
+    "TcpTransport": "._server",
+}
+__all__ = ["ClientExchange", "ClientStream", "TcpClient", "TcpTransport"]
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE)

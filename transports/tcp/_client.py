@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from runtime import ErrorCode, IngressError, RemoteError, Unavailable, remote_error
+from runtime import BadRequest, ErrorCode, IngressError, RemoteError, Unavailable, remote_error
 from runtime._nursery import open_background_nursery
 
 from .._keepalive import enable_keepalive
@@ -49,6 +49,10 @@ class TcpClient:
         self._slots: trio.Semaphore | None = None
         self._lost: IngressError | None = None
         self._goaway = trio.Event()
+        # Exchanges waiting for credit to send their next message, and the most credit each has had
+        # (its window: a message larger than that can never be sent), by stream id.
+        self._credit_waiters: dict[int, trio.Event] = {}
+        self._windows: dict[int, int] = {}
 
     @classmethod
     @asynccontextmanager
@@ -102,6 +106,21 @@ class TcpClient:
         await self._goaway.wait()
         assert self._codec.goaway_received is not None
         return self._codec.goaway_received
+
+    def exchange(
+        self,
+        endpoint: str,
+        *,
+        deadline: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> ClientExchange:
+        """A full-duplex exchange with a duplex endpoint (protocol version 2): ``await send(message)``,
+        ``await end()`` (half-close), and iterate the answers, all at once, from different tasks if
+        you like. Use it as an ``async with`` block: leaving early kills the exchange."""
+        return ClientExchange(
+            self, endpoint, b"", deadline, dict(metadata or {}), request_id or uuid.uuid4().hex
+        )
 
     def stream(
         self,
@@ -159,6 +178,11 @@ class TcpClient:
                 return False
             if isinstance(event, codec.Data | codec.End | codec.Error) and event.stream_id:
                 await self._deliver(event)
+            elif isinstance(event, codec.WindowUpdate):
+                stream_id = event.stream_id
+                window = max(self._windows.get(stream_id, 0), self._codec.credit.get(stream_id, 0))
+                self._windows[stream_id] = window
+                self._credit_granted(stream_id)
             elif isinstance(event, codec.GoAway):
                 self._goaway.set()
             elif isinstance(event, codec.Error):
@@ -187,6 +211,41 @@ class TcpClient:
             self._lost = Unavailable(why)
         for channel in self._streams.values():
             channel.close()
+        for waiter in self._credit_waiters.values():
+            waiter.set()
+
+    def _credit_granted(self, stream_id: int) -> None:
+        waiter = self._credit_waiters.pop(stream_id, None)
+        if waiter is not None:
+            waiter.set()
+
+    # ---- used by ClientExchange -----------------------------------------------------------------------
+
+    async def _send_message(self, stream_id: int, data: bytes) -> None:
+        """Send one exchange message, waiting for the worker's credit (its flow control)."""
+        while self._codec.credit.get(stream_id, 0) < len(data):
+            self._raise_if_lost()
+            if stream_id not in self._streams:
+                raise Unavailable("the exchange has ended", retryable=False)
+            window = self._windows.get(stream_id, 0)
+            if window and len(data) > window:
+                raise BadRequest(
+                    f"a message of {len(data)} bytes cannot fit this exchange's window of {window} "
+                    "bytes (the endpoint's max_input_bytes)"
+                )
+            waiter = self._credit_waiters[stream_id] = trio.Event()
+            await waiter.wait()
+        self._raise_if_lost()
+        await self._writer.write(self._codec.send_data(stream_id, data))
+
+    async def _end_input(self, stream_id: int) -> None:
+        frame = self._codec.send(codec.End(stream_id))
+        if frame:
+            await self._writer.write(frame, flush=True)
+
+    def _raise_if_lost(self) -> None:
+        if self._lost is not None:
+            raise Unavailable(self._lost.message, retryable=False)
 
     # ---- used by ClientStream -------------------------------------------------------------------------
 
@@ -223,6 +282,7 @@ class TcpClient:
         channel = self._streams.pop(stream_id, None)
         if channel is None:
             return
+        self._credit_granted(stream_id)  # a sender waiting for credit learns the exchange is over
         channel.close()
         assert self._slots is not None
         self._slots.release()
@@ -325,3 +385,29 @@ class ClientStream:
             # At interpreter shutdown or on a closed connection there is nobody left to tell.
             with contextlib.suppress(Exception):
                 self._finish(kill=True)
+
+
+class ClientExchange(ClientStream):
+    """A full-duplex exchange: ``send`` messages and ``end`` the input while iterating the answers.
+
+    ``send`` waits while the worker's credit for this exchange is used up (its handler is behind);
+    a message larger than the exchange's whole window can never be sent and is a BadRequest. The
+    answers arrive as with ``stream``; leaving the ``async with`` block early kills the exchange."""
+
+    async def _ensure_open(self) -> int:
+        if self._receive is None:
+            if self.client._codec.version < codec.EXCHANGES_VERSION:
+                raise BadRequest("this worker speaks TCP protocol version 1, which has no exchanges")
+            self._receive = await self.client._open(self)
+        return self._stream_id
+
+    async def send(self, message: Any) -> None:
+        """Send one message (as JSON), waiting for credit."""
+        data = json.dumps(message, separators=(",", ":")).encode()
+        stream_id = await self._ensure_open()
+        await self.client._send_message(stream_id, data)
+
+    async def end(self) -> None:
+        """Half-close: no more messages; the answers go on until the worker ends the exchange."""
+        stream_id = await self._ensure_open()
+        await self.client._end_input(stream_id)

@@ -10,6 +10,11 @@ The full specification is docs/protocol-tcp.md; in short:
 Streams are opened by the client's REQUEST with strictly increasing ids and closed by the server's END
 or ERROR; the allowed (frame, stream state) pairs are the transition table ``_TRANSITIONS``. Frames for
 an already closed stream are dropped, because STOP/KILL and END legitimately cross on the wire.
+
+Version 2 (negotiated: each HELLO carries the highest version its sender speaks, and both use the lower)
+adds exchanges: on an open stream the client may send DATA (a message) within the credit the server
+granted for that stream with WINDOW_UPDATE, and END (its half-close); the stream stays open until the
+server's END or ERROR.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from dataclasses import dataclass
 from typing import Final
 
 MAGIC: Final = b"TINGRESS"
-PROTOCOL_VERSION: Final = 1
+# The highest version this side speaks; a peer announcing any version from 1 up is served at the lower.
+PROTOCOL_VERSION: Final = 2
+# The first version with exchanges (client DATA and END, WINDOW_UPDATE).
+EXCHANGES_VERSION: Final = 2
 HEADER: Final = struct.Struct("!IBI")
 DEFAULT_MAX_FRAME_SIZE: Final = 1024 * 1024
 DEFAULT_MAX_STREAMS: Final = 128
@@ -60,6 +68,7 @@ class FrameType(enum.IntEnum):
     STOP = 5
     KILL = 6
     GOAWAY = 7
+    WINDOW_UPDATE = 8  # version 2
 
 
 class _NeedData:
@@ -127,11 +136,19 @@ class GoAway:
 
 
 @dataclass(frozen=True, slots=True)
+class WindowUpdate:
+    """Version 2: the sender may receive ``increment`` more bytes of DATA on this stream."""
+
+    stream_id: int
+    increment: int
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """The peer closed the connection cleanly, between frames."""
 
 
-Event = Hello | Request | Data | End | Error | Stop | Kill | GoAway | ConnectionClosed
+Event = Hello | Request | Data | End | Error | Stop | Kill | GoAway | WindowUpdate | ConnectionClosed
 
 
 class _Stream(enum.Enum):
@@ -154,11 +171,14 @@ _SENT_BY: Final = {
     FrameType.REQUEST: Role.CLIENT,
     FrameType.STOP: Role.CLIENT,
     FrameType.KILL: Role.CLIENT,
-    FrameType.DATA: Role.SERVER,
-    FrameType.END: Role.SERVER,
+    FrameType.DATA: Role.SERVER,  # and, from version 2, the client's messages on an exchange
+    FrameType.END: Role.SERVER,  # and, from version 2, the client's half-close
     FrameType.ERROR: Role.SERVER,  # on a stream; either side may send ERROR on stream 0
     FrameType.GOAWAY: Role.SERVER,
+    FrameType.WINDOW_UPDATE: Role.SERVER,  # credit for the client's DATA
 }
+# Frames a client may send on an open stream from version 2 on (an exchange's messages, its half-close).
+_CLIENT_EXCHANGE_FRAMES: Final = (FrameType.DATA, FrameType.END)
 
 
 class Connection:
@@ -177,7 +197,12 @@ class Connection:
         self.peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         self.local_hello = Hello(PROTOCOL_VERSION, max_frame_size, max_streams)
         self.peer_hello: Hello | None = None
+        self.version = 0  # negotiated once the peer's HELLO arrived: the lower of the two
         self.open_streams: set[int] = set()
+        # Version 2 exchanges, per stream: bytes of client DATA still allowed (what the server granted
+        # and the client has not used; kept by both sides), and the streams the client half-closed.
+        self.credit: dict[int, int] = {}
+        self.client_ended: set[int] = set()
         self.highest_stream_id = 0
         self.goaway_received: GoAway | None = None
         self._buffer = bytearray()
@@ -254,23 +279,62 @@ class Connection:
             return self._receive_hello(stream_id, payload)
         if stream_id == 0:
             return self._receive_connection_frame(frame_type, payload)
+        if self._client_exchange_frame(frame_type, self.peer_role):
+            return self._receive_client_exchange_frame(frame_type, stream_id, payload)
         sender = _SENT_BY.get(frame_type)
         if sender is not None and sender is not self.peer_role:
             raise RemoteProtocolError(f"a {self.peer_role.value} may not send {frame_type.name}")
         event = _DECODERS[frame_type](stream_id, payload)
+        if isinstance(event, WindowUpdate):
+            if self.version < EXCHANGES_VERSION:
+                raise RemoteProtocolError("WINDOW_UPDATE needs protocol version 2")
+            if stream_id in self.open_streams:
+                self.credit[stream_id] = self.credit.get(stream_id, 0) + event.increment
+                return event
+            return _DROPPED  # the stream ended meanwhile
         return event if self._advance(frame_type, stream_id, RemoteProtocolError) else _DROPPED
+
+    def _client_exchange_frame(self, frame_type: FrameType, sender: Role) -> bool:
+        return sender is Role.CLIENT and frame_type in _CLIENT_EXCHANGE_FRAMES
+
+    def _receive_client_exchange_frame(
+        self, frame_type: FrameType, stream_id: int, payload: bytes
+    ) -> Event | _Dropped:
+        """The server's side of a client's DATA or END (version 2): within credit, before the half-close."""
+        if self.version < EXCHANGES_VERSION:
+            raise RemoteProtocolError(f"a client may not send {frame_type.name} before protocol version 2")
+        if stream_id not in self.open_streams:
+            if stream_id > self.highest_stream_id:
+                raise RemoteProtocolError(f"{frame_type.name} on stream {stream_id}, which was never opened")
+            return _DROPPED  # the server's END crossed it on the wire
+        if stream_id in self.client_ended:
+            raise RemoteProtocolError(f"{frame_type.name} on stream {stream_id} after the client's END")
+        if frame_type is FrameType.END:
+            if payload:
+                raise RemoteProtocolError("END frames carry no payload")
+            self.client_ended.add(stream_id)
+            return End(stream_id)
+        available = self.credit.get(stream_id, 0)
+        if len(payload) > available:
+            raise RemoteProtocolError(
+                f"flow control: {len(payload)} bytes of DATA on stream {stream_id} with {available} of credit"
+            )
+        self.credit[stream_id] = available - len(payload)
+        return Data(stream_id, payload)
 
     def _receive_hello(self, stream_id: int, payload: bytes) -> Hello:
         if self.peer_hello is not None or stream_id != 0 or len(payload) != _HELLO.size:
             raise RemoteProtocolError("HELLO must come once, first, on stream 0, with a 10-byte payload")
         hello = Hello(*_HELLO.unpack(payload))
-        if hello.version != PROTOCOL_VERSION:
+        if hello.version < 1:
             raise RemoteProtocolError(
-                f"unsupported protocol version {hello.version}; this side speaks version {PROTOCOL_VERSION}"
+                f"unsupported protocol version {hello.version}; "
+                f"this side speaks versions 1 to {PROTOCOL_VERSION}"
             )
         if hello.max_frame_size < MIN_MAX_FRAME_SIZE or hello.max_streams < 1:
             raise RemoteProtocolError("HELLO announces a frame limit below 1024 bytes or no streams")
         self.peer_hello = hello
+        self.version = min(hello.version, self.local_hello.version)
         return hello
 
     def _receive_connection_frame(self, frame_type: FrameType, payload: bytes) -> Event:
@@ -300,6 +364,8 @@ class Connection:
             self.highest_stream_id = stream_id
         elif after is _Stream.CLOSED:
             self.open_streams.discard(stream_id)
+            self.credit.pop(stream_id, None)
+            self.client_ended.discard(stream_id)
         return True
 
     # ---- sending ------------------------------------------------------------------------------------
@@ -313,6 +379,10 @@ class Connection:
         if isinstance(event, Data):  # the hot path, first
             return self.send_data(event.stream_id, event.payload)
         frame_type, stream_id, payload = _encode(event)
+        if self._client_exchange_frame(frame_type, self.role):
+            return self._send_client_end(stream_id)
+        if frame_type is FrameType.WINDOW_UPDATE:
+            return self._send_window_update(stream_id, payload, event)
         if stream_id == 0:
             if frame_type not in (FrameType.ERROR, FrameType.GOAWAY) or (
                 frame_type is FrameType.GOAWAY and self.role is not Role.SERVER
@@ -327,10 +397,43 @@ class Connection:
         return self._frame(frame_type, stream_id, payload)
 
     def send_data(self, stream_id: int, payload: bytes) -> bytes:
-        """``send(Data(...))`` without building the event: the per-chunk path."""
-        if stream_id not in self.open_streams or self.role is not Role.SERVER:
-            raise LocalProtocolError(f"DATA on stream {stream_id}, which is not open on the server side")
+        """``send(Data(...))`` without building the event: the per-chunk path. A client's DATA (an
+        exchange's message, version 2) must fit the credit the server granted on that stream."""
+        if stream_id not in self.open_streams:
+            raise LocalProtocolError(f"DATA on stream {stream_id}, which is not open")
+        if self.role is Role.CLIENT:
+            self._check_client_may_send(stream_id, "DATA")
+            available = self.credit.get(stream_id, 0)
+            if len(payload) > available:
+                raise LocalProtocolError(
+                    f"DATA of {len(payload)} bytes on stream {stream_id} with {available} of credit"
+                )
+            self.credit[stream_id] = available - len(payload)
         return self._frame(FrameType.DATA, stream_id, payload)
+
+    def _check_client_may_send(self, stream_id: int, what: str) -> None:
+        if self.version < EXCHANGES_VERSION:
+            raise LocalProtocolError(f"a client may not send {what} before protocol version 2")
+        if stream_id in self.client_ended:
+            raise LocalProtocolError(f"{what} on stream {stream_id} after this client's END")
+
+    def _send_client_end(self, stream_id: int) -> bytes:
+        """The client's half-close of an exchange (version 2): the stream stays open for the answers."""
+        if stream_id not in self.open_streams:
+            return b""  # the server ended it first: nothing left to close
+        self._check_client_may_send(stream_id, "END")
+        self.client_ended.add(stream_id)
+        return self._frame(FrameType.END, stream_id, b"")
+
+    def _send_window_update(self, stream_id: int, payload: bytes, event: Event) -> bytes:
+        """The server grants the client more credit for DATA on an open stream (version 2)."""
+        if self.role is not Role.SERVER or self.version < EXCHANGES_VERSION:
+            raise LocalProtocolError("only a server speaking version 2 sends WINDOW_UPDATE")
+        assert isinstance(event, WindowUpdate)
+        if stream_id not in self.open_streams:
+            return b""  # ended meanwhile: no credit to give
+        self.credit[stream_id] = self.credit.get(stream_id, 0) + event.increment
+        return self._frame(FrameType.WINDOW_UPDATE, stream_id, payload)
 
     def send_refusal(self, error: Error) -> bytes:
         """The bytes that end a connection with a connection ERROR (stream 0) even while the handshake
@@ -437,6 +540,15 @@ def _decode_error(stream_id: int, payload: bytes) -> Error:
     return Error(stream_id, code, bool(flags & 1), _text(payload[_ERROR_HEAD.size :]))
 
 
+def _decode_window_update(stream_id: int, payload: bytes) -> WindowUpdate:
+    if len(payload) != _U32.size:
+        raise RemoteProtocolError("WINDOW_UPDATE carries a 4-byte increment")
+    (increment,) = _U32.unpack(payload)
+    if increment == 0:
+        raise RemoteProtocolError("WINDOW_UPDATE with an increment of 0")
+    return WindowUpdate(stream_id, increment)
+
+
 def _decode_empty(frame_type: type[End | Stop | Kill]) -> Callable[[int, bytes], Event]:
     def decode(stream_id: int, payload: bytes) -> End | Stop | Kill:
         if payload:
@@ -453,6 +565,7 @@ _DECODERS: Final[dict[FrameType, Callable[[int, bytes], Event]]] = {
     FrameType.ERROR: _decode_error,
     FrameType.STOP: _decode_empty(Stop),
     FrameType.KILL: _decode_empty(Kill),
+    FrameType.WINDOW_UPDATE: _decode_window_update,
 }
 
 
@@ -475,4 +588,8 @@ def _encode(event: Event) -> tuple[FrameType, int, bytes]:
         return FrameType.KILL, event.stream_id, b""
     if isinstance(event, GoAway):
         return FrameType.GOAWAY, 0, _U32.pack(event.last_stream_id) + event.message.encode()
+    if isinstance(event, WindowUpdate):
+        if not 0 < event.increment <= 0xFFFFFFFF:
+            raise LocalProtocolError("a WINDOW_UPDATE increment runs from 1 to 2**32-1")
+        return FrameType.WINDOW_UPDATE, event.stream_id, _U32.pack(event.increment)
     raise LocalProtocolError(f"cannot send {event!r}")

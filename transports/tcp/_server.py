@@ -158,6 +158,9 @@ class _ServerConnection:
         try:
             with trio.fail_after(self.transport.handshake_timeout):
                 await self._handshake()
+            # Exchanges stream their input only with a client that speaks version 2; an older one gives
+            # an exchange all of its input in the REQUEST (NDJSON lines).
+            self.caller.exchanges = self.codec.version >= codec.EXCHANGES_VERSION
             if self.binding.intake_closed.is_set():
                 self.announce_goaway()  # accepted just before the listener closed
             # Frames that came in the same read as the HELLO are already buffered: act on them
@@ -190,6 +193,10 @@ class _ServerConnection:
                 return False
             if isinstance(event, codec.Request):
                 await self._open_stream(event, nursery)
+            elif isinstance(event, codec.Data):
+                self._exchange_message(event)
+            elif isinstance(event, codec.End):
+                self._exchange_end(event.stream_id)
             elif isinstance(event, codec.Kill | codec.Stop):
                 self._signal_stream(event)
             elif isinstance(event, codec.ConnectionClosed):
@@ -207,11 +214,42 @@ class _ServerConnection:
         except IngressError as error:
             await refuse(_StreamSink(self, stream_id), error)
             return
+        if call.inbox is not None and self.caller.exchanges:
+            # An exchange (protocol version 2): its first message rides on the REQUEST, the rest come
+            # as DATA within the credit granted here and returned as the handler takes them.
+            if request.payload:
+                call.inbox.offer(request.payload)
+            call.inbox.on_consumed = partial(self._grant, stream_id)
+            self._grant(stream_id, call.binding.endpoint.options.max_input_bytes)
         nursery.start_soon(self._run_stream, request, call)
 
     async def _run_stream(self, request: codec.Request, call: Call) -> None:
         timeout_ms = request.timeout_ms or None  # 0 on the wire means "no deadline"
-        await call.run(request.payload, _StreamSink(self, request.stream_id), timeout_ms=timeout_ms)
+        payload = b"" if call.inbox is not None and self.caller.exchanges else request.payload
+        await call.run(payload, _StreamSink(self, request.stream_id), timeout_ms=timeout_ms)
+
+    def _exchange_message(self, event: codec.Data) -> None:
+        """A client's DATA on an exchange (the codec checked it against the credit granted)."""
+        call = self.caller.get(event.stream_id)
+        if call is None or call.inbox is None:
+            # Not an exchange: no credit was ever granted, so the codec refused it already; or the
+            # exchange just ended and its END is on the way: the message is dropped, as after it.
+            return
+        if not call.inbox.offer(event.payload):
+            raise codec.RemoteProtocolError(f"flow control: stream {event.stream_id} sent past its window")
+
+    def _exchange_end(self, stream_id: int) -> None:
+        call = self.caller.get(stream_id)
+        if call is not None and call.inbox is not None:
+            call.inbox.end()
+
+    def _grant(self, stream_id: int, size: int) -> None:
+        """Return ``size`` bytes of credit to the client for DATA on ``stream_id`` (WINDOW_UPDATE)."""
+        if size <= 0 or self.writer.closed:
+            return
+        frame = self.codec.send(codec.WindowUpdate(stream_id, size))
+        if frame:  # empty once the stream has ended
+            self.writer.write_nowait(frame)
 
     def _signal_stream(self, event: codec.Stop | codec.Kill) -> None:
         # A stream that is not open finished already: its END crossed this frame on the wire.
