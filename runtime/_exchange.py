@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from ._errors import DeadlineExceeded
+from ._errors import DeadlineExceeded, IngressError
 from ._payload import decode_payload
 
 
@@ -38,6 +38,7 @@ class Inbox:
         self._queued_bytes = 0
         self._ended = False  # the caller half-closed
         self._closed = False  # the handler is done: discard from now on
+        self._failed: IngressError | None = None  # the input broke (a line too long): the handler hears it
         self._readable: trio.Event | None = None  # set while the handler waits for a message
         self._room: trio.Event | None = None  # set while a transport waits in put() for room
 
@@ -83,6 +84,13 @@ class Inbox:
         self._ended = True
         self._wake_handler()
 
+    def fail(self, error: IngressError) -> None:
+        """The input cannot go on (the transport found it malformed): the handler's next read raises
+        ``error``, which ends the exchange with it."""
+        self._failed = error
+        self._ended = True
+        self._wake_handler()
+
     # handler side
 
     async def next(self) -> bytes | None:
@@ -90,6 +98,8 @@ class Inbox:
         sent nothing for ``input_timeout`` seconds."""
         deadline = math.inf if self.input_timeout is None else trio.current_time() + self.input_timeout
         while not self._queue:
+            if self._failed is not None:
+                raise self._failed
             if self._ended:
                 return None
             self._readable = trio.Event()

@@ -218,3 +218,59 @@ async def test_over_http_an_ndjson_body_is_the_exchanges_input_until_streaming_i
         (0, 1),
         (1, 0),
     ]
+
+
+async def test_over_http1_chunked_answers_stream_out_while_the_body_streams_in():
+    """A raw HTTP/1.1 client sends one NDJSON line per chunk and reads each turn before sending the next."""
+    from transports.http import HttpTransport
+
+    async def read_until(stream: trio.SocketStream, buffer: bytearray, marker: bytes) -> None:
+        while marker not in buffer:
+            data = await stream.receive_some()
+            assert data, "the worker closed the connection"
+            buffer += data
+
+    def chunk(line: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(line), line)
+
+    head = (
+        b"POST /v1/chat HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n"
+        b"accept: application/x-ndjson\r\n\r\n"
+    )
+    with trio.fail_after(20):
+        async with (
+            open_worker(create_mocker(), [HttpTransport(port=0)]) as handle,
+            await trio.open_tcp_stream(*handle.addresses["http"]) as stream,
+        ):
+            await stream.send_all(head + chunk(b'{"max_tokens": 1}\n'))
+            received = bytearray()
+            await read_until(stream, received, b'"turn":0')  # answered while the body is still open
+            await stream.send_all(chunk(b'{"max_tokens": 2}\n'))
+            await read_until(stream, received, b'"turn":1,"index":1')
+            await stream.send_all(b"0\r\n\r\n")  # the end of the body: the half-close
+            await read_until(stream, received, b"\r\n0\r\n\r\n")  # the end of the response
+    assert received.startswith(b"HTTP/1.1 200") and received.count(b'"turn"') == 3
+
+
+async def test_over_h2_a_streamed_request_body_is_the_exchanges_input():
+    """httpx over h2 with a generated body: every line is a message; the answers come back as NDJSON."""
+    import httpx
+
+    from transports.http import HttpTransport
+
+    async def body() -> AsyncIterator[bytes]:
+        for n in (2, 1):
+            yield b'{"max_tokens": %d}\n' % n
+
+    async with open_worker(create_mocker(), [HttpTransport(port=0)]) as handle:
+        host, port = handle.addresses["http"]
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", http1=False, http2=True) as client:
+            response = await client.post(
+                "/v1/chat", content=body(), headers={"accept": "application/x-ndjson"}
+            )
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert response.http_version == "HTTP/2" and [(c["turn"], c["index"]) for c in lines] == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+    ]

@@ -59,8 +59,9 @@ class IngressApp:
         self.stream_high_water = stream_high_water
         self.ops = OpsApp(binding.readiness, binding.runtime.metrics.registry)
         # Every running call of the listener, for the stop and kill routes (which may come on another
-        # connection); each call watches its own connection for the client leaving.
-        self.caller = Caller(binding)
+        # connection); each call watches its own connection for the client leaving. An exchange's input
+        # is its request body, streamed in as it arrives (NDJSON: one message a line).
+        self.caller = Caller(binding, exchanges=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -99,11 +100,14 @@ class IngressApp:
         try:
             # Refused before the body is read: a draining worker's 503 closes an HTTP/1.1 connection
             # without waiting for a body, and nothing counts in flight while a client uploads.
-            self.caller.check(endpoint)
+            binding = self.caller.check(endpoint)
         except IngressError as error:
             if not _closes_connection(error, http1):  # a connection told to close needs no body read
                 await self._discard_body(receive)
             await refuse(sink, error)
+            return
+        if binding.endpoint.duplex:
+            await self._exchange(scope, receive, sink, endpoint, request_id, headers)
             return
         body_error: IngressError | None = None
         try:
@@ -128,6 +132,67 @@ class IngressApp:
             await call.fail(body_error, sink)
             return
         await self._run(call, body, sink, receive)
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        receive: Receive,
+        sink: _HttpSink,
+        endpoint: str,
+        request_id: str,
+        headers: dict[str, str],
+    ) -> None:
+        """A full-duplex exchange: the request body streams into the handler (NDJSON lines) while the
+        answers stream out; the end of the body is the caller's half-close."""
+        client = scope.get("client")
+        try:
+            call = self.caller.open(
+                object(),
+                endpoint,
+                request_id=request_id,
+                metadata=headers,
+                peer=f"{client[0]}:{client[1]}" if client else None,
+            )
+        except IngressError as error:
+            await refuse(sink, error)
+            return
+        timeout_ms = call.ctx.metadata.get(TIMEOUT_HEADER)
+        async with trio.open_nursery() as nursery:
+            sink.nursery = nursery
+            nursery.start_soon(self._feed_exchange, receive, call, sink)
+            try:
+                await call.run(b"", sink, timeout_ms=timeout_ms, timeout_name=TIMEOUT_HEADER)
+            finally:
+                nursery.cancel_scope.cancel(reason="exchange finished")
+
+    async def _feed_exchange(self, receive: Receive, call: Call, sink: _HttpSink) -> None:
+        """Hand each NDJSON line of the body to the exchange as it arrives, waiting while the handler is
+        behind (hypercorn then stops taking the client's data); then watch for the client leaving."""
+        inbox = call.inbox
+        assert inbox is not None
+        pending = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not sink.finished:
+                    self.caller.drop(call.key, "closed")
+                return
+            if inbox.ended:
+                continue  # the body is over (or broken): only a disconnect matters now
+            *lines, pending = (pending + message.get("body", b"")).split(b"\n")
+            for line in lines:
+                if line.strip():
+                    await inbox.put(line)
+            if len(pending) > self.max_body_size:
+                inbox.fail(
+                    BadRequest(
+                        f"an exchange message (one NDJSON line) is longer than {self.max_body_size} bytes"
+                    )
+                )
+            elif not message.get("more_body", False):
+                if pending.strip():
+                    await inbox.put(pending)
+                inbox.end()
 
     async def _run(self, call: Call, body: bytearray, sink: _HttpSink, receive: Receive) -> None:
         timeout_ms = call.ctx.metadata.get(TIMEOUT_HEADER)
