@@ -12,18 +12,19 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from typing import Any
 
 import trio
 
 from ._config import EXIT_ENGINE_FAILED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, WorkerConfig
-from ._errors import EngineStartFailed, IngressError, StartupFailed
+from ._errors import BadRequest, EngineStartFailed, IngressError, StartupFailed
 from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from ._worker import Transport, Worker
 from .plugins import (
     CallTarget,
+    DuplexTarget,
     PluginFailed,
     TlsFiles,
     TransportPlugin,
@@ -126,8 +127,15 @@ def _parser(plugins: Sequence[TransportPlugin], environment: bool = True) -> arg
     call.add_argument(
         "request",
         nargs="?",
-        default="{}",
-        help="the request as JSON (default {}); - reads it from stdin, @FILE from a file",
+        default=None,
+        help="the request as JSON (default {}); - reads it from stdin, @FILE from a file "
+        "(with --duplex: an optional first message)",
+    )
+    call.add_argument(
+        "--duplex",
+        action="store_true",
+        help="a full-duplex exchange: send each NDJSON line of stdin as a message (its end is the "
+        "half-close) and print each answer the moment it arrives",
     )
     target = call.add_mutually_exclusive_group()
     for plugin in plugins:
@@ -297,29 +305,44 @@ def _transports(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) ->
 
 
 def _call(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> int:
-    text, source = _request_text(args.request)
+    if args.duplex and args.request == "-":
+        raise UsageError("--duplex reads its messages from stdin: give no request, or one first message")
+    text, source = _request_text("{}" if args.request is None else args.request)
     try:
         request = json.loads(text)
     except ValueError as exc:
         raise UsageError(f"the request ({source}) is not valid JSON: {exc}") from exc
     metadata = dict(_pair(item) for item in args.metadata)
-    target = _call_target(args, plugins)
+    plugin, target = _call_target(args, plugins)
     configure_logging("console", "warning", sys.stderr)
+    if args.duplex:
+        first = None if args.request is None else request
+        return trio.run(_exchange_async, args, _duplex_target(args, plugin), first, metadata)
     return trio.run(_call_async, args, target, request, metadata)
 
 
-def _call_target(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> CallTarget:
+def _call_target(
+    args: argparse.Namespace, plugins: Sequence[TransportPlugin]
+) -> tuple[TransportPlugin, CallTarget]:
     """The client of the transport the flags name; with none named, the one default an installed
     plug-in offers (TCP's 127.0.0.1:9000)."""
     for plugin in plugins:
         target = plugin.call_target(args)
         if target is not None:
-            return target
-    defaults = [(p.name, t) for p in plugins if (t := p.default_call_target(args)) is not None]
+            return plugin, target
+    defaults = [(p, t) for p in plugins if (t := p.default_call_target(args)) is not None]
     if len(defaults) == 1:
-        return defaults[0][1]
+        return defaults[0]
     named = ", ".join(f"--{plugin.name}" for plugin in plugins) or "none installed"
     raise UsageError(f"name the transport to call through ({named})")
+
+
+def _duplex_target(args: argparse.Namespace, plugin: TransportPlugin) -> DuplexTarget:
+    offer = getattr(plugin, "duplex_target", None)
+    target = offer(args) if offer is not None else None
+    if target is None:
+        raise UsageError(f"--duplex: the {plugin.name} transport's client cannot run exchanges (yet)")
+    return target  # type: ignore[no-any-return]
 
 
 def _request_text(argument: str) -> tuple[str, str]:
@@ -349,6 +372,44 @@ def _pair(item: str) -> tuple[str, str]:
     return key, value
 
 
+async def _exchange_async(
+    args: argparse.Namespace, target: DuplexTarget, first: Any, metadata: dict[str, str]
+) -> int:
+    """``call --duplex``: the messages are NDJSON lines of stdin (after ``first``, if given), sent as
+    they are read; each answer is printed (and flushed) the moment it arrives."""
+
+    async def messages() -> AsyncIterator[Any]:
+        if first is not None:
+            yield first
+        async for line in trio.wrap_file(sys.stdin):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError as exc:
+                    raise BadRequest(f"a line of stdin is not JSON: {exc}") from None
+
+    def answer(chunk: Any) -> None:
+        sys.stdout.write(json.dumps(chunk) + "\n")
+        sys.stdout.flush()
+
+    deadline = trio.current_time() + args.timeout if args.timeout is not None else None
+    patience = args.timeout + DEADLINE_GRACE if args.timeout is not None else float("inf")
+    try:
+        with trio.fail_after(patience):
+            await target(args.endpoint, messages(), metadata, deadline, answer)
+    except IngressError as exc:
+        return _report(exc)
+    except trio.TooSlowError:
+        print(f"error: DEADLINE_EXCEEDED: no answer within {args.timeout:g} s (--timeout)", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _report(exc: IngressError) -> int:
+    print(f"error: {exc.code.name}: {exc.message} (retryable: {str(exc.retryable).lower()})", file=sys.stderr)
+    return EXIT_FAILURE
+
+
 async def _call_async(
     args: argparse.Namespace, target: CallTarget, request: Any, metadata: dict[str, str]
 ) -> int:
@@ -362,11 +423,7 @@ async def _call_async(
                 sys.stdout.write(json.dumps(chunk) + "\n")
                 sys.stdout.flush()
     except IngressError as exc:
-        print(
-            f"error: {exc.code.name}: {exc.message} (retryable: {str(exc.retryable).lower()})",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
+        return _report(exc)
     except trio.TooSlowError:
         print(f"error: DEADLINE_EXCEEDED: no answer within {args.timeout:g} s (--timeout)", file=sys.stderr)
         return EXIT_FAILURE

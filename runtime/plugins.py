@@ -16,7 +16,7 @@ so that ``ingress --help`` does not pay for every transport's dependencies.
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
@@ -30,6 +30,15 @@ ENTRY_POINT_GROUP = "trio_ingress.transports"
 # unary endpoint), raises ``IngressError`` for an error; ``deadline`` is in ``trio.current_time()``
 # terms (None: none), and the worker should get it too.
 CallTarget = Callable[[str, Any, Mapping[str, str], float | None], AsyncIterator[Any]]
+
+
+# How ``ingress call --duplex`` runs an exchange through a plug-in's client: sends every message of the
+# async iterator (then half-closes), calls ``answer`` with each answer as it arrives, and returns when
+# the worker ended the exchange; an error is an ``IngressError``. A plug-in offers it with an optional
+# method ``duplex_target(args) -> DuplexTarget | None``.
+DuplexTarget = Callable[
+    [str, AsyncIterator[Any], Mapping[str, str], float | None, Callable[[Any], None]], Awaitable[None]
+]
 
 
 class UsageError(Exception):
@@ -75,7 +84,8 @@ class TransportPlugin(Protocol):
 
     def default_call_target(self, args: argparse.Namespace) -> CallTarget | None:
         """The client to use when no transport was named (None: not this one; at most one installed
-        plug-in may offer one, else the caller must name a transport)."""
+        plug-in may offer one, else the caller must name a transport). A plug-in whose client can run
+        exchanges also has ``duplex_target(args) -> DuplexTarget | None`` (optional: see above)."""
 
 
 def discover(warn: Callable[[str], None] | None = None) -> list[TransportPlugin]:

@@ -389,3 +389,29 @@ def test_tls_flags_that_cannot_apply_are_usage_errors(self_signed, tmp_path):
     assert missing.returncode == EXIT_USAGE and "nope.pem" in missing.stderr
     missing_ca = _cli("call", "echo", "--http", "https://127.0.0.1:1", "--cafile", str(tmp_path / "ca.pem"))
     assert missing_ca.returncode == EXIT_USAGE and "ca.pem" in missing_ca.stderr
+
+
+async def test_cli_call_duplex_sends_stdin_lines_and_prints_every_answer():
+    """`ingress call chat --duplex`: NDJSON lines of stdin are the messages, over TCP and over HTTP."""
+    async with worker_process("--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0") as worker:
+        tcp, http = worker.addresses["tcp"], worker.addresses["http"]
+        stdin = '{"max_tokens": 2}\n{"max_tokens": 1}\n'
+        results = []
+        for target in (["--tcp", f"{tcp[0]}:{tcp[1]}"], ["--http", f"http://{http[0]}:{http[1]}"]):
+            command = [sys.executable, "-m", "runtime", "call", "chat", "--duplex", *target]
+            results.append(
+                await trio.run_process(command, stdin=stdin.encode(), capture_stdout=True, check=False)
+            )
+    for result in results:
+        answers = [json.loads(line) for line in result.stdout.decode().splitlines()]
+        assert result.returncode == EXIT_OK and [(a["turn"], a["index"]) for a in answers] == [
+            (0, 0),
+            (0, 1),
+            (1, 0),
+        ]
+
+
+def test_cli_call_duplex_over_a_transport_without_exchanges_is_a_usage_error():
+    """`--duplex --nats` says the NATS client cannot run exchanges yet (exit 2), not a hang."""
+    result = _cli("call", "chat", "--duplex", "--nats", "nats://127.0.0.1:1")
+    assert result.returncode == EXIT_USAGE and "cannot run exchanges" in result.stderr

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -56,6 +56,40 @@ async def http_stream(
                     raise protocol.decode_error_document(await response.aread(), response.status_code)
                 async for chunk in _chunks(response):
                     yield chunk
+        except httpx.ConnectError as exc:
+            raise Unavailable(f"cannot connect to {url}: {exc}", retryable=True) from exc
+        except httpx.TransportError as exc:
+            raise Unavailable(f"the worker at {url} went away mid-answer: {exc}", retryable=False) from exc
+
+
+async def http_exchange(
+    url: str,
+    endpoint: str,
+    messages: AsyncIterator[Any],
+    metadata: Mapping[str, str],
+    answer: Callable[[Any], None],
+    *,
+    cafile: str | None = None,
+) -> None:
+    """An exchange over HTTP: the messages go out as the NDJSON lines of a streamed request body (its
+    end is the half-close), and ``answer`` gets each answer as its line arrives. httpx sends the whole
+    body before it reads the response, so the answers come once the input has ended (docs/exchanges.md)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        async for message in messages:
+            yield json.dumps(message).encode() + b"\n"
+
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cafile) if cafile else True
+    headers = {"content-type": protocol.NDJSON, "accept": protocol.NDJSON, **metadata}
+    async with httpx.AsyncClient(
+        base_url=parse_base_url(url), verify=verify, http2=True, timeout=None
+    ) as client:
+        try:
+            async with client.stream("POST", f"/v1/{endpoint}", content=body(), headers=headers) as response:
+                if response.status_code != 200:
+                    raise protocol.decode_error_document(await response.aread(), response.status_code)
+                async for chunk in _chunks(response):
+                    answer(chunk)
         except httpx.ConnectError as exc:
             raise Unavailable(f"cannot connect to {url}: {exc}", retryable=True) from exc
         except httpx.TransportError as exc:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import trio
 
 from runtime import Transport
-from runtime.plugins import CallTarget, TlsFiles, UsageError, address, positive_int, readable_file
+from runtime.plugins import (
+    CallTarget,
+    DuplexTarget,
+    TlsFiles,
+    UsageError,
+    address,
+    positive_int,
+    readable_file,
+)
 
 DEFAULT_ADDRESS = ("127.0.0.1", 8000)
 
@@ -72,6 +80,30 @@ class HttpPlugin:
 
     def default_call_target(self, args: argparse.Namespace) -> CallTarget | None:
         return None
+
+    def duplex_target(self, args: argparse.Namespace) -> DuplexTarget | None:
+        if args.http is None:
+            return None
+        from ._client import http_exchange, parse_base_url
+
+        try:
+            url = parse_base_url(args.http)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+
+        async def exchange(
+            endpoint: str,
+            messages: AsyncIterator[Any],
+            metadata: Mapping[str, str],
+            deadline: float | None,
+            answer: Callable[[Any], None],
+        ) -> None:
+            if deadline is not None:
+                remaining_ms = max(1, int((deadline - trio.current_time()) * 1000))
+                metadata = {**metadata, "x-request-timeout-ms": str(remaining_ms)}
+            await http_exchange(url, endpoint, messages, metadata, answer, cafile=args.cafile)
+
+        return exchange
 
 
 def _transport(address: tuple[str, int], args: argparse.Namespace, tls: TlsFiles | None) -> Transport:

@@ -394,6 +394,9 @@ class ClientExchange(ClientStream):
     a message larger than the exchange's whole window can never be sent and is a BadRequest. The
     answers arrive as with ``stream``; leaving the ``async with`` block early kills the exchange."""
 
+    async def __aenter__(self) -> ClientExchange:
+        return self
+
     async def _ensure_open(self) -> int:
         if self._receive is None:
             if self.client._codec.version < codec.EXCHANGES_VERSION:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from runtime import Transport
-from runtime.plugins import CallTarget, TlsFiles, address
+from runtime._nursery import open_background_nursery
+from runtime.plugins import CallTarget, DuplexTarget, TlsFiles, address
 
 DEFAULT_ADDRESS = ("127.0.0.1", 9000)
 
@@ -45,6 +46,9 @@ class TcpPlugin:
     def default_call_target(self, args: argparse.Namespace) -> CallTarget | None:
         return _stream_to(DEFAULT_ADDRESS)
 
+    def duplex_target(self, args: argparse.Namespace) -> DuplexTarget | None:
+        return _exchange_with(args.tcp or DEFAULT_ADDRESS)
+
 
 def _stream_to(address: tuple[str, int]) -> CallTarget:
     async def stream(
@@ -57,6 +61,35 @@ def _stream_to(address: tuple[str, int]) -> CallTarget:
                 yield chunk
 
     return stream
+
+
+def _exchange_with(address: tuple[str, int]) -> DuplexTarget:
+    async def exchange(
+        endpoint: str,
+        messages: AsyncIterator[Any],
+        metadata: Mapping[str, str],
+        deadline: float | None,
+        answer: Callable[[Any], None],
+    ) -> None:
+        from ._client import TcpClient
+
+        async with (
+            TcpClient.connect(*address) as client,
+            client.exchange(endpoint, metadata=dict(metadata), deadline=deadline) as session,
+            open_background_nursery() as nursery,
+        ):
+
+            async def send_all() -> None:
+                async for message in messages:
+                    await session.send(message)
+                await session.end()
+
+            nursery.start_soon(send_all)
+            async for chunk in session:
+                answer(chunk)
+            nursery.cancel_scope.cancel()  # the worker ended the exchange: stop reading the input
+
+    return exchange
 
 
 plugin = TcpPlugin()
