@@ -515,3 +515,16 @@ async def test_sigterm_while_the_nats_server_is_stalled_still_ends_in_bounded_ti
             with trio.move_on_after(10, shield=True):
                 await server.wait()
     assert code == EXIT_DRAIN_FORCED  # the streams were endless: killed at the drain deadline
+
+
+async def test_a_nats_caller_can_stop_a_stream_gracefully(nats_url):
+    """NatsClient.stop(request_id): the worker finishes early, the stream ends cleanly (no error)."""
+    async with open_worker(_worker("a"), [NatsTransport(nats_url)]), NatsClient.connect(nats_url) as client:
+        received: list[int] = []
+        with trio.fail_after(20):
+            async for chunk in client.stream("tokens", {"n": 100_000, "gap": 0.005}, request_id="stop-me"):
+                received.append(chunk["i"])
+                if len(received) == 3:
+                    assert await client.stop("stop-me") is True
+        assert await client.stop("stop-me") is False  # over: nothing to stop
+    assert 3 <= len(received) < 100_000 and received == list(range(len(received)))

@@ -74,6 +74,8 @@ class NatsClient:
         self.namespace = namespace
         self.stall_timeout = stall_timeout
         self.retry_budget = budget
+        # The streams running now, by request id: where ``stop`` sends its message.
+        self._running: dict[str, _ReplyState] = {}
 
     @classmethod
     @asynccontextmanager
@@ -144,7 +146,8 @@ class NatsClient:
     ) -> AsyncGenerator[Any, None]:
         send, receive = trio.open_memory_channel[Msg](STREAM_BUFFER)
         inbox, subscription = await aio.subscribe_inbox(self._client, send)
-        state = _ReplyState()
+        state = _ReplyState(inbox)
+        self._running[request_id] = state
         try:
             headers = {protocol.REQUEST_ID: request_id}
             effective = deadline if deadline is not None else trio.current_effective_deadline()
@@ -161,12 +164,29 @@ class NatsClient:
                 async for chunk in replies:
                     yield chunk
         finally:
+            if self._running.get(request_id) is state:
+                del self._running[request_id]
+            state.control_known.set()  # a stop() still waiting learns that the stream is over
             with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                 if state.control and not state.finished:
                     # Left early (break, error, cancellation): the worker stops now, not at its next probe.
                     kill = {protocol.KIND: protocol.KILL, protocol.TARGET: inbox}
                     await aio.publish_batch(self._client, [aio.Outgoing(state.control, b"", kill)])
                 await aio.unsubscribe(subscription)
+
+    async def stop(self, request_id: str) -> bool:
+        """Ask the worker to finish the stream ``request_id`` early and gracefully: the chunks it made
+        still arrive, then the end. Waits for the stream's first reply (which says where to send it);
+        False if the stream is not running or ended first."""
+        state = self._running.get(request_id)
+        if state is None:
+            return False
+        await state.control_known.wait()
+        if state.finished or not state.control:
+            return False
+        stop = {protocol.KIND: protocol.STOP, protocol.TARGET: state.inbox}
+        await aio.publish_batch(self._client, [aio.Outgoing(state.control, b"", stop)])
+        return True
 
     async def call(self, endpoint: str, request: Any = None, **options: Any) -> Any:
         """Call a unary endpoint and return its one answer."""
@@ -177,12 +197,15 @@ class NatsClient:
 
 
 class _ReplyState:
-    """What the reply reader learned: where to send KILL, and whether the stream ended on its own."""
+    """What the reply reader learned: where to send STOP or KILL (for this reply inbox), and whether
+    the stream ended on its own."""
 
-    __slots__ = ("control", "finished")
+    __slots__ = ("control", "control_known", "finished", "inbox")
 
-    def __init__(self) -> None:
+    def __init__(self, inbox: str = "") -> None:
+        self.inbox = inbox
         self.control = ""
+        self.control_known = trio.Event()
         self.finished = False
 
 
@@ -214,7 +237,9 @@ async def _replies(
                 retryable=not received,
             )
         expected += 1
-        state.control = state.control or headers.get(protocol.CONTROL, "")
+        if not state.control and headers.get(protocol.CONTROL):
+            state.control = headers[protocol.CONTROL]
+            state.control_known.set()
         if kind == protocol.DATA:
             received += 1
             yield json.loads(msg.data)
