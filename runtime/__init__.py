@@ -40,6 +40,7 @@ from ._errors import ShuttingDown as ShuttingDown
 from ._errors import StartupFailed as StartupFailed
 from ._errors import Unavailable as Unavailable
 from ._errors import describe as describe
+from ._exchange import Inbox as Inbox
 from ._inflight import GlobalInFlight as GlobalInFlight
 from ._inflight import InFlight as InFlight
 from ._inflight import InFlightStatistics as InFlightStatistics
@@ -88,6 +89,7 @@ __all__ = [
     "GlobalInFlight",
     "InFlight",
     "InFlightStatistics",
+    "Inbox",
     "IngressError",
     "InternalError",
     "KillReason",

@@ -381,12 +381,17 @@ async def _exchange_async(
     async def messages() -> AsyncIterator[Any]:
         if first is not None:
             yield first
-        async for line in trio.wrap_file(sys.stdin):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError as exc:
-                    raise BadRequest(f"a line of stdin is not JSON: {exc}") from None
+        # A non-blocking stream on a copy of stdin, not a thread: reading it can be cancelled (the
+        # worker ended the exchange, --timeout) even while a terminal waits for a line.
+        async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as stdin:
+            pending = b""
+            while data := await stdin.receive_some():
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    if line.strip():  # NDJSON: blank lines are no messages
+                        yield _stdin_message(line)
+            if pending.strip():
+                yield _stdin_message(pending)
 
     def answer(chunk: Any) -> None:
         sys.stdout.write(json.dumps(chunk) + "\n")
@@ -403,6 +408,13 @@ async def _exchange_async(
         print(f"error: DEADLINE_EXCEEDED: no answer within {args.timeout:g} s (--timeout)", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _stdin_message(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        raise BadRequest(f"a line of stdin is not JSON: {exc}") from None
 
 
 def _report(exc: IngressError) -> int:

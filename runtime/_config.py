@@ -76,5 +76,5 @@ class EndpointOptions:
             raise ValueError("inactivity_timeout must be positive seconds or None")
         if self.input_timeout is not None and not self.input_timeout > 0:
             raise ValueError("input_timeout must be positive seconds or None")
-        if self.max_input_bytes < 1:
-            raise ValueError("max_input_bytes must be at least 1")
+        if not 1 <= self.max_input_bytes <= 0xFFFFFFFF:  # a TCP WINDOW_UPDATE carries it in 32 bits
+            raise ValueError("max_input_bytes must be from 1 to 2**32-1")

@@ -43,6 +43,10 @@ async def dispatch(
     The request counts as in flight from ``binding.accept(ctx)`` (the intake's ``Caller.open``; called
     here too, a no-op then, for a context dispatched directly, as tests do) until this returns.
     """
+    if inbox is None and binding.endpoint.duplex:
+        # Dispatched directly (a test): an exchange whose caller sends nothing and has half-closed.
+        inbox = Inbox(binding.endpoint.options.max_input_bytes)
+        inbox.end()
     run = _Run(binding, ctx, sink, inbox)
     binding.accept(ctx)
     # What a handler's own structlog lines carry (merge_contextvars). Set here and reset by token before

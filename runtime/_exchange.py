@@ -4,10 +4,10 @@ A transport hands each raw message of an open exchange to its ``Inbox`` and half
 ``end()``; the handler iterates ``Messages``, which decodes each one at the core's one decoding boundary
 (runtime/_payload.py: a bad message is BAD_REQUEST for the exchange) and ends when the caller
 half-closed. The inbox is bounded in bytes: ``offer`` refuses what does not fit (a transport with credit
-windows, TCP and NATS, never lets a caller send that much: refusing is a flow-control violation), and
-``put`` waits for room (a transport whose back-pressure is to stop reading, HTTP). Once the handler is
-done, what the caller still sends is discarded as it arrives (and still acknowledged, so that a caller
-held by flow control can finish sending), never buffered.
+windows, TCP, never lets a caller send that much: refusing is a flow-control violation), and ``put``
+waits for room (a transport whose back-pressure is to stop reading, HTTP). Once the handler is done,
+what the caller still sends is discarded as it arrives, never buffered (on TCP the exchange's END then
+closes the stream, and frames that cross it are dropped by the codec).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ class Inbox:
     def __init__(self, limit: int, input_timeout: float | None = None) -> None:
         self.limit = limit
         self.input_timeout = input_timeout
-        # Told how many bytes the handler took (or the inbox discarded): the transport returns that
-        # much credit to the caller (TCP's WINDOW_UPDATE, NATS's credit message).
+        # Told how many bytes the handler took (or the inbox discarded): a transport with credit tops
+        # the caller's up again (TCP's WINDOW_UPDATE).
         self.on_consumed: Callable[[int], None] | None = None
         self.received = 0  # messages the caller sent, over the exchange
         self._queue: deque[bytes] = deque()
@@ -47,6 +47,11 @@ class Inbox:
     @property
     def ended(self) -> bool:
         return self._ended
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of messages waiting for the handler."""
+        return self._queued_bytes
 
     def offer(self, data: bytes | bytearray | memoryview) -> bool:
         """Queue ``data`` if it fits (or the handler is done: then it is dropped); False if it does not."""
@@ -66,7 +71,8 @@ class Inbox:
     async def put(self, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``, waiting while the handler is a whole ``limit`` behind."""
         while not self.offer(data):
-            self._room = trio.Event()
+            if self._room is None:  # shared by every sender waiting: one wake-up frees them all
+                self._room = trio.Event()
             await self._room.wait()
 
     def fill(self, payload: bytes | bytearray | memoryview) -> None:

@@ -415,3 +415,19 @@ def test_cli_call_duplex_over_a_transport_without_exchanges_is_a_usage_error():
     """`--duplex --nats` says the NATS client cannot run exchanges yet (exit 2), not a hang."""
     result = _cli("call", "chat", "--duplex", "--nats", "nats://127.0.0.1:1")
     assert result.returncode == EXIT_USAGE and "cannot run exchanges" in result.stderr
+
+
+async def test_cli_call_duplex_reports_a_bad_input_line_as_an_error_line():
+    """A line of stdin that is not JSON: `error: BAD_REQUEST ...` and exit 1, no traceback."""
+    async with worker_process("--tcp", "127.0.0.1:0") as worker:
+        host, port = worker.addresses["tcp"]
+        command = [sys.executable, "-m", "runtime", "call", "chat", "--duplex", "--tcp", f"{host}:{port}"]
+        result = await trio.run_process(
+            command,
+            stdin=b'{"max_tokens": 1}\nnot json\n',
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == EXIT_FAILURE and "error: BAD_REQUEST" in stderr and "Traceback" not in stderr

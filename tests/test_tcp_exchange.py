@@ -187,3 +187,89 @@ async def test_data_on_a_stream_that_is_not_an_exchange_is_a_protocol_error():
             )
     error = next(e for e in events if isinstance(e, codec.Error) and e.stream_id == 0)
     assert error.code == ErrorCode.BAD_REQUEST and "flow control" in error.message
+
+
+async def test_a_first_message_in_the_request_leaves_the_client_exactly_its_window():
+    """REQUEST carries 16 bytes: the worker grants the window minus those, and DATA filling it is fine."""
+    reading = trio.Event()
+    worker = _worker(reading)  # late_reader: max_input_bytes=64, reads once the event is set
+    with trio.fail_after(TEST_TIMEOUT):
+        async with raw_client(worker, version=2) as (stream, conn):
+            first = b'{"first":"msg1"}'  # 16 bytes
+            await stream.send_all(conn.send(codec.Request(1, "late_reader", "", 0, (), first)))
+            grants = await _events_until(stream, conn, lambda e: isinstance(e, codec.WindowUpdate))
+            assert grants == [codec.WindowUpdate(1, 64 - len(first))]
+            await stream.send_all(conn.send(codec.Data(1, b'{"pad":"' + b"x" * 38 + b'"}')))  # the rest: 48
+            await stream.send_all(conn.send(codec.End(1)))
+            reading.set()
+            answers = await _events_until(stream, conn, lambda e: isinstance(e, codec.Error | codec.End))
+    assert not any(isinstance(e, codec.Error) for e in answers)  # no flow-control error, no close
+    assert next(json.loads(e.payload) for e in answers if isinstance(e, codec.Data)) == {"first": "msg1"}
+
+
+async def test_a_sender_learns_at_once_that_the_exchange_ended_or_was_refused():
+    """No reader needed: send() on a refused or ended exchange raises instead of waiting forever."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(_worker(trio.Event())) as (_, client):
+            refused = client.exchange("nope", deadline=math.inf)
+            with pytest.raises(Unavailable, match="ended"):
+                await _keep_sending(refused, 3)
+            await refused.aclose()
+            ended = client.exchange("first_only", deadline=math.inf)
+            with pytest.raises(Unavailable, match="ended"):
+                await _keep_sending(ended, 10_000)  # far past the window: the END must wake the sender
+            await ended.aclose()
+
+
+async def _keep_sending(exchange: Any, count: int) -> None:
+    for i in range(count):
+        await exchange.send({"i": i, "pad": "x" * 100})
+
+
+async def test_sending_and_reading_from_two_tasks_opens_one_stream():
+    """send() and the first iteration racing: one REQUEST, the answers belong to the messages sent."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(create_mocker()) as (handle, client):
+            async with client.exchange("chat", deadline=math.inf) as chat, trio.open_nursery() as nursery:
+                answers: list[Any] = []
+
+                async def read() -> None:
+                    answers.extend([chunk async for chunk in chat])
+
+                nursery.start_soon(read)
+                await chat.send({"max_tokens": 1})
+                await chat.end()
+            assert handle.binding("tcp", "chat").tracker.statistics().started == 1
+    assert [(a["turn"], a["index"]) for a in answers] == [(0, 0)]
+
+
+async def test_a_client_reaches_a_worker_that_speaks_only_version_1():
+    """An older worker answers HELLO v1 and refuses v2: TcpClient reconnects at version 1 and streams work."""
+    served: list[int] = []
+
+    async def old_worker(stream: trio.SocketStream) -> None:
+        conn = codec.Connection(codec.Role.SERVER, version=1)
+        while (event := conn.next_event()) is codec.NEED_DATA:
+            conn.receive_data(await stream.receive_some())
+        assert isinstance(event, codec.Hello)
+        served.append(event.version)
+        await stream.send_all(conn.send(codec.Hello(1, 1 << 20, 128)))
+        if event.version != 1:  # what a version-1 worker did with anything else
+            await stream.send_all(conn.send(codec.Error(0, 1, False, "unsupported protocol version 2")))
+            return
+        while not isinstance(event := conn.next_event(), codec.Request):
+            conn.receive_data(await stream.receive_some())
+        await stream.send_all(
+            conn.send_data(event.stream_id, b'"hi"') + conn.send(codec.End(event.stream_id))
+        )
+        await stream.receive_some()
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, old_worker, 0)
+            port = listeners[0].socket.getsockname()[1]
+            async with TcpClient.connect("127.0.0.1", port) as client:
+                answer = await client.call("echo", {})
+                version = client._codec.version
+            nursery.cancel_scope.cancel()
+    assert answer == "hi" and version == 1 and served == [2, 1]

@@ -336,7 +336,7 @@ def test_the_exchange_example_in_the_protocol_doc_is_exact():
     request = client.send(Request(1, "chat", "", 0, (), b'{"max_tokens":1}'))
     server.receive_data(request)
     _events(server)
-    grant = server.send(codec.WindowUpdate(1, 65536))
+    grant = server.send(codec.WindowUpdate(1, 65536 - 16))
     client.receive_data(grant)
     _events(client)
     rest = client.send(Data(1, b'{"max_tokens":2}')) + client.send(End(1))

@@ -728,7 +728,11 @@ class NatsDriver(Driver):
             transport = NatsTransport(url, caller_check_interval=NATS_CALLER_CHECK)
             async with (
                 open_worker(build_worker(probe), [transport], config) as handle,
-                NatsClient.connect(url, retry_budget=RetryBudget(ratio=0, reserve=0)) as client,
+                # A short stall timeout: a request sent while the subscription drains can go unanswered
+                # (docs/protocol-nats.md, Shutdown); its caller must hear UNAVAILABLE before the drain ends.
+                NatsClient.connect(
+                    url, retry_budget=RetryBudget(ratio=0, reserve=0), stall_timeout=2
+                ) as client,
             ):
                 yield cls(handle, probe, client)
 

@@ -40,9 +40,16 @@ _END = object()
 class TcpClient:
     """One connection to a worker. Build it with ``TcpClient.connect``."""
 
-    def __init__(self, stream: trio.SocketStream, *, max_frame_size: int, write_high_water: int) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        *,
+        max_frame_size: int,
+        write_high_water: int,
+        version: int = codec.PROTOCOL_VERSION,
+    ) -> None:
         self._stream = stream
-        self._codec = codec.Connection(codec.Role.CLIENT, max_frame_size=max_frame_size)
+        self._codec = codec.Connection(codec.Role.CLIENT, max_frame_size=max_frame_size, version=version)
         self._writer = FrameWriter(stream, write_high_water)
         self._ids = itertools.count(1)
         self._streams: dict[int, trio.MemorySendChannel[Any]] = {}
@@ -68,7 +75,31 @@ class TcpClient:
         """Connect, handshake, and serve the connection for the duration of the block.
 
         ``keepalive``: seconds of silence before the kernel probes the worker, so that a worker whose
-        host vanished fails the open streams (UNAVAILABLE) within about twice this; None turns it off."""
+        host vanished fails the open streams (UNAVAILABLE) within about twice this; None turns it off.
+        A worker that speaks an older protocol version (it answers our HELLO with its own, lower one,
+        and refuses ours) is reached again at its version: everything but exchanges works the same."""
+        version = codec.PROTOCOL_VERSION
+        while True:
+            try:
+                async with cls._connected(
+                    host, port, max_frame_size, write_high_water, keepalive, version
+                ) as client:
+                    yield client
+                    return
+            except _OlderWorker as older:
+                version = older.version
+
+    @classmethod
+    @asynccontextmanager
+    async def _connected(
+        cls,
+        host: str,
+        port: int,
+        max_frame_size: int,
+        write_high_water: int,
+        keepalive: float | None,
+        version: int,
+    ) -> AsyncIterator[TcpClient]:
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as exc:
@@ -77,7 +108,9 @@ class TcpClient:
             ) from exc
         if keepalive is not None:
             enable_keepalive(stream.socket, keepalive)
-        client = cls(stream, max_frame_size=max_frame_size, write_high_water=write_high_water)
+        client = cls(
+            stream, max_frame_size=max_frame_size, write_high_water=write_high_water, version=version
+        )
         try:
             async with open_background_nursery() as nursery:
                 nursery.start_soon(client._writer.run, lambda: client._connection_lost("connection reset"))
@@ -88,6 +121,10 @@ class TcpClient:
                     raise Unavailable(
                         f"{host}:{port} closed the connection during the handshake: {exc}"
                     ) from exc
+                peer = client._codec.peer_hello
+                if peer is not None and peer.version < version:
+                    nursery.cancel_scope.cancel(reason="older worker")
+                    raise _OlderWorker(peer.version)
                 nursery.start_soon(client._read_loop)
                 try:
                     yield client
@@ -177,6 +214,8 @@ class TcpClient:
             if event is codec.NEED_DATA:
                 return False
             if isinstance(event, codec.Data | codec.End | codec.Error) and event.stream_id:
+                if not isinstance(event, codec.Data):
+                    self._credit_granted(event.stream_id)  # a sender waiting for credit: it is over
                 await self._deliver(event)
             elif isinstance(event, codec.WindowUpdate):
                 stream_id = event.stream_id
@@ -223,22 +262,30 @@ class TcpClient:
 
     async def _send_message(self, stream_id: int, data: bytes) -> None:
         """Send one exchange message, waiting for the worker's credit (its flow control)."""
-        while self._codec.credit.get(stream_id, 0) < len(data):
+        while True:
             self._raise_if_lost()
-            if stream_id not in self._streams:
+            if stream_id in self._codec.client_ended:
+                raise BadRequest("send() after end(): this exchange's input is closed")
+            if stream_id not in self._codec.open_streams or stream_id not in self._streams:
                 raise Unavailable("the exchange has ended", retryable=False)
+            if self._codec.credit.get(stream_id, 0) >= len(data):
+                break
             window = self._windows.get(stream_id, 0)
             if window and len(data) > window:
                 raise BadRequest(
                     f"a message of {len(data)} bytes cannot fit this exchange's window of {window} "
                     "bytes (the endpoint's max_input_bytes)"
                 )
-            waiter = self._credit_waiters[stream_id] = trio.Event()
+            waiter = self._credit_waiters.get(stream_id)
+            if waiter is None:  # shared by every sender of this exchange: one grant wakes them all
+                waiter = self._credit_waiters[stream_id] = trio.Event()
             await waiter.wait()
         self._raise_if_lost()
         await self._writer.write(self._codec.send_data(stream_id, data))
 
     async def _end_input(self, stream_id: int) -> None:
+        if stream_id in self._codec.client_ended:
+            return  # ended already
         frame = self._codec.send(codec.End(stream_id))
         if frame:
             await self._writer.write(frame, flush=True)
@@ -284,6 +331,7 @@ class TcpClient:
             return
         self._credit_granted(stream_id)  # a sender waiting for credit learns the exchange is over
         channel.close()
+        self._windows.pop(stream_id, None)
         assert self._slots is not None
         self._slots.release()
         if kill and not self._writer.closed:
@@ -322,6 +370,7 @@ class ClientStream:
         self._deadline = deadline
         self._stream_id = 0
         self._receive: trio.MemoryReceiveChannel[Any] | None = None
+        self._opening: trio.Event | None = None  # set once the REQUEST went out (or failed to)
         self._chunks = 0
         self._finished = False
 
@@ -339,9 +388,8 @@ class ClientStream:
         if self._finished:
             raise StopAsyncIteration
         try:
-            if self._receive is None:
-                self._receive = await self.client._open(self)
-            item = await self._receive.receive()
+            receive = self._receive or await self._open_once()
+            item = await receive.receive()
         except trio.EndOfChannel:
             self._finish(kill=False)
             raise self.client._lost_error(self._chunks) from None
@@ -355,6 +403,20 @@ class ClientStream:
         if item is _END:
             raise StopAsyncIteration
         raise item
+
+    async def _open_once(self) -> trio.MemoryReceiveChannel[Any]:
+        """Send the REQUEST, once, however many tasks get here first (an exchange's sender and reader)."""
+        if self._opening is None:
+            self._opening = trio.Event()
+            try:
+                self._receive = await self.client._open(self)
+            finally:
+                self._opening.set()
+        else:
+            await self._opening.wait()
+        if self._receive is None:
+            raise Unavailable("the request could not be sent", retryable=True)
+        return self._receive
 
     def stop(self) -> None:
         """Ask the worker to end this stream gracefully; the chunks already sent still arrive, then END."""
@@ -387,6 +449,14 @@ class ClientStream:
                 self._finish(kill=True)
 
 
+class _OlderWorker(Exception):
+    """The worker answered with an older protocol version (and refuses ours): connect again at it."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"the worker speaks TCP protocol version {version}")
+        self.version = version
+
+
 class ClientExchange(ClientStream):
     """A full-duplex exchange: ``send`` messages and ``end`` the input while iterating the answers.
 
@@ -397,11 +467,13 @@ class ClientExchange(ClientStream):
     async def __aenter__(self) -> ClientExchange:
         return self
 
+    async def _open_once(self) -> trio.MemoryReceiveChannel[Any]:
+        if self.client._codec.version < codec.EXCHANGES_VERSION:
+            raise BadRequest("this worker speaks TCP protocol version 1, which has no exchanges")
+        return await super()._open_once()
+
     async def _ensure_open(self) -> int:
-        if self._receive is None:
-            if self.client._codec.version < codec.EXCHANGES_VERSION:
-                raise BadRequest("this worker speaks TCP protocol version 1, which has no exchanges")
-            self._receive = await self.client._open(self)
+        await self._open_once()
         return self._stream_id
 
     async def send(self, message: Any) -> None:

@@ -6,8 +6,10 @@ import argparse
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from runtime import Transport
-from runtime._nursery import open_background_nursery
+import trio
+
+from runtime import IngressError, Transport
+from runtime._errors import sole_exception
 from runtime.plugins import CallTarget, DuplexTarget, TlsFiles, address
 
 DEFAULT_ADDRESS = ("127.0.0.1", 9000)
@@ -73,21 +75,28 @@ def _exchange_with(address: tuple[str, int]) -> DuplexTarget:
     ) -> None:
         from ._client import TcpClient
 
-        async with (
-            TcpClient.connect(*address) as client,
-            client.exchange(endpoint, metadata=dict(metadata), deadline=deadline) as session,
-            open_background_nursery() as nursery,
-        ):
+        try:
+            async with (
+                TcpClient.connect(*address) as client,
+                client.exchange(endpoint, metadata=dict(metadata), deadline=deadline) as session,
+                trio.open_nursery() as nursery,
+            ):
 
-            async def send_all() -> None:
-                async for message in messages:
-                    await session.send(message)
-                await session.end()
+                async def send_all() -> None:
+                    async for message in messages:
+                        await session.send(message)
+                    await session.end()
 
-            nursery.start_soon(send_all)
-            async for chunk in session:
-                answer(chunk)
-            nursery.cancel_scope.cancel()  # the worker ended the exchange: stop reading the input
+                nursery.start_soon(send_all)
+                async for chunk in session:
+                    answer(chunk)
+                nursery.cancel_scope.cancel()  # the worker ended the exchange: stop reading the input
+        except BaseExceptionGroup as group:
+            # The sender's error (a bad line of input, an exchange that ended under it) as itself.
+            error = sole_exception(group)
+            if isinstance(error, IngressError):
+                raise error from None
+            raise
 
     return exchange
 

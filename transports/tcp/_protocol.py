@@ -190,12 +190,15 @@ class Connection:
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_streams: int = DEFAULT_MAX_STREAMS,
+        version: int = PROTOCOL_VERSION,
     ) -> None:
         if max_frame_size < MIN_MAX_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be at least {MIN_MAX_FRAME_SIZE}")
+        if not 1 <= version <= PROTOCOL_VERSION:
+            raise ValueError(f"version must be from 1 to {PROTOCOL_VERSION}")
         self.role = role
         self.peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
-        self.local_hello = Hello(PROTOCOL_VERSION, max_frame_size, max_streams)
+        self.local_hello = Hello(version, max_frame_size, max_streams)
         self.peer_hello: Hello | None = None
         self.version = 0  # negotiated once the peer's HELLO arrived: the lower of the two
         self.open_streams: set[int] = set()
@@ -291,6 +294,8 @@ class Connection:
             if stream_id in self.open_streams:
                 self.credit[stream_id] = self.credit.get(stream_id, 0) + event.increment
                 return event
+            if stream_id > self.highest_stream_id:
+                raise RemoteProtocolError(f"WINDOW_UPDATE on stream {stream_id}, which was never opened")
             return _DROPPED  # the stream ended meanwhile
         return event if self._advance(frame_type, stream_id, RemoteProtocolError) else _DROPPED
 
@@ -314,7 +319,11 @@ class Connection:
                 raise RemoteProtocolError("END frames carry no payload")
             self.client_ended.add(stream_id)
             return End(stream_id)
-        available = self.credit.get(stream_id, 0)
+        if stream_id not in self.credit:
+            raise RemoteProtocolError(
+                f"flow control: DATA on stream {stream_id}, which was granted no credit"
+            )
+        available = self.credit[stream_id]
         if len(payload) > available:
             raise RemoteProtocolError(
                 f"flow control: {len(payload)} bytes of DATA on stream {stream_id} with {available} of credit"
@@ -335,6 +344,12 @@ class Connection:
             raise RemoteProtocolError("HELLO announces a frame limit below 1024 bytes or no streams")
         self.peer_hello = hello
         self.version = min(hello.version, self.local_hello.version)
+        if not self._hello_sent:
+            # The side that answers (the server) announces the version both will use: a version-1 peer
+            # checks that the HELLO it gets says 1, as it always has.
+            self.local_hello = Hello(
+                self.version, self.local_hello.max_frame_size, self.local_hello.max_streams
+            )
         return hello
 
     def _receive_connection_frame(self, frame_type: FrameType, payload: bytes) -> Event:

@@ -20,6 +20,7 @@ from runtime import (
     BadRequest,
     Call,
     Caller,
+    Inbox,
     IngressError,
     InternalError,
     TransportBinding,
@@ -216,17 +217,16 @@ class _ServerConnection:
             return
         if call.inbox is not None and self.caller.exchanges:
             # An exchange (protocol version 2): its first message rides on the REQUEST, the rest come
-            # as DATA within the credit granted here and returned as the handler takes them.
+            # as DATA within the credit granted here and topped up as the handler takes them.
             if request.payload:
                 call.inbox.offer(request.payload)
-            call.inbox.on_consumed = partial(self._grant, stream_id)
-            self._grant(stream_id, call.binding.endpoint.options.max_input_bytes)
+            call.inbox.on_consumed = partial(self._grant, stream_id, call.inbox)
+            self._grant(stream_id, call.inbox)
         nursery.start_soon(self._run_stream, request, call)
 
     async def _run_stream(self, request: codec.Request, call: Call) -> None:
         timeout_ms = request.timeout_ms or None  # 0 on the wire means "no deadline"
-        payload = b"" if call.inbox is not None and self.caller.exchanges else request.payload
-        await call.run(payload, _StreamSink(self, request.stream_id), timeout_ms=timeout_ms)
+        await call.run(request.payload, _StreamSink(self, request.stream_id), timeout_ms=timeout_ms)
 
     def _exchange_message(self, event: codec.Data) -> None:
         """A client's DATA on an exchange (the codec checked it against the credit granted)."""
@@ -243,12 +243,17 @@ class _ServerConnection:
         if call is not None and call.inbox is not None:
             call.inbox.end()
 
-    def _grant(self, stream_id: int, size: int) -> None:
-        """Return ``size`` bytes of credit to the client for DATA on ``stream_id`` (WINDOW_UPDATE)."""
-        if size <= 0 or self.writer.closed:
+    def _grant(self, stream_id: int, inbox: Inbox, _consumed: int = 0) -> None:
+        """Top the client's credit for DATA on ``stream_id`` up to the exchange's window: what waits in
+        the inbox plus what the client may still send never exceeds ``inbox.limit`` (so the first
+        message, which came with the REQUEST and used no credit, is accounted for too)."""
+        if self.writer.closed or stream_id not in self.codec.open_streams:
             return
-        frame = self.codec.send(codec.WindowUpdate(stream_id, size))
-        if frame:  # empty once the stream has ended
+        room = inbox.limit - inbox.queued_bytes - self.codec.credit.get(stream_id, 0)
+        if room <= 0:
+            return
+        frame = self.codec.send(codec.WindowUpdate(stream_id, min(room, 0xFFFFFFFF)))
+        if frame:
             self.writer.write_nowait(frame)
 
     def _signal_stream(self, event: codec.Stop | codec.Kill) -> None:
