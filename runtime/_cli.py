@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -393,21 +393,10 @@ async def _exchange_async(
             if pending.strip():
                 yield _stdin_message(pending)
 
-    def answer(chunk: Any) -> None:
-        sys.stdout.write(json.dumps(chunk) + "\n")
-        sys.stdout.flush()
+    async def work(deadline: float | None) -> None:
+        await target(args.endpoint, messages(), metadata, deadline, _print_chunk)
 
-    deadline = trio.current_time() + args.timeout if args.timeout is not None else None
-    patience = args.timeout + DEADLINE_GRACE if args.timeout is not None else float("inf")
-    try:
-        with trio.fail_after(patience):
-            await target(args.endpoint, messages(), metadata, deadline, answer)
-    except IngressError as exc:
-        return _report(exc)
-    except trio.TooSlowError:
-        print(f"error: DEADLINE_EXCEEDED: no answer within {args.timeout:g} s (--timeout)", file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
+    return await _run_call(args, work)
 
 
 def _stdin_message(line: bytes) -> Any:
@@ -417,25 +406,37 @@ def _stdin_message(line: bytes) -> Any:
         raise BadRequest(f"a line of stdin is not JSON: {exc}") from None
 
 
-def _report(exc: IngressError) -> int:
-    print(f"error: {exc.code.name}: {exc.message} (retryable: {str(exc.retryable).lower()})", file=sys.stderr)
-    return EXIT_FAILURE
+def _print_chunk(chunk: Any) -> None:
+    sys.stdout.write(json.dumps(chunk) + "\n")
+    sys.stdout.flush()
 
 
 async def _call_async(
     args: argparse.Namespace, target: CallTarget, request: Any, metadata: dict[str, str]
 ) -> int:
-    # The worker gets the deadline itself and answers DEADLINE_EXCEEDED when it passes; this end waits
-    # a little longer for that answer before it gives up on its own (and the worker sees a disconnect).
+    async def work(deadline: float | None) -> None:
+        async for chunk in target(args.endpoint, request, metadata, deadline):
+            _print_chunk(chunk)
+
+    return await _run_call(args, work)
+
+
+async def _run_call(args: argparse.Namespace, work: Callable[[float | None], Awaitable[None]]) -> int:
+    """Run ``work`` with the caller's deadline; an error is one line on stderr and exit 1.
+
+    The worker gets the deadline itself and answers DEADLINE_EXCEEDED when it passes; this end waits a
+    little longer for that answer before it gives up on its own (and the worker sees a disconnect)."""
     deadline = trio.current_time() + args.timeout if args.timeout is not None else None
     patience = args.timeout + DEADLINE_GRACE if args.timeout is not None else float("inf")
     try:
         with trio.fail_after(patience):
-            async for chunk in target(args.endpoint, request, metadata, deadline):
-                sys.stdout.write(json.dumps(chunk) + "\n")
-                sys.stdout.flush()
+            await work(deadline)
     except IngressError as exc:
-        return _report(exc)
+        print(
+            f"error: {exc.code.name}: {exc.message} (retryable: {str(exc.retryable).lower()})",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     except trio.TooSlowError:
         print(f"error: DEADLINE_EXCEEDED: no answer within {args.timeout:g} s (--timeout)", file=sys.stderr)
         return EXIT_FAILURE

@@ -60,20 +60,15 @@ class HttpPlugin:
     def call_target(self, args: argparse.Namespace) -> CallTarget | None:
         if args.http is None:
             return None
-        from ._client import http_stream, parse_base_url
+        from ._client import http_stream
 
-        try:
-            url = parse_base_url(args.http)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
+        url = _base_url(args.http)
 
         async def stream(
             endpoint: str, request: Any, metadata: Mapping[str, str], deadline: float | None
         ) -> AsyncIterator[Any]:
-            if deadline is not None:
-                remaining_ms = max(1, int((deadline - trio.current_time()) * 1000))
-                metadata = {**metadata, "x-request-timeout-ms": str(remaining_ms)}
-            async for chunk in http_stream(url, endpoint, request, metadata, cafile=args.cafile):
+            timed = _with_deadline(metadata, deadline)
+            async for chunk in http_stream(url, endpoint, request, timed, cafile=args.cafile):
                 yield chunk
 
         return stream
@@ -84,12 +79,9 @@ class HttpPlugin:
     def duplex_target(self, args: argparse.Namespace) -> DuplexTarget | None:
         if args.http is None:
             return None
-        from ._client import http_exchange, parse_base_url
+        from ._client import http_exchange
 
-        try:
-            url = parse_base_url(args.http)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
+        url = _base_url(args.http)
 
         async def exchange(
             endpoint: str,
@@ -98,12 +90,29 @@ class HttpPlugin:
             deadline: float | None,
             answer: Callable[[Any], None],
         ) -> None:
-            if deadline is not None:
-                remaining_ms = max(1, int((deadline - trio.current_time()) * 1000))
-                metadata = {**metadata, "x-request-timeout-ms": str(remaining_ms)}
-            await http_exchange(url, endpoint, messages, metadata, answer, cafile=args.cafile)
+            timed = _with_deadline(metadata, deadline)
+            await http_exchange(url, endpoint, messages, timed, answer, cafile=args.cafile)
 
         return exchange
+
+
+def _base_url(text: str) -> str:
+    from ._client import parse_base_url
+
+    try:
+        return parse_base_url(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _with_deadline(metadata: Mapping[str, str], deadline: float | None) -> Mapping[str, str]:
+    """The caller's deadline as the worker's timeout header (its remaining budget, in ms)."""
+    if deadline is None:
+        return metadata
+    from ._protocol import TIMEOUT_HEADER
+
+    remaining_ms = max(1, int((deadline - trio.current_time()) * 1000))
+    return {**metadata, TIMEOUT_HEADER: str(remaining_ms)}
 
 
 def _transport(address: tuple[str, int], args: argparse.Namespace, tls: TlsFiles | None) -> Transport:
