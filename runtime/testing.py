@@ -196,9 +196,13 @@ class MemoryCall:
 
     async def send(self, message: Any) -> None:
         """An exchange: send one message (JSON-encoded here), waiting while the handler is behind."""
+        await self.send_raw(json.dumps(message).encode())
+
+    async def send_raw(self, data: bytes) -> None:
+        """An exchange: send one message as it is (bytes that may not even be JSON)."""
         call = self._caller.get(self._key)
         if call is not None and call.inbox is not None:
-            await call.inbox.put(json.dumps(message).encode())
+            await call.inbox.put(data)
 
     def end(self) -> None:
         """An exchange: half-close (the handler's iteration of the messages ends)."""

@@ -478,7 +478,10 @@ class ClientExchange(ClientStream):
 
     async def send(self, message: Any) -> None:
         """Send one message (as JSON), waiting for credit."""
-        data = json.dumps(message, separators=(",", ":")).encode()
+        await self.send_raw(json.dumps(message, separators=(",", ":")).encode())
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send one message as it is: bytes the caller already encoded (one JSON document)."""
         stream_id = await self._ensure_open()
         await self.client._send_message(stream_id, data)
 
