@@ -63,7 +63,7 @@ def test_a_whole_exchange_round_trips_through_paired_machines():
     replies = [Data(1, b"a"), Data(1, b"b"), End(1)]
     client.receive_data(b"".join(server.send(e) for e in replies))
     assert _events(client) == replies
-    assert client.open_streams == set() == server.open_streams
+    assert not client.open_streams and not server.open_streams
     client.receive_data(server.send(GoAway(1, "draining")))
     assert _events(client) == [GoAway(1, "draining")] and client.goaway_received is not None
 
