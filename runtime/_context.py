@@ -41,6 +41,7 @@ class KillReason(enum.Enum):
     CALLER_KILL = "cancelled"  # the caller asked (kill frame, cancel message)
     DISCONNECTED = "disconnected"  # the caller went away; nobody to tell
     SHUTDOWN = "shutdown"  # the drain deadline passed or a second signal forced it
+    BAD_INPUT = "bad_input"  # an exchange's input broke on the wire (a lost message, past its credit)
 
 
 @dataclass(frozen=True, slots=True)

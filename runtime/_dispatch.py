@@ -28,6 +28,7 @@ _KILL_OUTCOMES = {
     KillReason.CALLER_KILL: "cancelled",
     KillReason.DISCONNECTED: "disconnected",
     KillReason.SHUTDOWN: "shutdown",
+    KillReason.BAD_INPUT: "error",  # as if the handler had read the broken input and raised its error
 }
 
 

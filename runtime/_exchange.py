@@ -49,6 +49,11 @@ class Inbox:
         return self._ended
 
     @property
+    def closed(self) -> bool:
+        """The handler is done with its input: what still comes is discarded."""
+        return self._closed
+
+    @property
     def queued_bytes(self) -> int:
         """Bytes of messages waiting for the handler."""
         return self._queued_bytes

@@ -164,13 +164,16 @@ class Call:
         timeout_ms: str | int | None = None,
         deadline_unix: str | None = None,
         timeout_name: str = "timeout",
+        streamed_input: bool | None = None,
     ) -> str:
         """Decode and run the request, answering through ``sink``; returns its outcome. For an exchange on
         a transport that does not stream its input, ``payload`` is all of it (NDJSON lines); one that
-        does offers the messages to ``inbox`` itself, the first one (if any) right after ``open``."""
+        does offers the messages to ``inbox`` itself, the first one (if any) right after ``open``.
+        ``streamed_input`` says which for this call, where the caller chooses (NATS); by default the
+        transport's ``Caller.exchanges`` decides."""
         self._settle()
         if self.inbox is not None:
-            if not self._caller.exchanges:
+            if not (self._caller.exchanges if streamed_input is None else streamed_input):
                 self.inbox.fill(payload)
             payload = b""
         try:

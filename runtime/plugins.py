@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
-from ._errors import describe
+import trio
+
+from ._errors import IngressError, describe, sole_exception
 from ._worker import Transport
 
 ENTRY_POINT_GROUP = "trio_ingress.transports"
@@ -39,6 +41,41 @@ CallTarget = Callable[[str, Any, Mapping[str, str], float | None], AsyncIterator
 DuplexTarget = Callable[
     [str, AsyncIterator[Any], Mapping[str, str], float | None, Callable[[Any], None]], Awaitable[None]
 ]
+
+
+class ExchangeSession(Protocol):
+    """What a plug-in's client gives for one exchange (``TcpClient.exchange``, ``NatsClient.exchange``)."""
+
+    async def send(self, message: Any) -> None: ...
+
+    async def end(self) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+
+
+async def run_exchange(
+    session: ExchangeSession, messages: AsyncIterator[Any], answer: Callable[[Any], None]
+) -> None:
+    """The body of a ``DuplexTarget`` once its client opened the exchange: send every message (then
+    half-close) while handing each answer to ``answer``, until the worker ends the exchange."""
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def send_all() -> None:
+                async for message in messages:
+                    await session.send(message)
+                await session.end()
+
+            nursery.start_soon(send_all)
+            async for chunk in session:
+                answer(chunk)
+            nursery.cancel_scope.cancel()  # the worker ended the exchange: stop reading the input
+    except BaseExceptionGroup as group:
+        # The sender's error (a bad line of input, an exchange that ended under it) as itself.
+        error = sole_exception(group)
+        if isinstance(error, IngressError):
+            raise error from None
+        raise
 
 
 class UsageError(Exception):

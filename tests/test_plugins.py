@@ -72,6 +72,30 @@ async def test_a_third_party_transport_registers_through_its_entry_point_and_ser
     assert (error["code"], error["retryable"]) == (ErrorCode.NOT_FOUND.name, False)
 
 
+async def test_a_third_party_client_serves_ingress_call_and_refuses_duplex_it_cannot_run():
+    """`ingress call --line` runs through the plug-in's client; `--duplex --line` is a usage error (2)."""
+    serve = [sys.executable, "-m", "runtime", "serve", "--line", "127.0.0.1:0", "--log-format", "json"]
+    env = _with_path(HERE / "plugin_dist")
+    async with spawn_process(serve, env=env) as worker:
+        host, port = worker.addresses["line"]
+        results = []
+        for extra in ([], ["--duplex"]):
+            command = [sys.executable, "-m", "runtime", "call", "echo", '{"n": 1}', "--line"]
+            command.append(f"{host}:{port}")
+            results.append(
+                await trio.run_process(
+                    [*command, *extra],
+                    env={**os.environ, **env},
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+            )
+    called, duplex = results
+    assert called.returncode == 0 and json.loads(called.stdout) == {"n": 1}, called.stderr
+    assert duplex.returncode == 2 and b"cannot run exchanges" in duplex.stderr
+
+
 def test_a_plugin_that_fails_to_load_is_named_and_the_others_still_work():
     """A broken install is named in a warning (not an unknown flag); the installed transports still load."""
     env = {**os.environ, **_with_path(HERE / "plugin_broken_dist")}

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from runtime import EXIT_DRAIN_FORCED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ErrorCode, RemoteError
-from runtime.testing import worker_process
+from runtime.testing import nats_server, worker_process
 from transports.tcp import TcpClient
 
 EPHEMERAL = ("--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0")
@@ -134,7 +134,6 @@ async def test_cli_call_over_http_prints_chunks_and_reports_remote_errors():
 
 async def test_cli_serve_and_call_over_nats():
     """`ingress serve/call --nats` stream chunks; a clean SIGTERM is not logged as a NATS outage."""
-    from runtime.testing import nats_server
 
     async with nats_server() as url, worker_process("--nats", url, "--tcp", "127.0.0.1:0") as worker:
         result = await trio.to_thread.run_sync(
@@ -392,12 +391,20 @@ def test_tls_flags_that_cannot_apply_are_usage_errors(self_signed, tmp_path):
 
 
 async def test_cli_call_duplex_sends_stdin_lines_and_prints_every_answer():
-    """`ingress call chat --duplex`: NDJSON lines of stdin are the messages, over TCP and over HTTP."""
-    async with worker_process("--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0") as worker:
+    """`ingress call chat --duplex`: NDJSON lines of stdin are the messages, over TCP, HTTP and NATS."""
+    async with (
+        nats_server() as url,
+        worker_process("--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--nats", url) as worker,
+    ):
         tcp, http = worker.addresses["tcp"], worker.addresses["http"]
         stdin = '{"max_tokens": 2}\n{"max_tokens": 1}\n'
         results = []
-        for target in (["--tcp", f"{tcp[0]}:{tcp[1]}"], ["--http", f"http://{http[0]}:{http[1]}"]):
+        targets = (
+            ["--tcp", f"{tcp[0]}:{tcp[1]}"],
+            ["--http", f"http://{http[0]}:{http[1]}"],
+            ["--nats", url],
+        )
+        for target in targets:
             command = [sys.executable, "-m", "runtime", "call", "chat", "--duplex", *target]
             results.append(
                 await trio.run_process(command, stdin=stdin.encode(), capture_stdout=True, check=False)
@@ -409,12 +416,6 @@ async def test_cli_call_duplex_sends_stdin_lines_and_prints_every_answer():
             (0, 1),
             (1, 0),
         ]
-
-
-def test_cli_call_duplex_over_a_transport_without_exchanges_is_a_usage_error():
-    """`--duplex --nats` says the NATS client cannot run exchanges yet (exit 2), not a hang."""
-    result = _cli("call", "chat", "--duplex", "--nats", "nats://127.0.0.1:1")
-    assert result.returncode == EXIT_USAGE and "cannot run exchanges" in result.stderr
 
 
 async def test_cli_call_duplex_reports_a_bad_input_line_as_an_error_line():

@@ -8,12 +8,23 @@ The protocol is one request per line, ``ENDPOINT JSON``; the answer is ``data JS
 from __future__ import annotations
 
 import itertools
+import json
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
 import trio
 
-from runtime import BadRequest, Caller, CallerGone, IngressError, TransportBinding, encode_error, refuse
+from runtime import (
+    BadRequest,
+    Caller,
+    CallerGone,
+    IngressError,
+    TransportBinding,
+    decode_error,
+    encode_error,
+    refuse,
+)
 from runtime.plugins import address
 
 
@@ -81,6 +92,25 @@ class _LineSink:
             raise CallerGone from None  # the core counts a disconnect; the worker goes on
 
 
+async def _call(
+    address: tuple[str, int], endpoint: str, request: Any, metadata: Any, deadline: Any
+) -> AsyncIterator[Any]:
+    """The client side: one request on its own connection; its data lines, until end or error."""
+    async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(f"{endpoint} {json.dumps(request)}\n".encode())
+        buffer = b""
+        while data := await stream.receive_some():
+            *lines, buffer = (buffer + data).split(b"\n")
+            for line in lines:
+                kind, _, rest = line.partition(b" ")
+                if kind == b"data":
+                    yield json.loads(rest)
+                elif kind == b"error":
+                    raise decode_error(rest)
+                else:
+                    return
+
+
 class LinePlugin:
     name = "line"
     serves_tls = False
@@ -95,10 +125,11 @@ class LinePlugin:
         return None
 
     def add_call_arguments(self, parser: Any, target: Any) -> None:
-        pass
+        target.add_argument("--line", type=address, metavar="HOST:PORT", help="call over the line protocol")
 
-    def call_target(self, args: Any) -> None:
-        return None
+    def call_target(self, args: Any) -> Any:
+        # No duplex_target: this transport cannot run exchanges, and `call --duplex --line` says so.
+        return None if args.line is None else partial(_call, args.line)
 
     def default_call_target(self, args: Any) -> None:
         return None

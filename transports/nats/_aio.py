@@ -317,15 +317,21 @@ async def _probe_all(client: Client, inboxes: Sequence[str], patience: float) ->
     return list(await asyncio.gather(*(_probe(client, inbox, patience) for inbox in inboxes)))
 
 
-async def _subscribe_inbox(client: Client, inbox: trio.MemorySendChannel[Msg]) -> tuple[str, Any]:
+async def _subscribe_inbox(
+    client: Client, inbox: trio.MemorySendChannel[Msg], watch: Callable[[Msg], bool] | None = None
+) -> tuple[str, Any]:
     """asyncio: a fresh reply inbox whose messages go to Trio without a crossing; liveness probes from
-    the worker are answered right here, also without a crossing."""
+    the worker are answered right here, also without a crossing. ``watch`` (sync) sees every message
+    first and keeps those it returns True for (an exchange's credit grants, which must be taken in
+    even while nobody reads the answers)."""
     subject = client.new_inbox()
 
     async def deliver(msg: Msg) -> None:
         if msg.headers and msg.headers.get("Ingress-Kind") == "probe":
             await msg.respond(b"")  # answered here, without a crossing; still passed on below, as a
             # heartbeat: it tells the caller's stall detection that the worker is alive
+        if watch is not None and watch(msg):
+            return
         # A caller that stopped reading loses replies; its gap detection reports a short stream.
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             inbox.send_nowait(msg)

@@ -23,6 +23,7 @@ import trio
 from nats.aio.msg import Msg
 
 from runtime import (
+    BadRequest,
     ErrorCode,
     IngressError,
     RemoteError,
@@ -149,30 +150,61 @@ class NatsClient:
         state = _ReplyState(inbox)
         self._running[request_id] = state
         try:
-            headers = {protocol.REQUEST_ID: request_id}
-            effective = deadline if deadline is not None else trio.current_effective_deadline()
-            if not math.isinf(effective):
-                remaining = effective - trio.current_time()
-                headers[protocol.TIMEOUT_MS] = str(max(1, math.ceil(remaining * 1000)))
-                headers[protocol.DEADLINE] = f"{time.time() + remaining:.3f}"
-            headers.update({protocol.METADATA_PREFIX + k: v for k, v in (metadata or {}).items()})
-            data = json.dumps(request).encode()
-            subject = protocol.subject(self.namespace, endpoint)
-            await aio.publish_batch(self._client, [aio.Outgoing(subject, data, headers, reply=inbox)])
+            headers = self._request_headers(request_id, deadline, metadata)
+            await self._publish_request(endpoint, json.dumps(request).encode(), headers, inbox)
             replies = _replies(receive, self.stall_timeout, state)
             async with aclosing(replies):
                 async for chunk in replies:
                     yield chunk
         finally:
-            if self._running.get(request_id) is state:
-                del self._running[request_id]
-            state.control_known.set()  # a stop() still waiting learns that the stream is over
-            with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
-                if state.control and not state.finished:
-                    # Left early (break, error, cancellation): the worker stops now, not at its next probe.
-                    kill = {protocol.KIND: protocol.KILL, protocol.TARGET: inbox}
-                    await aio.publish_batch(self._client, [aio.Outgoing(state.control, b"", kill)])
-                await aio.unsubscribe(subscription)
+            await self._finish(request_id, state, subscription)
+
+    def exchange(
+        self,
+        endpoint: str,
+        *,
+        deadline: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> NatsExchange:
+        """A full-duplex exchange with a duplex endpoint: ``await send(message)``, ``await end()``
+        (half-close), and iterate the answers, all at once, from different tasks if you like. Use it as
+        an ``async with`` block: leaving early kills the exchange. Not retried: an error before the
+        first answer says whether trying again is safe."""
+        return NatsExchange(self, endpoint, deadline, metadata, request_id or new_request_id())
+
+    def _request_headers(
+        self, request_id: str, deadline: float | None, metadata: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        """A request's headers: its id, its deadline (relative and absolute) and its metadata."""
+        headers = {protocol.REQUEST_ID: request_id}
+        effective = deadline if deadline is not None else trio.current_effective_deadline()
+        if not math.isinf(effective):
+            remaining = effective - trio.current_time()
+            headers[protocol.TIMEOUT_MS] = str(max(1, math.ceil(remaining * 1000)))
+            headers[protocol.DEADLINE] = f"{time.time() + remaining:.3f}"
+        headers.update({protocol.METADATA_PREFIX + k: v for k, v in (metadata or {}).items()})
+        return headers
+
+    async def _publish_request(self, endpoint: str, data: bytes, headers: dict[str, str], inbox: str) -> None:
+        subject = protocol.subject(self.namespace, endpoint)
+        await aio.publish_batch(self._client, [aio.Outgoing(subject, data, headers, reply=inbox)])
+
+    async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        await aio.publish_batch(self._client, [aio.Outgoing(subject, data, headers)])
+
+    async def _finish(self, request_id: str, state: _ReplyState, subscription: Any) -> None:
+        """A request is over for this caller: forget it, tell the worker if it was left before its end,
+        and drop its inbox."""
+        if self._running.get(request_id) is state:
+            del self._running[request_id]
+        state.control_known.set()  # a stop() still waiting learns that the request is over
+        with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+            if state.control and not state.finished:
+                # Left early (break, error, cancellation): the worker stops now, not at its next probe.
+                kill = {protocol.KIND: protocol.KILL, protocol.TARGET: state.inbox}
+                await self._publish(state.control, b"", kill)
+            await aio.unsubscribe(subscription)
 
     async def stop(self, request_id: str) -> bool:
         """Ask the worker to finish the stream ``request_id`` early and gracefully: the chunks it made
@@ -185,7 +217,7 @@ class NatsClient:
         if state.finished or not state.control:
             return False
         stop = {protocol.KIND: protocol.STOP, protocol.TARGET: state.inbox}
-        await aio.publish_batch(self._client, [aio.Outgoing(state.control, b"", stop)])
+        await self._publish(state.control, b"", stop)
         return True
 
     async def call(self, endpoint: str, request: Any = None, **options: Any) -> Any:
@@ -207,6 +239,12 @@ class _ReplyState:
         self.control = ""
         self.control_known = trio.Event()
         self.finished = False
+
+    def learn_control(self, headers: Mapping[str, str]) -> None:
+        """The first reply that names the worker's control subject says where STOP and KILL go."""
+        if not self.control and headers.get(protocol.CONTROL):
+            self.control = headers[protocol.CONTROL]
+            self.control_known.set()
 
 
 async def _replies(
@@ -237,9 +275,7 @@ async def _replies(
                 retryable=not received,
             )
         expected += 1
-        if not state.control and headers.get(protocol.CONTROL):
-            state.control = headers[protocol.CONTROL]
-            state.control_known.set()
+        state.learn_control(headers)
         if kind == protocol.DATA:
             received += 1
             yield json.loads(msg.data)
@@ -253,3 +289,149 @@ async def _replies(
         if int(headers.get(protocol.COUNT, "-1")) != received:
             raise remote_error(ErrorCode.UNAVAILABLE, "reply stream lost messages", retryable=not received)
         return
+
+
+class NatsExchange:
+    """A full-duplex exchange: ``send`` messages and ``end`` the input while iterating the answers.
+
+    The worker's first reply (a credit grant) names the exchange's input subject; ``send`` publishes
+    there, numbered, within the bytes granted, and waits while the credit is used up (the handler is
+    behind). A message larger than the exchange's whole window can never be sent and is a BadRequest;
+    once the worker ended or refused the exchange, ``send`` raises UNAVAILABLE (not retryable)."""
+
+    def __init__(
+        self,
+        client: NatsClient,
+        endpoint: str,
+        deadline: float | None,
+        metadata: Mapping[str, str] | None,
+        request_id: str,
+    ) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.request_id = request_id
+        self._deadline = deadline
+        self._metadata = metadata
+        self._state = _ReplyState()
+        self._replies: AsyncGenerator[Any, None] | None = None
+        self._subscription: Any = None
+        # What the worker's replies told us, kept up to date by the inbox callback (_watch).
+        self._input = ""  # the input subject, from the first grant
+        self._granted = 0  # bytes of messages we may have sent, in all
+        self._window = 0  # the most credit ever outstanding: the exchange's whole window
+        self._worker_done = False  # the worker ended or refused the exchange
+        self._heard = 0.0  # when the worker was last heard from (any reply, a probe)
+        self._changed = trio.Event()
+        # What we sent.
+        self._sent = 0
+        self._seq = 0
+        self._ended = False
+        self._blocked_said = False
+
+    async def __aenter__(self) -> NatsExchange:
+        client = self.client
+        send, receive = trio.open_memory_channel[Msg](STREAM_BUFFER)
+        inbox, self._subscription = await aio.subscribe_inbox(client._client, send, self._watch)
+        self._state.inbox = inbox
+        self._heard = trio.current_time()
+        client._running[self.request_id] = self._state
+        try:
+            headers = client._request_headers(self.request_id, self._deadline, self._metadata)
+            headers[protocol.INPUT] = protocol.STREAM_INPUT
+            await client._publish_request(self.endpoint, b"", headers, inbox)
+        except BaseException:
+            await client._finish(self.request_id, self._state, self._subscription)
+            raise
+        self._replies = _replies(receive, client.stall_timeout, self._state)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._replies is not None
+        try:
+            await self._replies.aclose()
+        finally:
+            await self.client._finish(self.request_id, self._state, self._subscription)
+
+    def __aiter__(self) -> NatsExchange:
+        return self
+
+    async def __anext__(self) -> Any:
+        assert self._replies is not None, "use the exchange as an async with block"
+        return await self._replies.__anext__()
+
+    async def send(self, message: Any) -> None:
+        """Send one message (as JSON), waiting for credit."""
+        await self.send_raw(json.dumps(message, separators=(",", ":")).encode())
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send one message as it is: bytes the caller already encoded (one JSON document)."""
+        if self._ended:
+            raise BadRequest("send() after end(): this exchange's input is closed")
+        while not self._input or self._granted - self._sent < len(data):
+            self._raise_if_over()
+            if self._window and len(data) > self._window:
+                raise BadRequest(
+                    f"a message of {len(data)} bytes cannot fit this exchange's window of "
+                    f"{self._window} bytes (the endpoint's max_input_bytes)"
+                )
+            if self._input and not self._blocked_said:
+                # Half a window may not come back for a while: ask for what room there is now.
+                self._blocked_said = True
+                await self.client._publish(self._input, b"", {protocol.KIND: protocol.BLOCKED})
+            await self._wait_for_worker()
+        self._raise_if_over()
+        self._sent += len(data)
+        await self.client._publish(self._input, data, self._next_headers(protocol.DATA))
+
+    async def end(self) -> None:
+        """Half-close: no more messages; the answers go on until the worker ends the exchange."""
+        if self._ended:
+            return
+        self._ended = True
+        while not self._input and not self._worker_done:
+            await self._wait_for_worker()
+        if not self._worker_done:
+            await self.client._publish(self._input, b"", self._next_headers(protocol.END))
+
+    async def stop(self) -> bool:
+        """Ask the worker to finish early and gracefully (see ``NatsClient.stop``)."""
+        return await self.client.stop(self.request_id)
+
+    def _next_headers(self, kind: str) -> dict[str, str]:
+        seq, self._seq = self._seq, self._seq + 1
+        return {protocol.KIND: kind, protocol.SEQ: str(seq)}
+
+    def _raise_if_over(self) -> None:
+        if self._worker_done:
+            raise Unavailable("the exchange has ended", retryable=False)
+
+    async def _wait_for_worker(self) -> None:
+        """Wait for the worker's next word; UNAVAILABLE once it has said nothing at all (no grant, no
+        probe) for the stall timeout. Retryable only if it never answered: then nothing was run."""
+        stall_timeout = self.client.stall_timeout
+        with trio.move_on_after(stall_timeout):
+            await self._changed.wait()
+            return
+        if trio.current_time() - self._heard >= stall_timeout:
+            message = f"no word from the worker for {stall_timeout:g} s (stall_timeout): the exchange is lost"
+            raise remote_error(ErrorCode.UNAVAILABLE, message, retryable=not self._input)
+
+    def _watch(self, msg: Msg) -> bool:
+        """sync, from the inbox callback: learn from every reply; True for a grant (consumed here, since
+        the answers' reader may not be reading)."""
+        self._heard = trio.current_time()
+        headers = msg.headers or {}
+        kind = headers.get(protocol.KIND)
+        if kind == protocol.CREDIT_KIND:
+            self._input = self._input or headers.get(protocol.INPUT, "")
+            self._granted = max(self._granted, int(headers.get(protocol.CREDIT, "0")))
+            self._window = max(self._window, self._granted - self._sent)
+            self._blocked_said = False
+            self._state.learn_control(headers)
+        elif kind in (protocol.END, protocol.RESULT, protocol.ERROR) or headers.get("Status") == "503":
+            self._worker_done = True
+        elif kind == protocol.PROBE:
+            return False
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+        return kind == protocol.CREDIT_KIND

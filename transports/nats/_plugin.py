@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from runtime import Transport
-from runtime.plugins import CallTarget, TlsFiles, seconds
+from runtime.plugins import CallTarget, DuplexTarget, TlsFiles, run_exchange, seconds
 
 from ._protocol import check_url
 
@@ -70,6 +70,26 @@ class NatsPlugin:
 
     def default_call_target(self, args: argparse.Namespace) -> CallTarget | None:
         return None
+
+    def duplex_target(self, args: argparse.Namespace) -> DuplexTarget | None:
+        url, namespace, options = args.nats, args.namespace, _connect_options(args)
+
+        async def exchange(
+            endpoint: str,
+            messages: AsyncIterator[Any],
+            metadata: Mapping[str, str],
+            deadline: float | None,
+            answer: Callable[[Any], None],
+        ) -> None:
+            from ._client import NatsClient
+
+            async with (
+                NatsClient.connect(url, namespace=namespace, connect_options=options) as client,
+                client.exchange(endpoint, metadata=dict(metadata), deadline=deadline) as session,
+            ):
+                await run_exchange(session, messages, answer)
+
+        return exchange
 
 
 def _nats_url(text: str) -> str:

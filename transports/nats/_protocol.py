@@ -36,6 +36,18 @@ TARGET = "Ingress-Target"
 STOP = "stop"
 KILL = "kill"
 
+# Exchanges (a duplex endpoint, its input streamed; docs/protocol-nats.md "Exchanges"). On the request,
+# ``Ingress-Input: stream`` asks for it; the worker's ``credit`` replies (unsequenced, cumulative) carry
+# the exchange's input subject, its control subject and the total input bytes the caller may have sent.
+INPUT = "Ingress-Input"
+STREAM_INPUT = "stream"
+CREDIT = "Ingress-Credit"
+CREDIT_KIND = "credit"
+# The caller's kinds on the input subject: a message (``data``, sequenced from 0), its half-close
+# (``end``, numbered after the last message), and ``blocked`` (its next message does not fit the credit
+# it has: the worker grants what room there is now instead of waiting for half a window).
+BLOCKED = "blocked"
+
 # The kind of a worker's liveness probe to a caller's inbox; a live caller answers it, and "no responders"
 # means the caller is gone.
 PROBE = "probe"
@@ -70,6 +82,19 @@ def data_headers(seq: int) -> dict[str, str]:
 
 def control_subject(worker_id: str) -> str:
     return f"_INGRESS.control.{worker_id}"
+
+
+def input_subject(worker_id: str, token: int) -> str:
+    """The subject one exchange's caller publishes its messages to (one wildcard subscription per worker)."""
+    return f"_INGRESS.input.{worker_id}.{token}"
+
+
+def input_wildcard(worker_id: str) -> str:
+    return f"_INGRESS.input.{worker_id}.*"
+
+
+def credit_headers(granted: int, input_subject: str, control: str) -> dict[str, str]:
+    return {KIND: CREDIT_KIND, CREDIT: str(granted), INPUT: input_subject, CONTROL: control}
 
 
 def end_headers(seq: int, count: int) -> dict[str, str]:

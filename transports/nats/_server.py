@@ -32,6 +32,7 @@ from runtime import (
 
 from . import _aio as aio
 from . import _protocol as protocol
+from ._exchange import ExchangeInput, ExchangeInputs
 
 # Messages delivered to one endpoint and not yet started; past this the asyncio side refuses them.
 INBOX_SIZE = 1024
@@ -88,10 +89,13 @@ class NatsTransport:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(outbox.publisher.run)
-                    control = protocol.control_subject(uuid.uuid4().hex)
-                    requests = _Requests(self, client, Caller(binding), outbox, nursery, control)
+                    worker_id = uuid.uuid4().hex
+                    control = protocol.control_subject(worker_id)
+                    inputs = ExchangeInputs(worker_id, control, outbox.publisher.put_nowait)
+                    requests = _Requests(self, client, Caller(binding), outbox, nursery, control, inputs)
                     nursery.start_soon(requests.watch_callers)
-                    await nursery.start(requests.serve_control)
+                    await nursery.start(requests.serve_subject, control, requests.control_message)
+                    await nursery.start(requests.serve_subject, inputs.subscription_subject, inputs.receive)
                     for endpoint in binding.endpoints.values():
                         await nursery.start(requests.serve_endpoint, endpoint)
                     binding.runtime.logger.info("nats.subscribed", url=self.url, namespace=self.namespace)
@@ -139,6 +143,8 @@ class _Requests:
     outbox: _Outbox
     nursery: trio.Nursery
     control: str
+    # Exchanges whose callers stream their input, on subjects of this worker's own.
+    inputs: ExchangeInputs
 
     async def serve_endpoint(
         self, endpoint: EndpointBinding, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -191,32 +197,51 @@ class _Requests:
             )
         except IngressError as error:
             return sink, error
-        self.nursery.start_soon(self.run, call, msg, sink)
+        exchange_input = None
+        if call.inbox is not None and headers.get(protocol.INPUT) == protocol.STREAM_INPUT:
+            exchange_input = self.inputs.open(call, msg.reply, msg.data)
+        self.nursery.start_soon(self.run, call, msg, sink, exchange_input)
         return None
 
-    async def run(self, call: Call, msg: Msg, sink: _NatsSink) -> None:
+    async def run(self, call: Call, msg: Msg, sink: _NatsSink, exchange_input: ExchangeInput | None) -> None:
         headers = msg.headers or {}
-        await call.run(
-            msg.data,
-            sink,
-            timeout_ms=headers.get(protocol.TIMEOUT_MS),
-            deadline_unix=headers.get(protocol.DEADLINE),
-            timeout_name=protocol.TIMEOUT_MS,
-        )
+        try:
+            await call.run(
+                b"" if exchange_input is not None else msg.data,
+                sink,
+                timeout_ms=headers.get(protocol.TIMEOUT_MS),
+                deadline_unix=headers.get(protocol.DEADLINE),
+                timeout_name=protocol.TIMEOUT_MS,
+                streamed_input=exchange_input is not None,
+            )
+        finally:
+            if exchange_input is not None:
+                self.inputs.close(exchange_input)
 
-    async def serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """STOP and KILL messages from callers, for the requests this worker is running, honoured at once."""
+    async def serve_subject(
+        self,
+        subject: str,
+        handle: Callable[[Msg], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Hand every message on one of the worker's own subjects (control, exchange input) to
+        ``handle``, until phase 3: exchanges and streams in flight go on through the drain."""
         send, receive = trio.open_memory_channel[Msg](INBOX_SIZE)
-        await aio.subscribe(self.client, self.control, "", send)
+        await aio.subscribe(self.client, subject, "", send)
         task_status.started()
         async for msg in receive:
-            # A request that is not running finished already: its end crossed the control message.
-            headers = msg.headers or {}
-            target = headers.get(protocol.TARGET, "")
-            if headers.get(protocol.KIND) == protocol.KILL:
-                self.caller.kill(target)
-            else:
-                self.caller.stop(target)
+            handle(msg)
+
+    def control_message(self, msg: Msg) -> None:
+        """STOP and KILL from callers, for the requests this worker is running, honoured at once. A
+        request that is not running finished already: its end crossed the control message."""
+        headers = msg.headers or {}
+        target = headers.get(protocol.TARGET, "")
+        if headers.get(protocol.KIND) == protocol.KILL:
+            self.caller.kill(target)
+        else:
+            self.caller.stop(target)
 
     async def watch_callers(self) -> None:
         """Every interval, probe the inbox of every request that has run at least that long, all in one

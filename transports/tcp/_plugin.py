@@ -6,11 +6,8 @@ import argparse
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import trio
-
-from runtime import IngressError, Transport
-from runtime._errors import sole_exception
-from runtime.plugins import CallTarget, DuplexTarget, TlsFiles, address
+from runtime import Transport
+from runtime.plugins import CallTarget, DuplexTarget, TlsFiles, address, run_exchange
 
 DEFAULT_ADDRESS = ("127.0.0.1", 9000)
 
@@ -75,28 +72,11 @@ def _exchange_with(address: tuple[str, int]) -> DuplexTarget:
     ) -> None:
         from ._client import TcpClient
 
-        try:
-            async with (
-                TcpClient.connect(*address) as client,
-                client.exchange(endpoint, metadata=dict(metadata), deadline=deadline) as session,
-                trio.open_nursery() as nursery,
-            ):
-
-                async def send_all() -> None:
-                    async for message in messages:
-                        await session.send(message)
-                    await session.end()
-
-                nursery.start_soon(send_all)
-                async for chunk in session:
-                    answer(chunk)
-                nursery.cancel_scope.cancel()  # the worker ended the exchange: stop reading the input
-        except BaseExceptionGroup as group:
-            # The sender's error (a bad line of input, an exchange that ended under it) as itself.
-            error = sole_exception(group)
-            if isinstance(error, IngressError):
-                raise error from None
-            raise
+        async with (
+            TcpClient.connect(*address) as client,
+            client.exchange(endpoint, metadata=dict(metadata), deadline=deadline) as session,
+        ):
+            await run_exchange(session, messages, answer)
 
     return exchange
 
