@@ -75,7 +75,7 @@ class IngressConnection:
         stream_id, self.next_id = self.next_id, self.next_id + 1
         request = codec.Request(stream_id, endpoint, "", 0, (), json.dumps(body).encode())
         await self.stream.send_all(self.client.send(request))
-        chunks = 0
+        chunks = taken = 0
         while True:
             await read_at_least(self.stream, self.buffer, 9)
             length, frame_type, _ = codec.HEADER.unpack_from(self.buffer)
@@ -83,6 +83,11 @@ class IngressConnection:
             del self.buffer[: 9 + length]
             if frame_type == codec.FrameType.DATA:
                 chunks += 1
+                taken += length
+                if taken * 2 >= self.client.answer_window:  # return answer credit, as TcpClient does
+                    update = codec.HEADER.pack(4, codec.FrameType.WINDOW_UPDATE, stream_id)
+                    await self.stream.send_all(update + _U32.pack(taken))
+                    taken = 0
             elif frame_type == codec.FrameType.END:
                 return chunks
             elif frame_type == codec.FrameType.ERROR:

@@ -82,13 +82,16 @@ async def raw_connection(
 
 
 async def _raw_events(stream: trio.SocketStream, conn: codec.Connection, until: type) -> list[object]:
+    """Read events until one of type ``until``; each answer's credit goes back as it is read (v3)."""
     events: list[object] = []
     while not any(isinstance(e, until) for e in events):
         event = conn.next_event()
         if event is codec.NEED_DATA:
             conn.receive_data(await stream.receive_some(65536))
-        else:
-            events.append(event)
+            continue
+        events.append(event)
+        if isinstance(event, codec.Data) and event.payload:
+            await stream.send_all(conn.send(codec.WindowUpdate(event.stream_id, len(event.payload))))
     return events
 
 
@@ -261,6 +264,27 @@ async def test_slow_reader_gets_back_pressure_not_buffering():
         assert stalled_at < 200
         events = await _raw_events(stream, conn, codec.End)
     assert len([e for e in events if isinstance(e, codec.Data)]) == 2000
+
+
+async def test_a_stream_left_unread_holds_back_its_own_handler_and_no_sibling():
+    """Version 3 answer credit: an unread stream's handler stops at one window (the client's frame
+    limit); a sibling on the same connection still completes, and leaving the unread one is clean."""
+    probe = Probe()
+    with trio.fail_after(20):
+        async with (
+            serving(probe) as (_, address),
+            TcpClient.connect(*address, max_frame_size=256 * 1024) as client,
+        ):
+            unread = client.stream("tokens", {"n": 2000, "pad": 16 * 1024})
+            async with unread:
+                await unread.__anext__()  # open, and take one chunk (16 KiB, not enough to return credit)
+                for _ in range(3):  # siblings complete while the unread stream is stalled
+                    assert (await client.call("context"))["peer"]
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                stalled_at = probe.produced
+            assert (await client.call("context"))["peer"]  # leaving it did not lose the connection
+    # 256 KiB of window: about 16 chunks of 16 KiB, not 2000 (and not the 256-chunk client buffer)
+    assert 10 <= stalled_at <= 17
 
 
 async def test_drain_refuses_new_streams_and_connections_but_finishes_running_ones():

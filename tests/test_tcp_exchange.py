@@ -244,7 +244,7 @@ async def test_sending_and_reading_from_two_tasks_opens_one_stream():
 
 
 async def test_a_client_reaches_a_worker_that_speaks_only_version_1():
-    """An older worker answers HELLO v1 and refuses v2: TcpClient reconnects at version 1 and streams work."""
+    """An older worker answers HELLO v1 and refuses ours: TcpClient reconnects at version 1, streams work."""
     served: list[int] = []
 
     async def old_worker(stream: trio.SocketStream) -> None:
@@ -272,4 +272,21 @@ async def test_a_client_reaches_a_worker_that_speaks_only_version_1():
                 answer = await client.call("echo", {})
                 version = client._codec.version
             nursery.cancel_scope.cancel()
-    assert answer == "hi" and version == 1 and served == [2, 1]
+    assert answer == "hi" and version == 1 and served == [codec.PROTOCOL_VERSION, 1]
+
+
+async def test_a_version_2_client_is_served_without_answer_credit():
+    """A client that announces 2 never sends WINDOW_UPDATE: its answers flow on TCP's flow control alone."""
+    worker = create_mocker()
+
+    @worker.endpoint("big")
+    async def big(request: Any, ctx: RequestContext) -> AsyncIterator[Any]:
+        for _ in range(40):
+            yield "x" * 65536  # 2.5 MiB in all: more than twice a version-3 client's window
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with raw_client(worker, 2) as (stream, conn):
+            assert conn.version == 2
+            await stream.send_all(conn.send(codec.Request(1, "big", "", 0, (), b"")))
+            events = await _events_until(stream, conn, lambda e: isinstance(e, codec.End | codec.Error))
+    assert sum(isinstance(e, codec.Data) for e in events) == 40 and isinstance(events[-1], codec.End)

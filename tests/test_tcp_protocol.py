@@ -48,7 +48,7 @@ def test_preface_and_hello_bytes_are_exactly_as_documented():
     """The preface is the magic followed by a 10-byte HELLO frame on stream 0 (docs/protocol-tcp.md)."""
     client = codec.Connection(Role.CLIENT, max_frame_size=4096, max_streams=7)
     assert client.send(client.local_hello) == b"TINGRESS" + struct.pack("!IBI", 10, 0, 0) + struct.pack(
-        "!HII", 2, 4096, 7
+        "!HII", 3, 4096, 7
     )
 
 
@@ -240,7 +240,7 @@ def _versioned_pair(client_version: int) -> tuple[codec.Connection, codec.Connec
     return client, server
 
 
-@pytest.mark.parametrize(("client_version", "agreed"), [(1, 1), (2, 2), (9, 2)])
+@pytest.mark.parametrize(("client_version", "agreed"), [(1, 1), (2, 2), (3, 3), (9, 3)])
 def test_both_sides_use_the_lower_of_the_versions_they_announce(client_version, agreed):
     """HELLO carries each side's highest version; a version-1 client is still served, at version 1."""
     client, server = _versioned_pair(client_version)
@@ -341,3 +341,80 @@ def test_the_exchange_example_in_the_protocol_doc_is_exact():
     _events(client)
     rest = client.send(Data(1, b'{"max_tokens":2}')) + client.send(End(1))
     assert documented == request + grant + rest
+
+
+def test_answer_credit_is_enforced_on_both_sides_from_version_3():
+    """Each stream opens with the client's max_frame_size of answer credit; DATA past it is refused
+    where it is made and where it arrives; the client's WINDOW_UPDATE gives more."""
+    client, server = _pair(max_frame_size=1024)
+    server.receive_data(client.send(Request(1, "generate", "", 0, (), b"")))
+    _events(server)
+    assert client.answer_credit[1] == server.answer_credit[1] == 1024
+    client.receive_data(server.send(Data(1, b"x" * 1000)))
+    assert _events(client) == [Data(1, b"x" * 1000)]
+    with pytest.raises(LocalProtocolError, match="answer credit"):
+        server.send(Data(1, b"y" * 25))
+    client.receive_data(codec.HEADER.pack(25, codec.FrameType.DATA, 1) + b"y" * 25)  # a server that cheats
+    with pytest.raises(RemoteProtocolError, match="answer credit"):
+        _events(client)
+    client2, server2 = _pair(max_frame_size=1024)
+    server2.receive_data(client2.send(Request(1, "generate", "", 0, (), b"")))
+    _events(server2)
+    client2.receive_data(server2.send(Data(1, b"x" * 1000)))
+    _events(client2)
+    server2.receive_data(client2.send(codec.WindowUpdate(1, 1000)))
+    assert _events(server2) == [codec.WindowUpdate(1, 1000)]
+    client2.receive_data(server2.send(Data(1, b"y" * 1024)))  # the whole window again
+    assert _events(client2) == [Data(1, b"y" * 1024)] and client2.answer_credit[1] == 0
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_below_version_3_answers_have_no_credit_and_a_client_sends_no_window_update(version):
+    """Versions 1 and 2: the server's DATA is not counted, and a client's WINDOW_UPDATE is refused."""
+    client, server = _versioned_pair(version)
+    server.receive_data(client.send(Request(1, "generate", "", 0, (), b"")))
+    _events(server)
+    client.receive_data(b"".join(server.send(Data(1, b"x" * 60000)) for _ in range(40)))  # 2.4 MB
+    assert len(_events(client)) == 40 and not client.answer_credit and not server.answer_credit
+    with pytest.raises(LocalProtocolError, match="version 3"):
+        client.send(codec.WindowUpdate(1, 10))
+    server.receive_data(codec.HEADER.pack(4, codec.FrameType.WINDOW_UPDATE, 1) + struct.pack("!I", 10))
+    with pytest.raises(RemoteProtocolError, match="version 3"):
+        _events(server)
+
+
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(["data", "update"]), st.integers(min_value=0, max_value=3000)), max_size=40
+    ),
+    window=st.integers(min_value=1024, max_value=4096),
+    split=st.integers(min_value=1, max_value=23),
+)
+@settings(max_examples=80, deadline=None)
+def test_any_interleaving_of_answers_and_credit_keeps_both_sides_in_step(steps, window, split):
+    """The server may send exactly while the credit lasts, however DATA and WINDOW_UPDATE interleave
+    and however the bytes are split; both sides always agree on what is left."""
+    client, server = _pair(max_frame_size=window)
+    server.receive_data(client.send(Request(1, "generate", "", 0, (), b"")))
+    _events(server)
+    sent = granted = 0
+    for kind, size in steps:
+        if kind == "update":
+            if size == 0:
+                continue
+            wire = client.send(codec.WindowUpdate(1, size))
+            receiver = server
+            granted += size
+        else:
+            size = min(size, window)  # a frame never exceeds the client's limit
+            if server.answer_credit[1] < size:
+                with pytest.raises(LocalProtocolError, match="answer credit"):
+                    server.send(Data(1, b"z" * size))
+                continue
+            wire = server.send(Data(1, b"z" * size))
+            receiver = client
+            sent += size
+        for i in range(0, len(wire), split):
+            receiver.receive_data(wire[i : i + split])
+            _events(receiver)
+        assert client.answer_credit[1] == server.answer_credit[1] == window + granted - sent >= 0

@@ -241,8 +241,9 @@ class TcpClient:
             item = _END
         else:
             item = remote_error(event.code, event.message, retryable=event.retryable)
-        # The consumer may close its end between our lookup and the send.
-        with contextlib.suppress(trio.BrokenResourceError):
+        # The consumer may leave (closing its end, or ours: _close_stream) while we wait to send: what
+        # was meant for it is dropped, and the connection goes on.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await channel.send(item)
 
     def _connection_lost(self, why: str) -> None:
@@ -300,8 +301,17 @@ class TcpClient:
         assert self._slots is not None
         self._raise_if_unusable()
         await self._slots.acquire()
+        try:
+            self._raise_if_unusable()  # lost while we waited: nobody would ever close this stream
+        except Unavailable:
+            self._slots.release()
+            raise
         stream_id = next(self._ids)
-        send, receive = trio.open_memory_channel[Any](STREAM_BUFFER)
+        # From version 3 the worker sends a stream no more than its answer credit: the reader never
+        # waits for a consumer, so one stream left unread holds back no other. Before, the buffer
+        # is bounded in chunks and a full one stops the reader (TCP back-pressure, for the connection).
+        answer_credit = self._codec.version >= codec.ANSWER_CREDIT_VERSION
+        send, receive = trio.open_memory_channel[Any](math.inf if answer_credit else STREAM_BUFFER)
         self._streams[stream_id] = send
         stream._stream_id = stream_id
         request = codec.Request(
@@ -339,6 +349,14 @@ class TcpClient:
             if frame:
                 self._writer.write_nowait(frame)
 
+    def _return_answer_credit(self, stream_id: int, size: int) -> None:
+        """Version 3: the application took ``size`` bytes of this stream's answers; the worker may send
+        that much more."""
+        if stream_id in self._streams and not self._writer.closed:
+            frame = self._codec.send(codec.WindowUpdate(stream_id, size))
+            if frame:
+                self._writer.write_nowait(frame)
+
     def _send_control(self, event: codec.Stop) -> None:
         if event.stream_id in self._streams and not self._writer.closed:
             frame = self._codec.send(event)
@@ -373,6 +391,7 @@ class ClientStream:
         self._opening: trio.Event | None = None  # set once the REQUEST went out (or failed to)
         self._chunks = 0
         self._finished = False
+        self._taken = 0  # bytes of answers taken since answer credit was last returned (version 3)
 
     def timeout_ms(self) -> int:
         """The remaining budget to send: the explicit deadline, else the caller's cancel scope."""
@@ -398,6 +417,7 @@ class ClientStream:
             raise
         if isinstance(item, bytes):
             self._chunks += 1
+            self._took(len(item))
             return json.loads(item)
         self._finish(kill=False)
         if item is _END:
@@ -417,6 +437,16 @@ class ClientStream:
         if self._receive is None:
             raise Unavailable("the request could not be sent", retryable=True)
         return self._receive
+
+    def _took(self, size: int) -> None:
+        """Return answer credit in halves of the window, not one WINDOW_UPDATE per chunk."""
+        connection = self.client._codec
+        if connection.version < codec.ANSWER_CREDIT_VERSION:
+            return
+        self._taken += size
+        if self._taken * 2 >= connection.answer_window:
+            self.client._return_answer_credit(self._stream_id, self._taken)
+            self._taken = 0
 
     def stop(self) -> None:
         """Ask the worker to end this stream gracefully; the chunks already sent still arrive, then END."""

@@ -15,6 +15,11 @@ Version 2 (negotiated: each HELLO carries the highest version its sender speaks,
 adds exchanges: on an open stream the client may send DATA (a message) within the credit the server
 granted for that stream with WINDOW_UPDATE, and END (its half-close); the stream stays open until the
 server's END or ERROR.
+
+Version 3 adds credit for the answers: each stream opens with an answer window of the client's
+``max_frame_size`` bytes, the server's DATA must fit what is left of it, and the client returns what
+its application consumed with WINDOW_UPDATE. A client that does not read one stream holds back that
+stream's handler only, never its siblings on the connection.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from typing import Final
 
 MAGIC: Final = b"TINGRESS"
 # The highest version this side speaks; a peer announcing any version from 1 up is served at the lower.
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 # The first version with exchanges (client DATA and END, WINDOW_UPDATE).
 EXCHANGES_VERSION: Final = 2
+# The first version with per-stream credit for the server's DATA (WINDOW_UPDATE from the client).
+ANSWER_CREDIT_VERSION: Final = 3
 HEADER: Final = struct.Struct("!IBI")
 DEFAULT_MAX_FRAME_SIZE: Final = 1024 * 1024
 DEFAULT_MAX_STREAMS: Final = 128
@@ -68,7 +75,7 @@ class FrameType(enum.IntEnum):
     STOP = 5
     KILL = 6
     GOAWAY = 7
-    WINDOW_UPDATE = 8  # version 2
+    WINDOW_UPDATE = 8  # version 2 (from the server); version 3 (from the client too)
 
 
 class _NeedData:
@@ -137,7 +144,8 @@ class GoAway:
 
 @dataclass(frozen=True, slots=True)
 class WindowUpdate:
-    """Version 2: the sender may receive ``increment`` more bytes of DATA on this stream."""
+    """The sender may receive ``increment`` more bytes of DATA on this stream (the server's, for the
+    client's messages: version 2; the client's, for the answers: version 3)."""
 
     stream_id: int
     increment: int
@@ -175,7 +183,6 @@ _SENT_BY: Final = {
     FrameType.END: Role.SERVER,  # and, from version 2, the client's half-close
     FrameType.ERROR: Role.SERVER,  # on a stream; either side may send ERROR on stream 0
     FrameType.GOAWAY: Role.SERVER,
-    FrameType.WINDOW_UPDATE: Role.SERVER,  # credit for the client's DATA
 }
 # Frames a client may send on an open stream from version 2 on (an exchange's messages, its half-close).
 _CLIENT_EXCHANGE_FRAMES: Final = (FrameType.DATA, FrameType.END)
@@ -191,6 +198,7 @@ class Connection:
         "_hello_sent",
         "_offset",
         "_preface_seen",
+        "answer_credit",
         "client_ended",
         "credit",
         "goaway_received",
@@ -226,6 +234,9 @@ class Connection:
         # and the client has not used; kept by both sides), and the streams the client half-closed.
         self.credit: dict[int, int] = {}
         self.client_ended: dict[int, None] = {}
+        # Version 3, per stream: bytes of server DATA still allowed (the answer window, less what was
+        # sent, plus what the client returned; kept by both sides).
+        self.answer_credit: dict[int, int] = {}
         self.highest_stream_id = 0
         self.goaway_received: GoAway | None = None
         self._buffer = bytearray()
@@ -309,15 +320,38 @@ class Connection:
             raise RemoteProtocolError(f"a {self.peer_role.value} may not send {frame_type.name}")
         event = _DECODERS[frame_type](stream_id, payload)
         if isinstance(event, WindowUpdate):
-            if self.version < EXCHANGES_VERSION:
-                raise RemoteProtocolError("WINDOW_UPDATE needs protocol version 2")
-            if stream_id in self.open_streams:
-                self.credit[stream_id] = self.credit.get(stream_id, 0) + event.increment
-                return event
-            if stream_id > self.highest_stream_id:
-                raise RemoteProtocolError(f"WINDOW_UPDATE on stream {stream_id}, which was never opened")
-            return _DROPPED  # the stream ended meanwhile
-        return event if self._advance(frame_type, stream_id, RemoteProtocolError) else _DROPPED
+            return self._receive_window_update(event)
+        if not self._advance(frame_type, stream_id, RemoteProtocolError):
+            return _DROPPED
+        if frame_type is FrameType.DATA and stream_id in self.answer_credit:
+            self._take_answer_credit(stream_id, len(payload), RemoteProtocolError)
+        return event
+
+    def _receive_window_update(self, event: WindowUpdate) -> Event | _Dropped:
+        """Credit from the peer: for the client's messages (from a server, version 2) or for the
+        answers (from a client, version 3)."""
+        needed = EXCHANGES_VERSION if self.peer_role is Role.SERVER else ANSWER_CREDIT_VERSION
+        if self.version < needed:
+            raise RemoteProtocolError(
+                f"a {self.peer_role.value} may not send WINDOW_UPDATE before protocol version {needed}"
+            )
+        stream_id = event.stream_id
+        if stream_id in self.open_streams:
+            credit = self.credit if self.peer_role is Role.SERVER else self.answer_credit
+            credit[stream_id] = credit.get(stream_id, 0) + event.increment
+            return event
+        if stream_id > self.highest_stream_id:
+            raise RemoteProtocolError(f"WINDOW_UPDATE on stream {stream_id}, which was never opened")
+        return _DROPPED  # the stream ended meanwhile
+
+    def _take_answer_credit(self, stream_id: int, size: int, error: type[ProtocolError]) -> None:
+        """Version 3: the server's DATA uses the stream's answer credit; past it is a protocol error."""
+        available = self.answer_credit[stream_id]
+        if size > available:
+            raise error(
+                f"flow control: {size} bytes of DATA on stream {stream_id} with {available} of answer credit"
+            )
+        self.answer_credit[stream_id] = available - size
 
     def _client_exchange_frame(self, frame_type: FrameType, sender: Role) -> bool:
         return sender is Role.CLIENT and frame_type in _CLIENT_EXCHANGE_FRAMES
@@ -397,11 +431,22 @@ class Connection:
         if after is _Stream.OPEN and state is _Stream.NEW:
             self.open_streams[stream_id] = None
             self.highest_stream_id = stream_id
+            if self.version >= ANSWER_CREDIT_VERSION:
+                self.answer_credit[stream_id] = self.answer_window
         elif after is _Stream.CLOSED:
             self.open_streams.pop(stream_id, None)
             self.credit.pop(stream_id, None)
             self.client_ended.pop(stream_id, None)
+            self.answer_credit.pop(stream_id, None)
         return True
+
+    @property
+    def answer_window(self) -> int:
+        """Version 3: the answer credit each stream opens with, the client's ``max_frame_size``, so any
+        chunk that fits a frame fits the window and none can deadlock."""
+        client_hello = self.local_hello if self.role is Role.CLIENT else self.peer_hello
+        assert client_hello is not None
+        return client_hello.max_frame_size
 
     # ---- sending ------------------------------------------------------------------------------------
 
@@ -436,7 +481,9 @@ class Connection:
         exchange's message, version 2) must fit the credit the server granted on that stream."""
         if stream_id not in self.open_streams:
             raise LocalProtocolError(f"DATA on stream {stream_id}, which is not open")
-        if self.role is Role.CLIENT:
+        if stream_id in self.answer_credit and self.role is Role.SERVER:
+            self._take_answer_credit(stream_id, len(payload), LocalProtocolError)
+        elif self.role is Role.CLIENT:
             self._check_client_may_send(stream_id, "DATA")
             available = self.credit.get(stream_id, 0)
             if len(payload) > available:
@@ -461,13 +508,18 @@ class Connection:
         return self._frame(FrameType.END, stream_id, b"")
 
     def _send_window_update(self, stream_id: int, payload: bytes, event: Event) -> bytes:
-        """The server grants the client more credit for DATA on an open stream (version 2)."""
-        if self.role is not Role.SERVER or self.version < EXCHANGES_VERSION:
-            raise LocalProtocolError("only a server speaking version 2 sends WINDOW_UPDATE")
+        """More credit on an open stream: a server's for the client's DATA (version 2), a client's for
+        the server's DATA, the answers (version 3)."""
+        needed = EXCHANGES_VERSION if self.role is Role.SERVER else ANSWER_CREDIT_VERSION
+        if self.version < needed:
+            raise LocalProtocolError(
+                f"a {self.role.value} may not send WINDOW_UPDATE before protocol version {needed}"
+            )
         assert isinstance(event, WindowUpdate)
         if stream_id not in self.open_streams:
             return b""  # ended meanwhile: no credit to give
-        self.credit[stream_id] = self.credit.get(stream_id, 0) + event.increment
+        credit = self.credit if self.role is Role.SERVER else self.answer_credit
+        credit[stream_id] = credit.get(stream_id, 0) + event.increment
         return self._frame(FrameType.WINDOW_UPDATE, stream_id, payload)
 
     def send_refusal(self, error: Error) -> bytes:

@@ -121,7 +121,17 @@ class _ServerConnection:
     """One client connection: the reader runs in ``run``; writer and request tasks in its nursery."""
 
     # Thousands of idle connections are a normal load: no per-instance dict.
-    __slots__ = ("binding", "caller", "codec", "log", "peer", "stream", "transport", "writer")
+    __slots__ = (
+        "answer_waiters",
+        "binding",
+        "caller",
+        "codec",
+        "log",
+        "peer",
+        "stream",
+        "transport",
+        "writer",
+    )
 
     def __init__(self, transport: TcpTransport, binding: TransportBinding, stream: trio.SocketStream) -> None:
         self.transport = transport
@@ -137,6 +147,8 @@ class _ServerConnection:
         # The core's registry of this connection's open streams, keyed by stream id.
         self.caller = Caller(binding, peer=self.peer, max_calls=transport.max_streams_per_connection)
         self.log = binding.runtime.logger.bind(transport="tcp", peer=self.peer)
+        # Version 3: streams whose handler waits for the client to return answer credit.
+        self.answer_waiters: dict[int, trio.Event] = {}
 
     async def run(self) -> None:
         try:
@@ -198,6 +210,8 @@ class _ServerConnection:
                 self._exchange_message(event)
             elif isinstance(event, codec.End):
                 self._exchange_end(event.stream_id)
+            elif isinstance(event, codec.WindowUpdate):
+                self._answer_credit_returned(event.stream_id)
             elif isinstance(event, codec.Kill | codec.Stop):
                 self._signal_stream(event)
             elif isinstance(event, codec.ConnectionClosed):
@@ -256,6 +270,21 @@ class _ServerConnection:
         if frame:
             self.writer.write_nowait(frame)
 
+    def _answer_credit_returned(self, stream_id: int) -> None:
+        waiter = self.answer_waiters.pop(stream_id, None)
+        if waiter is not None:
+            waiter.set()
+
+    async def wait_for_answer_credit(self, stream_id: int, size: int) -> None:
+        """Version 3: wait until the client has room for ``size`` more bytes of this stream's answers
+        (it reads them); the handler waits here, its siblings on the connection do not."""
+        while self.codec.answer_credit.get(stream_id, size) < size:
+            waiter = self.answer_waiters[stream_id] = trio.Event()
+            try:
+                await waiter.wait()
+            finally:  # also when the stream is killed meanwhile: nothing is left behind
+                self.answer_waiters.pop(stream_id, None)
+
     def _signal_stream(self, event: codec.Stop | codec.Kill) -> None:
         # A stream that is not open finished already: its END crossed this frame on the wire.
         if isinstance(event, codec.Kill):
@@ -298,6 +327,8 @@ class _StreamSink:
         self.stream_id = stream_id
 
     async def send_chunk(self, data: bytes) -> None:
+        if self.conn.codec.answer_credit.get(self.stream_id, len(data)) < len(data):
+            await self.conn.wait_for_answer_credit(self.stream_id, len(data))
         await self._write(self._data_frame(data))
 
     def _data_frame(self, payload: bytes) -> bytes:
