@@ -7,8 +7,10 @@ with its request. Run it with ``ingress serve runtime.mocker:worker``.
 
 ``aio_worker`` serves the same endpoints and fields through the asyncio bridge from a fake engine in
 the shape of vLLM's ``AsyncLLM`` (``ingress serve runtime.mocker:aio_worker``); ``thread_worker`` from
-a fake blocking engine in a thread. Both export the fake's ``mocker_engine_running`` (0 when nothing is
-generating) and ``mocker_engine_aborted`` on ``/metrics``.
+a fake blocking engine in a thread (``generate`` comes from the fake engine; ``echo`` and ``chat`` are the
+same Trio handlers, so the chaos scripts run their exchanges against every mocker). Both export the
+fake's ``mocker_engine_running`` (0 when nothing is generating) and ``mocker_engine_aborted`` on
+``/metrics``.
 """
 
 from __future__ import annotations
@@ -247,6 +249,7 @@ def _engine_mocker(
 
     worker.endpoint("generate", **generate_options)(generate_handler)
     worker.endpoint("echo")(echo)
+    worker.endpoint("chat", duplex=True)(chat)
     return worker
 
 

@@ -1,17 +1,23 @@
-"""Chaos for the TCP transport: cut connections mid-stream, SIGTERM under load, check the invariants.
+"""Chaos for the TCP transport: cut connections mid-stream and mid-exchange, SIGTERM under load, check
+the invariants.
 
 Runs a real worker process (the mocker) on 127.0.0.1 and drives it in two rounds:
 
-1. Many streams over many connections; a share of the connections is cut mid-stream, half with a clean
-   close and half with a reset (SO_LINGER 0). Afterwards /metrics must show in-flight back at 0 and the
-   disconnects counted.
-2. The same load, with SIGTERM sent once a share of the streams is running. Streams in flight must
-   finish; streams and connections opened later must get an explicit error; the worker must exit 0
-   with nothing in flight at phase 2.
+1. Many streams and full-duplex exchanges (the mocker's ``chat``, through ``TcpClient.exchange()``) over
+   many connections; a share of the connections is cut mid-stream, half with a clean close and half with
+   a reset (SO_LINGER 0). Afterwards /metrics must show in-flight back at 0, the disconnects counted, and
+   the worker's exchange message counters within what the callers sent and read.
+2. The same load, with SIGTERM sent once a share of the streams and exchanges is running. Those in
+   flight must finish (an exchange's caller goes on sending through the drain); streams, exchanges and
+   connections opened later must get an explicit error; the worker must exit 0 with nothing in flight
+   at phase 2.
 
 Every stream must end completed with all its tokens, with an explicit error, or cut by this script;
-anything else (a truncated stream without an error, a wrong token, a hang) is a violation. Prints one
-summary line and exits 1 on any violation.
+anything else (a truncated stream without an error, a wrong token, a hang) is a violation. Every
+exchange likewise, checked in sequence on both sides (scripts/_chaos.py, ``ExchangeCheck``): each
+answer once and in order, each turn as long as its message asked, so each message taken by the worker
+once and in order, and the end only after the half-close and the last turn. Prints one summary line
+and exits 1 on any violation.
 
     python scripts/chaos_tcp.py            # full run (~30 s)
     python scripts/chaos_tcp.py --short    # CI run (a few seconds)
@@ -26,7 +32,16 @@ import struct
 from dataclasses import dataclass
 
 import trio
-from _chaos import Tally, check_engine_idle, inflight_from_metrics, record_stream, run_cli
+from _chaos import (
+    ExchangeLedger,
+    Tally,
+    check_engine_idle,
+    check_exchange_counters,
+    inflight_from_metrics,
+    record_exchange,
+    record_stream,
+    run_cli,
+)
 
 from runtime import IngressError
 from runtime.testing import worker_process
@@ -36,13 +51,25 @@ from transports.tcp import TcpClient
 STREAM_TIMEOUT = 60.0
 # The whole script stops by itself after this long, whatever happens.
 RUN_TIMEOUT = 120.0
+# How long in-flight may take to come back to 0 once every caller is done (the worker counts a request
+# out just after its last frame left): a leak stays, however long the wait.
+SETTLE = 5.0
+# A connection's first exchange starts with its streams; the others up to this long later, so that in
+# round 2 some open on a live connection after the GOAWAY (refused, retryable) or cross it.
+EXCHANGE_STAGGER = 0.2
 
 
 @dataclass(frozen=True)
 class Load:
     connections: int
     streams_per_connection: int
+    exchanges_per_connection: int
     cut_share: float
+
+    @property
+    def per_round(self) -> int:
+        """Streams and exchanges started in one round."""
+        return self.connections * (self.streams_per_connection + self.exchanges_per_connection)
 
 
 async def run_stream(
@@ -60,6 +87,33 @@ async def run_stream(
             tally.outcomes[f"cut:{cut}"] += 1
 
 
+async def run_exchange(
+    client: TcpClient,
+    tally: Tally,
+    rng: random.Random,
+    first_chunk: trio.Event,
+    cut: str | None,
+    ledger: ExchangeLedger,
+    delay: float,
+) -> None:
+    """One exchange beside the streams, ``delay`` later; records exactly one outcome, or "exchange:cut"
+    as for streams."""
+
+    def on_answer(count: int) -> None:
+        if count == 1:
+            tally.stream_started()
+            first_chunk.set()
+
+    recorded = False
+    try:
+        await trio.sleep(delay)
+        await record_exchange(client, tally, rng, STREAM_TIMEOUT, ledger, on_answer)
+        recorded = True  # record_exchange records every ending except being cancelled by our own cut
+    finally:
+        if not recorded:
+            tally.outcomes[f"exchange:cut:{cut}"] += 1
+
+
 async def _stream_into(
     client: TcpClient, tally: Tally, request: dict[str, int], first_chunk: trio.Event
 ) -> None:
@@ -73,9 +127,14 @@ async def _stream_into(
 
 
 async def run_connection(
-    address: tuple[str, int], load: Load, tally: Tally, rng: random.Random, cut: str | None
+    address: tuple[str, int],
+    load: Load,
+    tally: Tally,
+    rng: random.Random,
+    cut: str | None,
+    ledger: ExchangeLedger,
 ) -> None:
-    """One connection with several streams; ``cut`` ("close" or "reset") cuts it mid-stream."""
+    """One connection with several streams and exchanges; ``cut`` ("close" or "reset") cuts it mid-stream."""
     try:
         async with TcpClient.connect(*address) as client:
             with trio.CancelScope() as connection_scope:
@@ -86,10 +145,16 @@ async def run_connection(
                     async with trio.open_nursery() as streams:
                         for _ in range(load.streams_per_connection):
                             streams.start_soon(run_stream, client, tally, rng, first_chunk, cut)
+                        for i in range(load.exchanges_per_connection):
+                            delay = rng.random() * EXCHANGE_STAGGER if i else 0.0
+                            streams.start_soon(
+                                run_exchange, client, tally, rng, first_chunk, cut, ledger, delay
+                            )
                     # Every stream ended before the cut (say, all refused during the drain): no cut.
                     cutter.cancel_scope.cancel()
     except IngressError as error:  # connection refused (worker draining): explicit, retryable
         tally.outcomes[f"error:{error.code.name}"] += load.streams_per_connection
+        tally.outcomes[f"exchange:error:{error.code.name}"] += load.exchanges_per_connection
 
 
 async def cut_later(
@@ -106,19 +171,21 @@ async def cut_later(
     sock.close()
 
 
-async def drive(address: tuple[str, int], load: Load, tally: Tally, rng: random.Random) -> None:
+async def drive(
+    address: tuple[str, int], load: Load, tally: Tally, rng: random.Random, ledger: ExchangeLedger
+) -> None:
     async with trio.open_nursery() as nursery:
         for i in range(load.connections):
             cut = None
             if rng.random() < load.cut_share:
                 cut = "close" if i % 2 else "reset"
-            nursery.start_soon(run_connection, address, load, tally, rng, cut)
+            nursery.start_soon(run_connection, address, load, tally, rng, cut, ledger)
             await trio.sleep(rng.random() * 0.01)  # staggered, so some connect during the drain
 
 
 async def main(short: bool, seed: int) -> int:
     rng = random.Random(seed)
-    load = Load(connections=16, streams_per_connection=4, cut_share=0.3) if short else Load(64, 8, 0.3)
+    load = Load(16, 4, 2, 0.3) if short else Load(64, 8, 4, 0.3)
     tally = Tally()
     report: dict[str, object] = {"stage": "starting"}
     try:
@@ -142,9 +209,10 @@ async def _run(load: Load, tally: Tally, report: dict[str, object], rng: random.
         async with worker_process(*args) as worker:
             tcp, metrics = worker.addresses["tcp"], worker.addresses["metrics"]
             report["stage"] = "round 1"
-            await drive(tcp, load, tally, rng)
+            ledger = ExchangeLedger()
+            await drive(tcp, load, tally, rng, ledger)
             report["inflight_after_round1"], report["disconnects_counted"] = await inflight_from_metrics(
-                metrics
+                metrics, patience=SETTLE
             )
             if report["inflight_after_round1"] != 0:
                 tally.violations.append(
@@ -153,16 +221,21 @@ async def _run(load: Load, tally: Tally, report: dict[str, object], rng: random.
             cut_in_round1 = tally.cut_count()
             if cut_in_round1 and not report["disconnects_counted"]:
                 tally.violations.append(
-                    f"{cut_in_round1} streams were cut but the worker counted no disconnect"
+                    f"{cut_in_round1} streams and exchanges were cut but the worker counted no disconnect"
                 )
+            report["exchange_messages_round1"] = await check_exchange_counters(metrics, ledger, tally)
             await check_engine_idle(metrics, tally)
-            report["stage"] = "round 2"  # SIGTERM once a quarter of the streams are running
-            tally.start_round(load.connections * load.streams_per_connection // 4)
+            report["stage"] = "round 2"  # SIGTERM once a quarter of the streams and exchanges run
+            tally.start_round(load.per_round // 4)
+            ledger = ExchangeLedger(drain_begun=trio.Event())
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(drive, tcp, load, tally, rng)
+                nursery.start_soon(drive, tcp, load, tally, rng, ledger)
                 await tally.started_enough.wait()
                 worker.send_signal(signal.SIGTERM)
+                await worker.wait_event("shutdown.phase0.done")  # the drain begins
+                ledger.drain_begun.set()
                 report["stage"] = "round 2, draining"
+            report["exchanges_through_drain"] = ledger.through_drain
             report["stage"] = "waiting for the worker to exit"
             report["exit_code"] = exit_code = await worker.wait_exit()
             phase2 = await worker.wait_event("shutdown.phase2.done")
@@ -172,7 +245,10 @@ async def _run(load: Load, tally: Tally, report: dict[str, object], rng: random.
         tally.violations.append(f"worker exited {exit_code}, not 0")
     if phase2["in_flight"] != 0:
         tally.violations.append(f"in-flight was {phase2['in_flight']} at the end of phase 2")
-    return tally.report("chaos_tcp", 2 * load.connections * load.streams_per_connection, report)
+    exchanges = 2 * load.connections * load.exchanges_per_connection
+    return tally.report(
+        "chaos_tcp", 2 * load.connections * load.streams_per_connection, report, exchanges=exchanges
+    )
 
 
 if __name__ == "__main__":
