@@ -47,6 +47,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import trio
 
 from runtime import WorkerConfig, configure_logging, open_worker
@@ -59,6 +60,7 @@ HERE = pathlib.Path(__file__).parent
 RAW_SERVER = [sys.executable, str(HERE / "bench_raw_duplex_server.py")]
 BARE_HTTP = [sys.executable, str(HERE / "bench_http_baselines.py"), "hypercorn-trio"]
 RUN_TIMEOUT = 600.0  # the whole benchmark stops by itself after this long
+ROUND_TIMEOUT = 60.0  # a round takes seconds: one that stalls fails, naming its row, after this long
 MESSAGE = b'{"max_tokens":1}'  # answered by exactly one chunk
 LINE = MESSAGE + b"\n"  # the same message in an HTTP body (NDJSON)
 # A caller that is ahead writes the messages it has in one go (TcpClient's writer coalesces the same
@@ -66,6 +68,7 @@ LINE = MESSAGE + b"\n"  # the same message in an HTTP body (NDJSON)
 # servers, the bottleneck on 2 cores.
 BURST = 16
 ANSWER_MARK = b'"turn"'  # once in every answer, in either server's encoding
+H2_WINDOW = 16 * 1024 * 1024
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _RAW_HEADER = struct.Struct("!II")  # bench_raw_duplex_server.py: length, exchange id
@@ -362,24 +365,33 @@ async def h1_rate(address: tuple[str, int], exchanges: int, messages: int) -> fl
 
 class H2Duplex:
     """A thin h2c (prior knowledge) client on the h2 library: every exchange a stream of one connection,
-    its body written message by message within h2's flow control while its answers are counted."""
+    its body written within h2's flow control while its answers are counted. Reading never waits for
+    a write (the window updates it owes go out from a task of their own): a worker that stops reading
+    while its answers wait for the client would otherwise stop the client too."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        # A receive window as large as browsers announce (Chrome's is 15 MiB): with h2's default of
+        # 64 KiB the worker's answers can stall for good (docs/performance.md, "Exchanges").
+        settings = {**self.conn.local_settings, h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: H2_WINDOW}
+        self.conn.local_settings = h2.settings.Settings(client=True, initial_values=settings)
         self.tallies: dict[int, AnswerTally] = {}
         self.ended: dict[int, trio.Event] = {}
         self.window_opened = trio.Event()
         self.send_lock = trio.Lock()
+        self.owes_write = trio.Event()
 
     @classmethod
     @asynccontextmanager
     async def open(cls, address: tuple[str, int]) -> AsyncIterator[H2Duplex]:
         client = cls(await trio.open_tcp_stream(*address))
         client.conn.initiate_connection()
+        client.conn.increment_flow_control_window(H2_WINDOW - client.conn.inbound_flow_control_window)
         async with client.stream, trio.open_nursery() as nursery:
             await client.flush()
             nursery.start_soon(client.read_loop)
+            nursery.start_soon(client.write_loop)
             yield client
             nursery.cancel_scope.cancel()
 
@@ -387,6 +399,12 @@ class H2Duplex:
         async with self.send_lock:
             if data := self.conn.data_to_send():
                 await self.stream.send_all(data)
+
+    async def write_loop(self) -> None:
+        while True:
+            await self.owes_write.wait()
+            self.owes_write = trio.Event()
+            await self.flush()
 
     async def exchange(self, messages: int) -> int:
         stream_id = self.conn.get_next_available_stream_id()
@@ -409,7 +427,7 @@ class H2Duplex:
         while data := await self.stream.receive_some(65536):
             for event in self.conn.receive_data(data):
                 self.on_event(event)
-            await self.flush()
+            self.owes_write.set()
         raise EOFError("the server closed the connection")
 
     def on_event(self, event: h2.events.Event) -> None:
@@ -509,12 +527,20 @@ async def compare(
         progress(f"{transport}, {exchanges} exchange(s)")
         ours_rates, base_rates = [], []
         for _ in range(sizes.rounds):
-            ours_rates.append(await ours(exchanges, total // exchanges))
+            ours_rates.append(await one_round(transport, ours, exchanges, total))
             if baseline is not None:
-                base_rates.append(await baseline(exchanges, total // exchanges))
+                base_rates.append(await one_round(f"{transport} baseline", baseline, exchanges, total))
         base = statistics.median(base_rates) if base_rates else None
         rows.append(Row(transport, exchanges, statistics.median(ours_rates), base, goal))
     return rows
+
+
+async def one_round(what: str, measure: Measure, exchanges: int, total: int) -> float:
+    try:
+        with trio.fail_after(ROUND_TIMEOUT):
+            return await measure(exchanges, total // exchanges)
+    except trio.TooSlowError:
+        raise RuntimeError(f"{what}, {exchanges} exchange(s): not done in {ROUND_TIMEOUT:g} s") from None
 
 
 async def tcp_rows(ours: tuple[str, int], raw: tuple[str, int], sizes: Sizes) -> list[Row]:
