@@ -63,9 +63,9 @@ RUN_TIMEOUT = 600.0  # the whole benchmark stops by itself after this long
 ROUND_TIMEOUT = 60.0  # a round takes seconds: one that stalls fails, naming its row, after this long
 MESSAGE = b'{"max_tokens":1}'  # answered by exactly one chunk
 LINE = MESSAGE + b"\n"  # the same message in an HTTP body (NDJSON)
-# A caller that is ahead writes the messages it has in one go (TcpClient's writer coalesces the same
-# way), at most this many per write: one write per message would make this load generator, not the
-# servers, the bottleneck on 2 cores.
+# A caller that is ahead has several messages ready: the thin clients write up to this many at once.
+# One write per message (what TcpClient.exchange() comes to) would make this load generator, not the
+# servers, the bottleneck on 2 cores, and wakes a server once per message.
 BURST = 16
 ANSWER_MARK = b'"turn"'  # once in every answer, in either server's encoding
 H2_WINDOW = 16 * 1024 * 1024
