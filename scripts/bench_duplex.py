@@ -68,6 +68,8 @@ LINE = MESSAGE + b"\n"  # the same message in an HTTP body (NDJSON)
 # servers, the bottleneck on 2 cores, and wakes a server once per message.
 BURST = 16
 ANSWER_MARK = b'"turn"'  # once in every answer, in either server's encoding
+# The h2c client's receive window, as large as browsers announce (Chrome's is 15 MiB): with h2's default
+# of 64 KiB the worker's answers can stall for good (docs/performance.md, "Exchanges").
 H2_WINDOW = 16 * 1024 * 1024
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -148,7 +150,8 @@ class IngressDuplex(ThinDuplex):
     @classmethod
     async def open(cls, address: tuple[str, int]) -> IngressDuplex:
         conn = cls(await trio.open_tcp_stream(*address))
-        hello = struct.pack("!HII", codec.PROTOCOL_VERSION, codec.DEFAULT_MAX_FRAME_SIZE, 128)
+        limits = (codec.DEFAULT_MAX_FRAME_SIZE, codec.DEFAULT_MAX_STREAMS)
+        hello = struct.pack("!HII", codec.PROTOCOL_VERSION, *limits)
         await conn.stream.send_all(codec.MAGIC + _frame(codec.FrameType.HELLO, 0, hello))
         preface = len(codec.MAGIC) + codec.HEADER.size + len(hello)
         received = b""
@@ -372,8 +375,6 @@ class H2Duplex:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        # A receive window as large as browsers announce (Chrome's is 15 MiB): with h2's default of
-        # 64 KiB the worker's answers can stall for good (docs/performance.md, "Exchanges").
         settings = {**self.conn.local_settings, h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: H2_WINDOW}
         self.conn.local_settings = h2.settings.Settings(client=True, initial_values=settings)
         self.tallies: dict[int, AnswerTally] = {}
