@@ -81,13 +81,14 @@ class Sizes:
     rounds: int
     tcp_messages: int  # per measurement, shared out among its exchanges
     http_messages: int
+    nats_messages: int
     exchanges: tuple[int, ...]
     memory_attempts: tuple[int, ...]
     hold: float  # seconds a memory attempt waits once flow control holds its send() back
 
 
-FULL = Sizes(3, 60_000, 20_000, (1, 8, 32), (1_000, 10_000, 100_000, 1_000_000), 0.5)
-QUICK = Sizes(1, 6_000, 1_200, (1, 8), (1_000, 10_000, 100_000), 0.2)
+FULL = Sizes(3, 60_000, 20_000, 6_000, (1, 8, 32), (1_000, 10_000, 100_000, 1_000_000), 0.5)
+QUICK = Sizes(1, 6_000, 1_200, 600, (1, 8), (1_000, 10_000, 100_000), 0.2)
 
 
 # ---- TCP: thin clients, the same on both sides ------------------------------------------------------
@@ -569,7 +570,7 @@ async def nats_rows(sizes: Sizes) -> list[Row] | None:
         return None
     async with nats_server() as url, worker_process("--nats", url, "--namespace", "bench", "--no-access-log"):
         with_client = partial(api_rate, partial(NatsClient.connect, url, namespace="bench"))
-        return await compare("nats, NatsClient.exchange()", with_client, None, sizes.http_messages, sizes)
+        return await compare("nats, NatsClient.exchange()", with_client, None, sizes.nats_messages, sizes)
 
 
 TABLE = "{:27} {:>9} {:>13} {:>14} {:>6}  {}"
