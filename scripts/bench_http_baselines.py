@@ -1,9 +1,12 @@
 """Baselines for scripts/bench_http.py: a bare ASGI app doing the mocker's work, served two ways.
 
 The app answers ``POST /v1/echo`` with its JSON body and ``POST /v1/generate`` with Server-Sent Events,
-one ASGI body message per token (what a plain ASGI app does), then the same end event as the runtime. It
-uses no event-loop API, so it runs unchanged under hypercorn's trio worker and under uvicorn (asyncio).
-Each server prints a ``worker.ready`` JSON line with its address, as ``ingress serve`` does.
+one ASGI body message per token (what a plain ASGI app does), then the same end event as the runtime.
+``POST /v1/chat``, for scripts/bench_duplex.py, is an exchange: each NDJSON line of the body is answered
+as it arrives, as the mocker's ``chat`` answers it (one NDJSON line per token, one body message each),
+and the end of the body ends the answer. The app uses no event-loop API, so it runs unchanged under
+hypercorn's trio worker and under uvicorn (asyncio). Each server prints a ``worker.ready`` JSON line
+with its address, as ``ingress serve`` does.
 
     python scripts/bench_http_baselines.py hypercorn-trio
     python scripts/bench_http_baselines.py uvicorn
@@ -25,6 +28,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["path"] == "/v1/chat":
+        await chat(receive, send)
+        return
     body = bytearray()
     while True:
         message = await receive()
@@ -47,6 +53,24 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b"data: " + chunk + b"\n\n", "more_body": True})
     end = b'event: end\ndata: {"chunks":%d}\n\n' % count
     await send({"type": "http.response.body", "body": end, "more_body": False})
+
+
+async def chat(receive: Any, send: Any) -> None:
+    """Answer each body line while the body still streams in; an ``http.disconnect`` ends it too."""
+    headers = [(b"content-type", b"application/x-ndjson")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    pending, turn, more = b"", 0, True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+        *lines, pending = (pending + message.get("body", b"")).split(b"\n")
+        for line in filter(bytes.strip, lines):
+            for index in range(json.loads(line).get("max_tokens", 4)):
+                answer = {"turn": turn, "index": index, "token": f"tok{index}"}
+                body = json.dumps(answer, separators=(",", ":")).encode() + b"\n"
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            turn += 1
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def announce(host: str, port: int) -> None:
