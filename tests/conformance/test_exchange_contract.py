@@ -2,7 +2,8 @@
 memory, TCP, HTTP/1.1, h2 and NATS, each through its ``ExchangeDriver`` (exchange_drivers.py), each
 behaviour written once:
 
-- every message answered in order, the caller's half-close, a message that is not JSON;
+- every message answered in order, the caller's half-close, a message that is not JSON, an unknown
+  endpoint refused while the caller's input is still open;
 - interleaving both ways: a handler that answers before it reads while the caller sends each message only
   once it has read the last answers, and a handler that reads several messages before it answers;
 - the server's half-close: a handler that finishes first while its caller keeps sending ends cleanly,
@@ -10,7 +11,8 @@ behaviour written once:
 - a slow reader on each side, bounded: input the handler does not take waits within the endpoint's
   ``max_input_bytes``; answers the caller does not read hold the handler back (NATS: its documented
   buffer, then an explicit gap), and a sibling exchange on the same connection goes on meanwhile;
-- kill, stop, disconnect and ``input_timeout`` mid-exchange, and an exchange through the drain;
+- kill, stop, disconnect and ``input_timeout`` mid-exchange; the drain (the running exchange goes on, a
+  new one is refused at once);
 - the same accounting everywhere (outcomes and ``ingress_exchange_messages_total``) for the same script.
 
 Where the docs say a transport differs, its driver says so and the test checks the documented form (a
@@ -51,6 +53,12 @@ FLOOD_PAD = 1000
 # What may sit in buffers between a handler and a caller that does not read (socket buffers, writers'
 # high-water marks, a client's own buffer), generously: the point is that it is bounded.
 ANSWER_SLACK = 16 * 1024 * 1024
+# A runtime bug the contract found (see conftest.py, ``bug``).
+HTTP_REFUSAL_WAITS = (
+    "transports/http/_app.py answers a refusal (here 404) only once the request body has ended (it "
+    "discards the body first, for HTTP/1.1 keep-alive), so a caller that keeps its input open while it "
+    "waits for an answer hears nothing until body_timeout (30 s)"
+)
 
 
 def turns(answers: list[Any]) -> list[tuple[int, int]]:
@@ -145,6 +153,20 @@ async def test_a_handler_may_read_several_messages_before_it_answers(exchange_dr
     assert rest == [[{"n": 5}]] and ending.ok
 
 
+@pytest.mark.deviates(
+    nats="nobody subscribes to an unknown endpoint's subject: the NATS server answers 'no responders', "
+    "which the caller sees as a retryable UNAVAILABLE (docs/protocol-nats.md, Replies)"
+)
+@pytest.mark.bug(http1=HTTP_REFUSAL_WAITS, h2=HTTP_REFUSAL_WAITS)
+async def test_an_exchange_with_an_unknown_endpoint_is_refused_at_once(exchange_driver):
+    """A caller that opens an exchange with an endpoint the worker does not serve and waits for an answer,
+    its input still open, hears NOT_FOUND (not retryable) at once: it need not half-close to hear it."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with exchange_driver.open("no_such_endpoint") as exchange:
+            answers, ending = await unless_stalled(exchange_driver, exchange.finish)
+    assert answers == [] and ending.code == "NOT_FOUND" and ending.retryable is False
+
+
 async def _send_until_refused(exchange: Any, count: int) -> int:
     """Send ``count`` 100-byte messages, stopping at the first the transport refuses; how many went."""
     for i in range(count):
@@ -156,10 +178,11 @@ async def _send_until_refused(exchange: Any, count: int) -> int:
 
 
 @pytest.mark.bug(
-    h2="once an exchange's handler has finished first, the body DATA its caller still sends goes to "
-    "hypercorn's app queue, which nobody reads any more: when it is full, hypercorn's event handling "
-    "for the connection blocks, so no window is reopened (the stream's nor the connection's) and the "
-    "caller's send waits, with every other stream of the connection, until keep_alive_timeout closes it"
+    h2="runtime/_http_server.py (_BoundedH2Protocol._handle_events) acknowledges DATA for a stream that "
+    "is gone without flushing: the WINDOW_UPDATEs wait in h2's buffer until another event of the "
+    "connection is handled, so a caller that keeps sending after its handler finished runs out of "
+    "window (the stream's and the connection's) and waits, as does every stream of that connection "
+    "that sends, until a new stream's HEADERS or keep_alive_timeout"
 )
 async def test_a_handler_that_finishes_first_ends_cleanly_while_its_caller_keeps_sending(exchange_driver):
     """first_only answers the first message and returns while its caller goes on sending, far past the
@@ -399,8 +422,10 @@ async def test_an_exchange_in_flight_goes_on_through_the_drain(exchange_driver):
 
 
 @pytest.mark.bug(
-    h2="a refusal on h2 waits for the end of the request body (transports/http/_app.py discards it "
-    "first), so a new exchange whose caller keeps its input open gets no 503 while the drain lasts"
+    h2="transports/http/_app.py answers a draining refusal on h2 only once the request body has ended "
+    "(it discards the body first, which only HTTP/1.1 keep-alive needs), so a new exchange whose caller "
+    "keeps its input open hears no 503 while the drain lasts, and is cut when phase 3 closes the "
+    "connection"
 )
 async def test_a_new_exchange_during_the_drain_is_refused_at_once(exchange_driver):
     """While an exchange holds the drain open, a new one (on the same connection where it carries
