@@ -46,7 +46,7 @@ import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol.events import Body, Data
+from hypercorn.protocol.events import Body, Data, EndBody
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
@@ -413,6 +413,10 @@ class _ProtocolSwitch:
                 await self.protocol.handle(RawData(data=error.data))
 
 
+# What a stream's body delivery task takes, in order.
+_BodyEvent = h2.events.DataReceived | h2.events.StreamEnded
+
+
 class _BoundedH2Protocol(H2Protocol):
     """hypercorn's h2 protocol with a working bound on queued response bytes (see the module docstring)."""
 
@@ -420,6 +424,8 @@ class _BoundedH2Protocol(H2Protocol):
         super().__init__(*args)
         self._limits = limits
         self._room = trio.lowlevel.ParkingLot()
+        # Streams whose request body is being handed to their app, by stream id (_deliver_body).
+        self._bodies: dict[int, _BodyDelivery] = {}
 
     def queued(self, stream_id: int | None = None) -> int:
         """Response bytes waiting for the peer's window: on one stream, or on the whole connection."""
@@ -462,18 +468,115 @@ class _BoundedH2Protocol(H2Protocol):
     async def _close_stream(self, stream_id: int) -> None:
         await super()._close_stream(stream_id)
         self._room.unpark_all()
+        delivery = self._bodies.get(stream_id)
+        if delivery is not None:
+            delivery.scope.cancel()  # what it still holds is dropped and acknowledged
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
-        """hypercorn's, one event at a time, so that DATA for a stream that is already gone is dropped:
-        an app that answers before reading the whole body (a 503 while draining, a 413) ends its stream,
-        and the body's late DATA frames made hypercorn raise KeyError and end the whole connection,
-        cutting every other stream on it. Each call flushes what it produced; the writer coalesces."""
+        """hypercorn's, one event at a time, except for request bodies:
+
+        - A stream's DATA and its end are handed to its app here while the app's queue has room (as
+          hypercorn does), and by a task of that stream's own (``_deliver_body``) from the moment it has
+          none, until it has caught up. hypercorn awaited the full queue right here, so an app that
+          stopped reading one body (an exchange whose handler is behind) stopped this loop: the client's
+          WINDOW_UPDATEs for the answers went unread, the handler waited to send, and the exchange
+          deadlocked. Either way DATA is acknowledged (the client's flow-control credit) only once the
+          app took it, so a body is held back by h2's own windows, not buffered.
+        - DATA for a stream that is already gone is dropped: an app that answers before reading the
+          whole body (a 503 while draining, a 413) ends its stream, and the body's late DATA frames made
+          hypercorn raise KeyError and end the whole connection, cutting every other stream on it."""
         for event in events:
-            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
-                # Still counted against the connection's window: hand the space back.
-                self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                continue
-            await super()._handle_events([event])
+            if isinstance(event, h2.events.DataReceived | h2.events.StreamEnded):
+                if self._app_has_room(event.stream_id):
+                    await super()._handle_events([event])
+                else:
+                    self._queue_body_event(event)
+            else:
+                await super()._handle_events([event])
+        await self._flush()  # acknowledgements of dropped DATA, which nothing else would send
+
+    def _app_has_room(self, stream_id: int) -> bool:
+        """Whether hypercorn may hand this stream's next body event to its app inline, without waiting:
+        nothing of its body is queued for its task, and the app's queue (a trio memory channel behind
+        ``app_put``; TESTED_HYPERCORN) has room."""
+        if stream_id in self._bodies or stream_id not in self.streams:
+            return False
+        channel = getattr(getattr(self.streams[stream_id], "app_put", None), "__self__", None)
+        if not isinstance(channel, trio.MemorySendChannel):
+            return False  # not what this was tested against: always the safe way
+        statistics = channel.statistics()
+        return bool(statistics.current_buffer_used < statistics.max_buffer_size)
+
+    def _queue_body_event(self, event: _BodyEvent) -> None:
+        stream_id = event.stream_id
+        delivery = self._bodies.get(stream_id)
+        if delivery is None:
+            if stream_id not in self.streams:
+                if isinstance(event, h2.events.DataReceived):
+                    # Still counted against the connection's window: hand the space back.
+                    self.connection.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                return
+            send, receive = trio.open_memory_channel[_BodyEvent](math.inf)
+            delivery = self._bodies[stream_id] = _BodyDelivery(send, trio.CancelScope())
+            self.task_group.spawn(self._deliver_body, stream_id, delivery, receive)
+        # Unbounded in count, bounded in bytes: the client sends no more than the stream's window, and
+        # nothing queued here has been acknowledged yet.
+        delivery.events.send_nowait(event)
+
+    async def _deliver_body(
+        self, stream_id: int, delivery: _BodyDelivery, queued: trio.MemoryReceiveChannel[_BodyEvent]
+    ) -> None:
+        """Hand a stream's queued body events to its app in order, each DATA acknowledged once taken;
+        once caught up, the stream is handled inline again. Cancelled when the stream closes (its app
+        may be gone, and nothing would ever take what it waits to hand over)."""
+        taking: list[_BodyEvent] = []
+        with delivery.scope:
+            while True:
+                try:
+                    event = queued.receive_nowait()
+                except trio.WouldBlock:
+                    break  # caught up: with no await since, nothing can slip in between
+                taking = [event]
+                stream = self.streams.get(stream_id)
+                if stream is not None:
+                    if isinstance(event, h2.events.StreamEnded):
+                        await stream.handle(EndBody(stream_id=stream_id))
+                    else:
+                        await stream.handle(Body(stream_id=stream_id, data=event.data))
+                taking = []
+                if isinstance(event, h2.events.DataReceived):
+                    self.connection.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                    await self._flush()
+        if self._bodies.get(stream_id) is delivery:
+            del self._bodies[stream_id]
+        # The stream closed first: what was still on its way to the app is dropped, and its window
+        # space handed back (the connection's window is shared with every other stream).
+        dropped = sum(
+            event.flow_controlled_length
+            for event in taking + _drain(queued)
+            if isinstance(event, h2.events.DataReceived)
+        )
+        if dropped and not self.closed:
+            self.connection.acknowledge_received_data(dropped, stream_id)
+            await self._flush()
+
+
+@dataclass(frozen=True, slots=True)
+class _BodyDelivery:
+    """A stream's body events waiting for its app, and the scope of the task that hands them over."""
+
+    events: trio.MemorySendChannel[_BodyEvent]
+    scope: trio.CancelScope
+
+
+def _drain(channel: trio.MemoryReceiveChannel[_BodyEvent]) -> list[_BodyEvent]:
+    """What a channel still holds, without waiting."""
+    events = []
+    while True:
+        try:
+            events.append(channel.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return events
 
 
 async def discard_body(receive: Any, limit: int) -> None:

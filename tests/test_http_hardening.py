@@ -600,3 +600,61 @@ def test_the_installed_hypercorn_is_one_the_connection_loop_was_tested_against()
         f"hypercorn {installed} is not one of {TESTED_HYPERCORN}: re-run tests/test_http*.py and "
         "scripts/hostile.py against it, then widen TESTED_HYPERCORN and pyproject's bound together"
     )
+
+
+async def test_an_h2_exchange_whose_handler_is_behind_still_reads_the_clients_window_updates():
+    """A handler that answers 4 KiB per message fills the client's 64 KiB window while the body runs a
+    whole inbox ahead: the worker must still read the client's WINDOW_UPDATEs (it once stopped reading the
+    connection while a body waited for the app, and the exchange deadlocked)."""
+    worker = Worker("h2-exchange")
+
+    @worker.endpoint("big_answers", duplex=True, max_input_bytes=1024)
+    async def big_answers(messages: Any, ctx: RequestContext) -> Any:
+        async for message in messages:
+            yield {"n": message["n"], "pad": "x" * 4096}
+
+    # 1,000 body lines of ~400 bytes: more than the inbox, hypercorn's app queue (10 DATA frames of up
+    # to 16 KiB) and the worker's 64 KiB window together hold, so the body must wait for the app.
+    count = 1000
+    body = b"".join(json.dumps({"n": n, "pad": "y" * 380}).encode() + b"\n" for n in range(count))
+    async with (
+        open_worker(worker, [HttpTransport(port=0)]) as handle,
+        await trio.open_tcp_stream(*handle.addresses["http"]) as stream,
+    ):
+        peer = H2Peer(stream)  # h2's default 64 KiB windows
+        stream_id = peer.conn.get_next_available_stream_id()
+        headers = [
+            (":method", "POST"),
+            (":path", "/v1/big_answers"),
+            (":scheme", "http"),
+            (":authority", "t"),
+        ]
+        peer.conn.send_headers(stream_id, [*headers, ("accept", "application/x-ndjson")])
+        answers = b""
+        with trio.fail_after(20):
+            sent = 0
+            while True:
+                # Send what the worker's windows allow, then read (acknowledging every answer at once).
+                window = min(
+                    peer.conn.local_flow_control_window(stream_id),
+                    peer.conn.max_outbound_frame_size,
+                    len(body) - sent,
+                )
+                if window:
+                    peer.conn.send_data(
+                        stream_id, body[sent : sent + window], end_stream=sent + window == len(body)
+                    )
+                    sent += window
+                await peer.flush()
+                data = await stream.receive_some(65536)
+                assert data, "the worker closed the connection"
+                for event in peer.conn.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        answers += event.data
+                        peer.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                    if isinstance(event, h2.events.StreamEnded):
+                        break
+                else:
+                    continue
+                break
+    assert [json.loads(line)["n"] for line in answers.splitlines()] == list(range(count))

@@ -37,6 +37,11 @@ def _worker(reading: trio.Event) -> Worker:
         async for message in messages:
             yield message
 
+    @worker.endpoint("echo_wide", duplex=True, max_input_bytes=1024 * 1024)
+    async def echo_wide(messages: AsyncIterator[Any], ctx: RequestContext) -> AsyncIterator[Any]:
+        async for message in messages:
+            yield message
+
     @worker.endpoint("first_only", duplex=True)
     async def first_only(messages: AsyncIterator[Any], ctx: RequestContext) -> AsyncIterator[Any]:
         async for message in messages:
@@ -201,6 +206,24 @@ async def test_stop_finishes_an_exchange_early_and_keeps_what_was_made():
                 if len(answers) == 2:
                     assert await chat.stop()
     assert 2 <= len(answers) < 1000 and [a["index"] for a in answers] == list(range(len(answers)))
+
+
+async def test_a_burst_of_input_within_credit_is_taken_whole_however_far_behind_trio_is():
+    """3,000 messages in one publish (a 1 MiB window allows it) arrive at once: every one is taken, in
+    order; none is dropped because the worker's Trio side had not caught up (it once was, past 1,024)."""
+    count = 3000
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(_worker(trio.Event())) as client:
+            raw = RawCaller(client)
+            await raw.open("echo_wide")
+            messages = [
+                aio.Outgoing(raw.input, b"%d" % n, {"Ingress-Kind": "data", "Ingress-Seq": str(n)})
+                for n in range(count)
+            ]
+            end = {"Ingress-Kind": "end", "Ingress-Seq": str(count)}
+            await aio.publish_batch(raw.nc, [*messages, aio.Outgoing(raw.input, b"", end)])
+            answers, error = await raw.outcome()
+    assert error is None and answers == list(range(count))
 
 
 async def test_a_lost_message_fails_the_exchange_explicitly():

@@ -53,12 +53,6 @@ FLOOD_PAD = 1000
 # What may sit in buffers between a handler and a caller that does not read (socket buffers, writers'
 # high-water marks, a client's own buffer), generously: the point is that it is bounded.
 ANSWER_SLACK = 16 * 1024 * 1024
-# A runtime bug the contract found (see conftest.py, ``bug``).
-HTTP_REFUSAL_WAITS = (
-    "transports/http/_app.py answers a refusal (here 404) only once the request body has ended (it "
-    "discards the body first, for HTTP/1.1 keep-alive), so a caller that keeps its input open while it "
-    "waits for an answer hears nothing until body_timeout (30 s)"
-)
 
 
 def turns(answers: list[Any]) -> list[tuple[int, int]]:
@@ -138,6 +132,24 @@ async def test_a_handler_may_answer_first_and_the_caller_send_each_message_after
     assert rest == [] and ending.ok
 
 
+async def test_a_caller_sending_far_ahead_while_it_reads_gets_every_answer_in_order(exchange_driver):
+    """3,000 messages sent as fast as flow control lets them while another task reads: the input runs
+    a window ahead of the handler and the answers fill the caller's window, and nothing deadlocks (h2
+    once did: the worker stopped reading the connection, WINDOW_UPDATEs included, while a body waited)."""
+    count = 3000
+    with trio.fail_after(TEST_TIMEOUT):
+        async with exchange_driver.open("chat") as exchange, trio.open_nursery() as nursery:
+
+            async def send_all() -> None:
+                for _ in range(count):
+                    await exchange.send({"max_tokens": 1, "pad": "x" * 40})
+                await exchange.end()
+
+            nursery.start_soon(send_all)
+            answers, ending = await exchange.finish()
+    assert ending.ok and [answer["turn"] for answer in answers] == list(range(count))
+
+
 async def test_a_handler_may_read_several_messages_before_it_answers(exchange_driver):
     """batch takes two messages per answer: the caller reads each pair's answer before it sends on; the
     half-close flushes the odd one out."""
@@ -157,7 +169,6 @@ async def test_a_handler_may_read_several_messages_before_it_answers(exchange_dr
     nats="nobody subscribes to an unknown endpoint's subject: the NATS server answers 'no responders', "
     "which the caller sees as a retryable UNAVAILABLE (docs/protocol-nats.md, Replies)"
 )
-@pytest.mark.bug(http1=HTTP_REFUSAL_WAITS, h2=HTTP_REFUSAL_WAITS)
 async def test_an_exchange_with_an_unknown_endpoint_is_refused_at_once(exchange_driver):
     """A caller that opens an exchange with an endpoint the worker does not serve and waits for an answer,
     its input still open, hears NOT_FOUND (not retryable) at once: it need not half-close to hear it."""
@@ -177,13 +188,6 @@ async def _send_until_refused(exchange: Any, count: int) -> int:
     return count
 
 
-@pytest.mark.bug(
-    h2="runtime/_http_server.py (_BoundedH2Protocol._handle_events) acknowledges DATA for a stream that "
-    "is gone without flushing: the WINDOW_UPDATEs wait in h2's buffer until another event of the "
-    "connection is handled, so a caller that keeps sending after its handler finished runs out of "
-    "window (the stream's and the connection's) and waits, as does every stream of that connection "
-    "that sends, until a new stream's HEADERS or keep_alive_timeout"
-)
 async def test_a_handler_that_finishes_first_ends_cleanly_while_its_caller_keeps_sending(exchange_driver):
     """first_only answers the first message and returns while its caller goes on sending, far past the
     window: a clean end; the caller's later messages are refused or dropped, never held, and nothing
@@ -293,7 +297,6 @@ async def test_a_caller_that_does_not_read_holds_the_handler_back(exchange_drive
 
 
 @pytest.mark.needs("concurrent", reason="an HTTP/1.1 connection carries one exchange at a time")
-@pytest.mark.pending(tcp="TCP answer credit not landed yet")
 async def test_a_sibling_exchange_goes_on_while_the_caller_does_not_read_another(
     exchange_driver, exchange_probe
 ):
@@ -311,12 +314,6 @@ async def test_a_sibling_exchange_goes_on_while_the_caller_does_not_read_another
 
 
 @pytest.mark.needs("concurrent", reason="an HTTP/1.1 caller leaving mid-answer must close its connection")
-@pytest.mark.bug(
-    tcp="TcpClient: leaving a stream whose unread answers filled its buffer closes the channel its read "
-    "loop is blocked sending on; the ClosedResourceError ends the read loop and the whole connection "
-    "is reported lost ('connection reset by the worker'), and a stream opened at that moment can "
-    "register after the loss and wait for ever"
-)
 async def test_leaving_an_exchange_whose_answers_were_not_read_leaves_the_connection_serving(
     exchange_driver, exchange_probe
 ):
@@ -421,12 +418,6 @@ async def test_an_exchange_in_flight_goes_on_through_the_drain(exchange_driver):
     assert exchanged(exchange_driver, "chat") == {"received": 2, "sent": 3}
 
 
-@pytest.mark.bug(
-    h2="transports/http/_app.py answers a draining refusal on h2 only once the request body has ended "
-    "(it discards the body first, which only HTTP/1.1 keep-alive needs), so a new exchange whose caller "
-    "keeps its input open hears no 503 while the drain lasts, and is cut when phase 3 closes the "
-    "connection"
-)
 async def test_a_new_exchange_during_the_drain_is_refused_at_once(exchange_driver):
     """While an exchange holds the drain open, a new one (on the same connection where it carries
     several), its input still open, is refused UNAVAILABLE, retryable, at once: its caller need not

@@ -102,9 +102,7 @@ class IngressApp:
             # without waiting for a body, and nothing counts in flight while a client uploads.
             binding = self.caller.check(endpoint)
         except IngressError as error:
-            if not _closes_connection(error, http1):  # a connection told to close needs no body read
-                await self._discard_body(receive)
-            await refuse(sink, error)
+            await self._refuse_unread(receive, sink, error, headers, http1)
             return
         if binding.endpoint.duplex:
             await self._exchange(scope, receive, sink, endpoint, request_id, headers)
@@ -153,8 +151,8 @@ class IngressApp:
                 metadata=headers,
                 peer=f"{client[0]}:{client[1]}" if client else None,
             )
-        except IngressError as error:
-            await refuse(sink, error)
+        except IngressError as error:  # the drain began since check()
+            await self._refuse_unread(receive, sink, error, headers, _is_http1(scope))
             return
         timeout_ms = call.ctx.metadata.get(TIMEOUT_HEADER)
         async with trio.open_nursery() as nursery:
@@ -230,6 +228,22 @@ class IngressApp:
             return
         body = json.dumps({"signal": route.signal, "requests": len(calls)}).encode()
         await _respond(send, 202, protocol.JSON, body)
+
+    async def _refuse_unread(
+        self, receive: Receive, sink: _HttpSink, error: IngressError, headers: dict[str, str], http1: bool
+    ) -> None:
+        """Answer a refusal that came before the body was read. A caller that streams its body (h2, or a
+        chunked HTTP/1.1 body: an exchange's caller may wait for an answer before it ends its input)
+        hears it at once, and the rest of its body is read and dropped afterwards. A fixed-length
+        HTTP/1.1 body is read first, so that the connection can carry the client's next request; a
+        connection told to close needs no body read at all."""
+        streamed = not http1 or "chunked" in headers.get("transfer-encoding", "").lower()
+        closes = _closes_connection(error, http1)
+        if not streamed and not closes:
+            await self._discard_body(receive)
+        await refuse(sink, error)
+        if streamed and not closes:
+            await self._discard_body(receive)
 
     async def _discard_body(self, receive: Receive) -> None:
         with trio.move_on_after(self.body_timeout):

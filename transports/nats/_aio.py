@@ -151,6 +151,17 @@ async def _subscribe(client: Client, subject: str, queue: str, inbox: trio.Memor
     return await client.subscribe(subject, queue=queue, cb=deliver)  # queue "" means every message
 
 
+async def _subscribe_handled(client: Client, subject: str, handle: Callable[[Msg], None]) -> Any:
+    """asyncio: a plain subscription whose every message ``handle`` (sync) takes in the callback itself:
+    for messages that must not be dropped when Trio is behind (an exchange's input, which its credit
+    already bounds; STOP and KILL) and that need no task of their own."""
+
+    async def deliver(msg: Msg) -> None:
+        handle(msg)
+
+    return await client.subscribe(subject, cb=deliver)
+
+
 async def _publish_batch(client: Client, batch: Sequence[Outgoing]) -> None:
     """asyncio: publish every message of a batch into nats-py's pending buffer.
 
@@ -359,6 +370,7 @@ def open_loop() -> AbstractAsyncContextManager[Any]:
 
 connect = trio_asyncio.aio_as_trio(_connect)
 subscribe = trio_asyncio.aio_as_trio(_subscribe)
+subscribe_handled = trio_asyncio.aio_as_trio(_subscribe_handled)
 publish_batch = trio_asyncio.aio_as_trio(_publish_batch)
 drain_subscription = trio_asyncio.aio_as_trio(_drain_subscription)
 close = trio_asyncio.aio_as_trio(_close)

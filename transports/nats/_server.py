@@ -94,8 +94,9 @@ class NatsTransport:
                     inputs = ExchangeInputs(worker_id, control, outbox.publisher.put_nowait)
                     requests = _Requests(self, client, Caller(binding), outbox, nursery, control, inputs)
                     nursery.start_soon(requests.watch_callers)
-                    await nursery.start(requests.serve_subject, control, requests.control_message)
-                    await nursery.start(requests.serve_subject, inputs.subscription_subject, inputs.receive)
+                    # Taken in the subscription callback: neither may be dropped while Trio is behind.
+                    await aio.subscribe_handled(client, control, requests.control_message)
+                    await aio.subscribe_handled(client, inputs.subscription_subject, inputs.receive)
                     for endpoint in binding.endpoints.values():
                         await nursery.start(requests.serve_endpoint, endpoint)
                     binding.runtime.logger.info("nats.subscribed", url=self.url, namespace=self.namespace)
@@ -217,21 +218,6 @@ class _Requests:
         finally:
             if exchange_input is not None:
                 self.inputs.close(exchange_input)
-
-    async def serve_subject(
-        self,
-        subject: str,
-        handle: Callable[[Msg], None],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Hand every message on one of the worker's own subjects (control, exchange input) to
-        ``handle``, until phase 3: exchanges and streams in flight go on through the drain."""
-        send, receive = trio.open_memory_channel[Msg](INBOX_SIZE)
-        await aio.subscribe(self.client, subject, "", send)
-        task_status.started()
-        async for msg in receive:
-            handle(msg)
 
     def control_message(self, msg: Msg) -> None:
         """STOP and KILL from callers, for the requests this worker is running, honoured at once. A
