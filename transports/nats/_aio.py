@@ -310,37 +310,47 @@ def _drop_unsendable(client: Client) -> None:
         client._pending_data_size = 0
 
 
-async def _probe(client: Client, inbox: str, patience: float) -> bool:
-    """asyncio: is anyone still subscribed to ``inbox``? Only "no responders" counts as gone."""
+async def _probe(client: Client, inbox: str, patience: float, headers: dict[str, str]) -> bytes | None:
+    """asyncio: is anyone still subscribed to ``inbox``? None if not (only "no responders" counts as
+    gone); else what the caller answered (an exchange's caller says how many messages it sent), or b""
+    when it could not tell."""
     try:
-        await client.request(inbox, b"", timeout=patience, headers={"Ingress-Kind": "probe"})
+        reply = await client.request(inbox, b"", timeout=patience, headers=headers)
     except nats.errors.NoRespondersError:
-        return False
+        return None
     except nats.errors.TimeoutError:
-        return True  # slow, not gone: the next probe decides
+        return b""  # slow, not gone: the next probe decides
     except Exception:  # reconnecting, or closing: we cannot tell, so we do not kill anything
-        return True
-    return True
+        return b""
+    return bytes(reply.data)
 
 
-async def _probe_all(client: Client, inboxes: Sequence[str], patience: float) -> list[bool]:
+async def _probe_all(
+    client: Client, probes: Sequence[tuple[str, dict[str, str]]], patience: float
+) -> list[bytes | None]:
     """asyncio: probe many inboxes at once (one crossing for all the worker's running requests)."""
-    return list(await asyncio.gather(*(_probe(client, inbox, patience) for inbox in inboxes)))
+    return list(
+        await asyncio.gather(*(_probe(client, inbox, patience, headers) for inbox, headers in probes))
+    )
 
 
 async def _subscribe_inbox(
-    client: Client, inbox: trio.MemorySendChannel[Msg], watch: Callable[[Msg], bool] | None = None
+    client: Client,
+    inbox: trio.MemorySendChannel[Msg],
+    watch: Callable[[Msg], bool] | None = None,
+    probe_answer: Callable[[], bytes] | None = None,
 ) -> tuple[str, Any]:
     """asyncio: a fresh reply inbox whose messages go to Trio without a crossing; liveness probes from
-    the worker are answered right here, also without a crossing. ``watch`` (sync) sees every message
-    first and keeps those it returns True for (an exchange's credit grants, which must be taken in
-    even while nobody reads the answers)."""
+    the worker are answered right here (with ``probe_answer()``, if given), also without a crossing.
+    ``watch`` (sync) sees every message first and keeps those it returns True for (an exchange's credit
+    grants, which must be taken in even while nobody reads the answers)."""
     subject = client.new_inbox()
 
     async def deliver(msg: Msg) -> None:
         if msg.headers and msg.headers.get("Ingress-Kind") == "probe":
-            await msg.respond(b"")  # answered here, without a crossing; still passed on below, as a
-            # heartbeat: it tells the caller's stall detection that the worker is alive
+            # Answered here, without a crossing; still passed on below, as a heartbeat: it tells the
+            # caller's stall detection that the worker is alive.
+            await msg.respond(probe_answer() if probe_answer is not None else b"")
         if watch is not None and watch(msg):
             return
         # A caller that stopped reading loses replies; its gap detection reports a short stream.

@@ -252,6 +252,8 @@ async def _replies(
 ) -> AsyncGenerator[Any, None]:
     state = state or _ReplyState()
     expected, received = 0, 0
+    # What the worker's last probe said it had sent, and how much had arrived by then (see SENT).
+    sent_by_last_probe, expected_at_last_probe = 0, 0
     while True:
         with trio.move_on_after(stall_timeout) as stall:
             msg = await receive.receive()
@@ -265,8 +267,16 @@ async def _replies(
             message = "no worker serves this endpoint (no responders)"
             raise remote_error(ErrorCode.UNAVAILABLE, message, retryable=True)
         kind = headers.get(protocol.KIND)
-        if kind == protocol.PROBE:
-            continue  # the worker is alive; nothing to deliver
+        if kind == protocol.PROBE:  # the worker is alive; nothing to deliver, but a loss to find
+            if expected < sent_by_last_probe and expected == expected_at_last_probe:
+                message = (
+                    f"replies were lost on the way (the worker sent {sent_by_last_probe}, {expected} arrived)"
+                )
+                raise remote_error(ErrorCode.UNAVAILABLE, message, retryable=not received)
+            sent = headers.get(protocol.SENT, "")
+            sent_by_last_probe = int(sent) if sent.isdigit() else 0
+            expected_at_last_probe = expected
+            continue
         seq = int(headers.get(protocol.SEQ, "-1"))
         if seq != expected:
             raise remote_error(
@@ -331,7 +341,9 @@ class NatsExchange:
     async def __aenter__(self) -> NatsExchange:
         client = self.client
         send, receive = trio.open_memory_channel[Msg](STREAM_BUFFER)
-        inbox, self._subscription = await aio.subscribe_inbox(client._client, send, self._watch)
+        inbox, self._subscription = await aio.subscribe_inbox(
+            client._client, send, self._watch, self._probe_answer
+        )
         self._state.inbox = inbox
         self._heard = trio.current_time()
         client._running[self.request_id] = self._state
@@ -422,7 +434,7 @@ class NatsExchange:
         self._heard = trio.current_time()
         headers = msg.headers or {}
         kind = headers.get(protocol.KIND)
-        if kind == protocol.CREDIT_KIND:
+        if protocol.CREDIT in headers:  # a grant, or a probe that carries the current one again
             self._input = self._input or headers.get(protocol.INPUT, "")
             self._granted = max(self._granted, int(headers.get(protocol.CREDIT, "0")))
             self._window = max(self._window, self._granted - self._sent)
@@ -430,8 +442,11 @@ class NatsExchange:
             self._state.learn_control(headers)
         elif kind in (protocol.END, protocol.RESULT, protocol.ERROR) or headers.get("Status") == "503":
             self._worker_done = True
-        elif kind == protocol.PROBE:
-            return False
         changed, self._changed = self._changed, trio.Event()
         changed.set()
         return kind == protocol.CREDIT_KIND
+
+    def _probe_answer(self) -> bytes:
+        """sync, from the inbox callback: what a probe from the worker is told, how many messages (and
+        the end) this side has sent, so that the worker can tell one that never arrived."""
+        return b"%d" % self._seq

@@ -7,7 +7,11 @@ worker tells the caller, in ``credit`` replies, how many bytes of messages it ma
 (the endpoint's ``max_input_bytes``), not one per message; a caller whose next message does not fit
 says ``blocked`` and is granted whatever room there is at once, so no message size can deadlock.
 Messages are numbered: a gap (NATS delivers at most once, and a reconnect can drop some) fails the
-exchange explicitly rather than hand the handler an input with a hole in it.
+exchange explicitly rather than hand the handler an input with a hole in it. A loss at the tail has no
+later message to show it, and a lost grant would leave the caller waiting for credit it already has, so
+the worker's liveness probes carry the current grant, and the caller answers them with how many
+messages it has sent: one still missing a probe interval later, with nothing arriving meanwhile, was
+lost.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class ExchangeInputs:
         # Grants are tiny and bounded by the input itself: they skip the outbox's back-pressure.
         self._publish = publish
         self._inputs: dict[str, ExchangeInput] = {}
+        self._by_reply: dict[str, ExchangeInput] = {}  # the same, by the caller's reply inbox
         self._tokens = itertools.count(1)
 
     def open(self, call: Call, reply: str, first: bytes) -> ExchangeInput:
@@ -43,7 +48,7 @@ class ExchangeInputs:
         token = str(next(self._tokens))
         subject = protocol.input_subject(self.worker_id, int(token))
         exchange_input = ExchangeInput(self, token, subject, call.ctx, inbox, reply)
-        self._inputs[token] = exchange_input
+        self._inputs[token] = self._by_reply[reply] = exchange_input
         if first:
             inbox.offer(first)
         inbox.on_consumed = exchange_input.grant
@@ -53,6 +58,24 @@ class ExchangeInputs:
     def close(self, exchange_input: ExchangeInput) -> None:
         """The exchange is over: what its caller still sends is dropped as it arrives."""
         self._inputs.pop(exchange_input.token, None)
+        if self._by_reply.get(exchange_input.reply) is exchange_input:
+            del self._by_reply[exchange_input.reply]
+
+    def probe_headers(self, reply: str) -> dict[str, str]:
+        """The headers of a liveness probe to ``reply``: an exchange's carry its current grant again."""
+        exchange_input = self._by_reply.get(reply)
+        if exchange_input is None:
+            return {protocol.KIND: protocol.PROBE}
+        return {
+            **protocol.credit_headers(exchange_input.granted, exchange_input.subject, self.control),
+            protocol.KIND: protocol.PROBE,
+        }
+
+    def probed(self, reply: str, answer: bytes) -> None:
+        """A live caller answered a probe, an exchange's caller with how many messages it has sent."""
+        exchange_input = self._by_reply.get(reply)
+        if exchange_input is not None and answer.isdigit():
+            exchange_input.claimed(int(answer))
 
     def receive(self, msg: Msg) -> None:
         exchange_input = self._inputs.get(msg.subject.rpartition(".")[2])
@@ -68,10 +91,12 @@ class ExchangeInput:
         "blocked",
         "ctx",
         "expected",
+        "expected_at_last_probe",
         "granted",
         "inbox",
         "received",
         "reply",
+        "sent_by_last_probe",
         "subject",
         "token",
     )
@@ -89,6 +114,8 @@ class ExchangeInput:
         self.granted = 0  # bytes of messages the caller may have sent on the input subject, in all
         self.received = 0
         self.blocked = False  # the caller's next message does not fit what it has
+        self.sent_by_last_probe = 0  # how many messages the caller said it had sent, at the last probe
+        self.expected_at_last_probe = 0  # and how many had arrived then
 
     def receive(self, msg: Msg) -> None:
         headers = msg.headers or {}
@@ -100,7 +127,7 @@ class ExchangeInput:
         seq = headers.get(protocol.SEQ, "")
         if seq != str(self.expected):
             message = f"the caller's messages were lost on the way (expected #{self.expected}, got #{seq})"
-            self._fail(Unavailable(message, retryable=False))
+            self._fail(Unavailable(message))  # retryable if nothing was answered yet
             return
         self.expected += 1
         if kind == protocol.END:
@@ -116,6 +143,20 @@ class ExchangeInput:
             return
         self.received += size
         self.inbox.offer(msg.data)  # fits: what waits plus what was granted never exceeds the window
+
+    def claimed(self, sent: int) -> None:
+        """The caller says it has sent ``sent`` messages. If by the previous probe, a whole interval ago,
+        it had sent more than have arrived now, and none arrived since, those were lost (a slow path
+        would still be delivering; NATS keeps one connection's messages in order)."""
+        if self.expected < self.sent_by_last_probe and self.expected == self.expected_at_last_probe:
+            message = (
+                f"the caller's messages were lost on the way (it sent {self.sent_by_last_probe}, "
+                f"{self.expected} arrived)"
+            )
+            self._fail(Unavailable(message))  # retryable if nothing was answered yet
+            return
+        self.sent_by_last_probe = sent
+        self.expected_at_last_probe = self.expected
 
     def grant(self, _consumed: int = 0, *, announce: bool = False) -> None:
         """Top the caller's credit up to the window, once there is half a window to give (or at once,

@@ -48,6 +48,11 @@ CREDIT_KIND = "credit"
 # it has: the worker grants what room there is now instead of waiting for half a window).
 BLOCKED = "blocked"
 
+# On a probe: how many numbered replies the worker has made for the request so far. A caller that was
+# told N by one probe, has fewer by the next and received nothing between them, lost replies (at the
+# tail of an answer, where no later reply shows the gap).
+SENT = "Ingress-Sent"
+
 # The kind of a worker's liveness probe to a caller's inbox; a live caller answers it, and "no responders"
 # means the caller is gone.
 PROBE = "probe"

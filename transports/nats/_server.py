@@ -146,6 +146,8 @@ class _Requests:
     control: str
     # Exchanges whose callers stream their input, on subjects of this worker's own.
     inputs: ExchangeInputs
+    # The sink of every running request, by its caller's reply inbox: probes tell how far it got.
+    sinks: dict[str, _NatsSink] = field(default_factory=dict)
 
     async def serve_endpoint(
         self, endpoint: EndpointBinding, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -201,6 +203,7 @@ class _Requests:
         exchange_input = None
         if call.inbox is not None and headers.get(protocol.INPUT) == protocol.STREAM_INPUT:
             exchange_input = self.inputs.open(call, msg.reply, msg.data)
+        self.sinks[msg.reply] = sink
         self.nursery.start_soon(self.run, call, msg, sink, exchange_input)
         return None
 
@@ -216,6 +219,8 @@ class _Requests:
                 streamed_input=exchange_input is not None,
             )
         finally:
+            if self.sinks.get(msg.reply) is sink:
+                del self.sinks[msg.reply]
             if exchange_input is not None:
                 self.inputs.close(exchange_input)
 
@@ -229,6 +234,13 @@ class _Requests:
         else:
             self.caller.stop(target)
 
+    def probe_headers(self, reply: str) -> dict[str, str]:
+        headers = self.inputs.probe_headers(reply)
+        sink = self.sinks.get(reply)
+        if sink is not None:
+            headers[protocol.SENT] = str(sink.seq)  # the caller can tell a loss at the tail
+        return headers
+
     async def watch_callers(self) -> None:
         """Every interval, probe the inbox of every request that has run at least that long, all in one
         crossing, and kill the handlers whose caller is gone (nobody subscribed to its inbox)."""
@@ -239,10 +251,14 @@ class _Requests:
             checked = [call for call in self.caller.calls() if now - call.ctx.accepted_at >= interval]
             if not checked:
                 continue
-            alive = await aio.probe_all(self.client, [call.key for call in checked], interval)
-            for call, is_alive in zip(checked, alive, strict=True):
-                if not is_alive and not call.ctx.is_killed:
-                    self.caller.drop(call.key, "gone")
+            probes = [(str(call.key), self.probe_headers(str(call.key))) for call in checked]
+            answers = await aio.probe_all(self.client, probes, interval)
+            for call, answer in zip(checked, answers, strict=True):
+                if answer is None:
+                    if not call.ctx.is_killed:
+                        self.caller.drop(call.key, "gone")
+                else:
+                    self.inputs.probed(str(call.key), answer)
 
 
 class _NatsSink:
