@@ -31,6 +31,7 @@ from ._errors import Cancelled as Cancelled
 from ._errors import DeadlineExceeded as DeadlineExceeded
 from ._errors import EngineStartFailed as EngineStartFailed
 from ._errors import ErrorCode as ErrorCode
+from ._errors import ExchangeEnded as ExchangeEnded
 from ._errors import IngressError as IngressError
 from ._errors import InternalError as InternalError
 from ._errors import NotFound as NotFound
@@ -86,6 +87,7 @@ __all__ = [
     "EndpointOptions",
     "EngineStartFailed",
     "ErrorCode",
+    "ExchangeEnded",
     "GlobalInFlight",
     "InFlight",
     "InFlightStatistics",

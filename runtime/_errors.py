@@ -68,6 +68,14 @@ class Unavailable(IngressError):
     code = ErrorCode.UNAVAILABLE
 
 
+class ExchangeEnded(Unavailable):
+    """An exchange client's ``send`` or ``end`` after the worker ended (or refused) the exchange: the
+    reader of its answers has the outcome, so a sender that hears this may simply stop."""
+
+    def __init__(self, message: str = "the exchange has ended") -> None:
+        super().__init__(message, retryable=False)
+
+
 class Overloaded(IngressError):
     code = ErrorCode.OVERLOADED
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import trio
 
-from ._errors import IngressError, describe, sole_exception
+from ._errors import ExchangeEnded, IngressError, describe, sole_exception
 from ._worker import Transport
 
 ENTRY_POINT_GROUP = "trio_ingress.transports"
@@ -62,9 +62,12 @@ async def run_exchange(
         async with trio.open_nursery() as nursery:
 
             async def send_all() -> None:
-                async for message in messages:
-                    await session.send(message)
-                await session.end()
+                try:
+                    async for message in messages:
+                        await session.send(message)
+                    await session.end()
+                except ExchangeEnded:
+                    return  # the worker ended it first: the answers say how, below
 
             nursery.start_soon(send_all)
             async for chunk in session:

@@ -48,6 +48,11 @@ def _worker(probe: Probe) -> Worker:
         finally:
             probe.finished.set()
 
+    @worker.endpoint("sizes")
+    async def sizes(request, ctx: RequestContext):
+        for size in request:
+            yield "x" * size  # a JSON string: size + 2 bytes on the wire
+
     @worker.endpoint("context")
     async def context(request, ctx: RequestContext):
         return {
@@ -267,7 +272,7 @@ async def test_slow_reader_gets_back_pressure_not_buffering():
 
 
 async def test_a_stream_left_unread_holds_back_its_own_handler_and_no_sibling():
-    """Version 3 answer credit: an unread stream's handler stops at one window (the client's frame
+    """Version 3 answer credit: an unread stream's handler stops at one window (twice the client's frame
     limit); a sibling on the same connection still completes, and leaving the unread one is clean."""
     probe = Probe()
     with trio.fail_after(20):
@@ -283,8 +288,22 @@ async def test_a_stream_left_unread_holds_back_its_own_handler_and_no_sibling():
                 await trio.testing.wait_all_tasks_blocked(cushion=0.05)
                 stalled_at = probe.produced
             assert (await client.call("context"))["peer"]  # leaving it did not lose the connection
-    # 256 KiB of window: about 16 chunks of 16 KiB, not 2000 (and not the 256-chunk client buffer)
-    assert 10 <= stalled_at <= 17
+    # 512 KiB of window: about 32 chunks of 16 KiB, not 2000 (and not the 256-chunk client buffer)
+    assert 24 <= stalled_at <= 33
+
+
+async def test_chunks_of_any_size_up_to_the_frame_limit_never_wait_on_credit_held_back():
+    """A client returns credit in halves, so it may hold back up to half the window: a full-frame chunk
+    after a smaller one still fits (the window is twice the frame limit); one past the limit is INTERNAL
+    at once, not a wait."""
+    probe = Probe()
+    with trio.fail_after(20):
+        async with serving(probe) as (_, address), TcpClient.connect(*address, max_frame_size=4096) as client:
+            chunks = [len(c) async for c in client.stream("sizes", [3000, 4094, 4094, 10])]
+            with pytest.raises(RemoteError) as error:
+                await client.call("sizes", [5000])
+    assert chunks == [3000, 4094, 4094, 10]
+    assert error.value.code is ErrorCode.INTERNAL and "frame limit" in error.value.message
 
 
 async def test_drain_refuses_new_streams_and_connections_but_finishes_running_ones():

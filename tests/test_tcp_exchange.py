@@ -13,8 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from runtime import BadRequest, ErrorCode, RequestContext, Unavailable, Worker, open_worker
+from runtime import BadRequest, ErrorCode, RemoteError, RequestContext, Unavailable, Worker, open_worker
 from runtime.mocker import create_mocker
+from runtime.plugins import run_exchange
 from transports.tcp import TcpClient, TcpTransport
 from transports.tcp import _protocol as codec
 
@@ -219,6 +220,23 @@ async def test_a_sender_learns_at_once_that_the_exchange_ended_or_was_refused():
             with pytest.raises(Unavailable, match="ended"):
                 await _keep_sending(ended, 10_000)  # far past the window: the END must wake the sender
             await ended.aclose()
+
+
+async def test_the_cli_exchange_runner_reports_a_refusal_as_itself():
+    """run_exchange (ingress call --duplex) on an unknown endpoint: the refusal, not a group of it and
+    the sender's "the exchange has ended"."""
+
+    async def messages() -> AsyncIterator[Any]:
+        for i in range(100):
+            yield {"i": i}
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(create_mocker()) as (_, client):
+            for _ in range(5):  # the sender and the reader hear of the end in the same batch
+                async with client.exchange("nope", deadline=math.inf) as session:
+                    with pytest.raises(RemoteError) as refused:
+                        await run_exchange(session, messages(), lambda answer: None)
+                assert refused.value.code is ErrorCode.NOT_FOUND
 
 
 async def _keep_sending(exchange: Any, count: int) -> None:

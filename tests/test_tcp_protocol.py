@@ -344,28 +344,28 @@ def test_the_exchange_example_in_the_protocol_doc_is_exact():
 
 
 def test_answer_credit_is_enforced_on_both_sides_from_version_3():
-    """Each stream opens with the client's max_frame_size of answer credit; DATA past it is refused
-    where it is made and where it arrives; the client's WINDOW_UPDATE gives more."""
+    """Each stream opens with twice the client's max_frame_size of answer credit; DATA past it is
+    refused where it is made and where it arrives; the client's WINDOW_UPDATE gives more."""
     client, server = _pair(max_frame_size=1024)
     server.receive_data(client.send(Request(1, "generate", "", 0, (), b"")))
     _events(server)
-    assert client.answer_credit[1] == server.answer_credit[1] == 1024
-    client.receive_data(server.send(Data(1, b"x" * 1000)))
-    assert _events(client) == [Data(1, b"x" * 1000)]
+    assert client.answer_credit[1] == server.answer_credit[1] == 2048
+    client.receive_data(server.send(Data(1, b"x" * 1000)) + server.send(Data(1, b"x" * 1000)))
+    assert _events(client) == [Data(1, b"x" * 1000)] * 2
     with pytest.raises(LocalProtocolError, match="answer credit"):
-        server.send(Data(1, b"y" * 25))
-    client.receive_data(codec.HEADER.pack(25, codec.FrameType.DATA, 1) + b"y" * 25)  # a server that cheats
+        server.send(Data(1, b"y" * 49))
+    client.receive_data(codec.HEADER.pack(49, codec.FrameType.DATA, 1) + b"y" * 49)  # a server that cheats
     with pytest.raises(RemoteProtocolError, match="answer credit"):
         _events(client)
     client2, server2 = _pair(max_frame_size=1024)
     server2.receive_data(client2.send(Request(1, "generate", "", 0, (), b"")))
     _events(server2)
-    client2.receive_data(server2.send(Data(1, b"x" * 1000)))
+    client2.receive_data(server2.send(Data(1, b"x" * 1000)) + server2.send(Data(1, b"x" * 1000)))
     _events(client2)
-    server2.receive_data(client2.send(codec.WindowUpdate(1, 1000)))
-    assert _events(server2) == [codec.WindowUpdate(1, 1000)]
-    client2.receive_data(server2.send(Data(1, b"y" * 1024)))  # the whole window again
-    assert _events(client2) == [Data(1, b"y" * 1024)] and client2.answer_credit[1] == 0
+    server2.receive_data(client2.send(codec.WindowUpdate(1, 2000)))
+    assert _events(server2) == [codec.WindowUpdate(1, 2000)]
+    client2.receive_data(server2.send(Data(1, b"y" * 1024)) + server2.send(Data(1, b"y" * 1024)))
+    assert _events(client2) == [Data(1, b"y" * 1024)] * 2 and client2.answer_credit[1] == 0
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -417,4 +417,4 @@ def test_any_interleaving_of_answers_and_credit_keeps_both_sides_in_step(steps, 
         for i in range(0, len(wire), split):
             receiver.receive_data(wire[i : i + split])
             _events(receiver)
-        assert client.answer_credit[1] == server.answer_credit[1] == window + granted - sent >= 0
+        assert client.answer_credit[1] == server.answer_credit[1] == 2 * window + granted - sent >= 0

@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from runtime import (
     BadRequest,
     ErrorCode,
+    ExchangeEnded,
     IngressError,
     RemoteError,
     Unavailable,
@@ -391,6 +392,8 @@ class NatsExchange:
                 self._blocked_said = True
                 await self.client._publish(self._input, b"", {protocol.KIND: protocol.BLOCKED})
             await self._wait_for_worker()
+        if self._ended:  # end() came from another task while this one waited for credit
+            raise BadRequest("send() after end(): this exchange's input is closed")
         self._raise_if_over()
         self._sent += len(data)
         await self.client._publish(self._input, data, self._next_headers(protocol.DATA))
@@ -415,7 +418,7 @@ class NatsExchange:
 
     def _raise_if_over(self) -> None:
         if self._worker_done:
-            raise Unavailable("the exchange has ended", retryable=False)
+            raise ExchangeEnded
 
     async def _wait_for_worker(self) -> None:
         """Wait for the worker's next word; UNAVAILABLE once it has said nothing at all (no grant, no

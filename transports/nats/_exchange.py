@@ -16,7 +16,7 @@ lost.
 
 from __future__ import annotations
 
-import itertools
+import secrets
 from collections.abc import Callable
 
 from nats.aio.msg import Msg
@@ -35,18 +35,19 @@ class ExchangeInputs:
         self.control = control
         self.subscription_subject = protocol.input_wildcard(worker_id)
         # Grants are tiny and bounded by the input itself: they skip the outbox's back-pressure.
-        self._publish = publish
+        self.publish = publish
         self._inputs: dict[str, ExchangeInput] = {}
         self._by_reply: dict[str, ExchangeInput] = {}  # the same, by the caller's reply inbox
-        self._tokens = itertools.count(1)
 
     def open(self, call: Call, reply: str, first: bytes) -> ExchangeInput:
         """Give the exchange its input subject, take its first message (sent with the request, so it
         used no credit) and send the first grant, which announces the subject."""
         inbox = call.inbox
         assert inbox is not None, "only a duplex endpoint's call has an input"
-        token = str(next(self._tokens))
-        subject = protocol.input_subject(self.worker_id, int(token))
+        # Unguessable: whoever knows an exchange's input subject can write into it (or break it with a
+        # gap), and every caller of this worker learns its id from Ingress-Control.
+        token = secrets.token_hex(16)
+        subject = protocol.input_subject(self.worker_id, token)
         exchange_input = ExchangeInput(self, token, subject, call.ctx, inbox, reply)
         self._inputs[token] = self._by_reply[reply] = exchange_input
         if first:
@@ -130,6 +131,9 @@ class ExchangeInput:
             self._fail(Unavailable(message))  # retryable if nothing was answered yet
             return
         self.expected += 1
+        if self.inbox.ended:  # numbered after the caller's own end: it broke its own input
+            self._fail(BadRequest(f"a {kind!r} message after the caller's end of its input"))
+            return
         if kind == protocol.END:
             self.inbox.end()
             return
@@ -171,7 +175,7 @@ class ExchangeInput:
         self.granted += room
         self.blocked = False
         headers = protocol.credit_headers(self.granted, self.subject, self._owner.control)
-        self._owner._publish(aio.Outgoing(self.reply, b"", headers))
+        self._owner.publish(aio.Outgoing(self.reply, b"", headers))
 
     def _fail(self, error: BadRequest | Unavailable) -> None:
         """The input is broken: the exchange ends with ``error`` now, whether or not its handler is

@@ -89,7 +89,7 @@ def control_subject(worker_id: str) -> str:
     return f"_INGRESS.control.{worker_id}"
 
 
-def input_subject(worker_id: str, token: int) -> str:
+def input_subject(worker_id: str, token: str) -> str:
     """The subject one exchange's caller publishes its messages to (one wildcard subscription per worker)."""
     return f"_INGRESS.input.{worker_id}.{token}"
 

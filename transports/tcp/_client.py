@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from runtime import BadRequest, ErrorCode, IngressError, RemoteError, Unavailable, remote_error
+from runtime import BadRequest, ErrorCode, ExchangeEnded, IngressError, RemoteError, Unavailable, remote_error
 from runtime._nursery import open_background_nursery
 
 from .._keepalive import enable_keepalive
@@ -268,7 +268,7 @@ class TcpClient:
             if stream_id in self._codec.client_ended:
                 raise BadRequest("send() after end(): this exchange's input is closed")
             if stream_id not in self._codec.open_streams or stream_id not in self._streams:
-                raise Unavailable("the exchange has ended", retryable=False)
+                raise ExchangeEnded
             if self._codec.credit.get(stream_id, 0) >= len(data):
                 break
             window = self._windows.get(stream_id, 0)

@@ -16,9 +16,9 @@ adds exchanges: on an open stream the client may send DATA (a message) within th
 granted for that stream with WINDOW_UPDATE, and END (its half-close); the stream stays open until the
 server's END or ERROR.
 
-Version 3 adds credit for the answers: each stream opens with an answer window of the client's
-``max_frame_size`` bytes, the server's DATA must fit what is left of it, and the client returns what
-its application consumed with WINDOW_UPDATE. A client that does not read one stream holds back that
+Version 3 adds credit for the answers: each stream opens with an answer window of twice the client's
+``max_frame_size``, the server's DATA must fit what is left of it, and the client returns what its
+application consumed with WINDOW_UPDATE. A client that does not read one stream holds back that
 stream's handler only, never its siblings on the connection.
 """
 
@@ -442,11 +442,12 @@ class Connection:
 
     @property
     def answer_window(self) -> int:
-        """Version 3: the answer credit each stream opens with, the client's ``max_frame_size``, so any
-        chunk that fits a frame fits the window and none can deadlock."""
+        """Version 3: the answer credit each stream opens with, twice the client's ``max_frame_size``: a
+        client may keep up to half the window unreturned (it returns credit in halves), and any chunk
+        that fits a frame still fits what is left, so none can deadlock."""
         client_hello = self.local_hello if self.role is Role.CLIENT else self.peer_hello
         assert client_hello is not None
-        return client_hello.max_frame_size
+        return 2 * client_hello.max_frame_size
 
     # ---- sending ------------------------------------------------------------------------------------
 

@@ -277,7 +277,11 @@ class _ServerConnection:
 
     async def wait_for_answer_credit(self, stream_id: int, size: int) -> None:
         """Version 3: wait until the client has room for ``size`` more bytes of this stream's answers
-        (it reads them); the handler waits here, its siblings on the connection do not."""
+        (it reads them); the handler waits here, its siblings on the connection do not. A chunk past
+        the client's frame limit does not wait: it can never be sent, and the sink says so."""
+        hello = self.codec.peer_hello
+        if hello is None or size > hello.max_frame_size:
+            return
         while self.codec.answer_credit.get(stream_id, size) < size:
             waiter = self.answer_waiters[stream_id] = trio.Event()
             try:
