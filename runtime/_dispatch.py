@@ -186,6 +186,7 @@ class _Run:
             # A duplex handler takes the caller's messages where another takes its request.
             source = Messages(self.inbox) if endpoint.duplex and self.inbox is not None else request
             await self._stream(endpoint.handler(source, self.ctx))
+            self._input_done()
             await self.sink.send_end(self.chunks)
         self.ended = True
 
@@ -248,7 +249,16 @@ class _Run:
         self.outcome = "disconnected"
         self.ctx.kill(KillReason.DISCONNECTED)
 
+    def _input_done(self) -> None:
+        """The handler will read no more: before the last answer goes out, let the transport discard
+        the rest of the input as it comes. A transport that stopped reading because the handler was
+        behind (an HTTP body) must read again, or its own last steps (hypercorn telling the app the
+        stream closed) could wait behind that unread input."""
+        if self.inbox is not None:
+            self.inbox.close()
+
     async def _fail(self, outcome: str, error: IngressError) -> None:
+        self._input_done()
         if self.ctx.kill_reason is KillReason.DISCONNECTED:
             # However it failed, nobody is left to tell: the caller leaving is how it ended.
             self._caller_gone()

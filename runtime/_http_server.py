@@ -46,7 +46,7 @@ import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol.events import Body, Data, EndBody
+from hypercorn.protocol.events import Body, Data, EndBody, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
@@ -69,6 +69,10 @@ OUTGOING_HIGH_WATER = 64 * 1024
 # before the socket is closed (a close with unread bytes resets the connection and can destroy the
 # response the peer is still reading).
 LINGER_TIMEOUT = 2.0
+
+# How long a closed h2 stream's app may take to make room for its ``http.disconnect`` (an app behind on
+# its body reads it after what is queued; one that has already finished never does).
+DISCONNECT_PATIENCE = 30.0
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -466,11 +470,26 @@ class _BoundedH2Protocol(H2Protocol):
             self._room.unpark_all()
 
     async def _close_stream(self, stream_id: int) -> None:
-        await super()._close_stream(stream_id)
-        self._room.unpark_all()
+        """hypercorn's, except that telling the app (``http.disconnect``) never waits here: its queue may
+        be full behind a body its handler has not taken, and this runs in the loop that reads the
+        connection (a client's RST_STREAM) as often as in the app's own last send."""
         delivery = self._bodies.get(stream_id)
         if delivery is not None:
             delivery.scope.cancel()  # what it still holds is dropped and acknowledged
+        stream = self.streams.get(stream_id)
+        if stream is not None and not self._app_has_room(stream_id):
+            del self.streams[stream_id]
+            self.task_group.spawn(self._tell_closed, stream)
+            await self.has_data.set()
+        else:
+            await super()._close_stream(stream_id)
+        self._room.unpark_all()
+
+    async def _tell_closed(self, stream: Any) -> None:
+        """Hand a closed stream's ``http.disconnect`` to its app once its queue has room; bounded, since
+        an app that has already finished never takes it."""
+        with trio.move_on_after(DISCONNECT_PATIENCE):
+            await stream.handle(StreamClosed(stream_id=stream.stream_id))
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         """hypercorn's, one event at a time, except for request bodies:

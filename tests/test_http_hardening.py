@@ -658,3 +658,68 @@ async def test_an_h2_exchange_whose_handler_is_behind_still_reads_the_clients_wi
                     continue
                 break
     assert [json.loads(line)["n"] for line in answers.splitlines()] == list(range(count))
+
+
+def _behind_worker(release: trio.Event) -> Worker:
+    worker = _short_worker()
+
+    @worker.endpoint("behind", duplex=True, max_input_bytes=1024)
+    async def behind(messages: Any, ctx: RequestContext) -> Any:
+        async for message in messages:
+            yield message
+            await release.wait()  # behind: the body piles up in the app's queue and h2's windows
+            return
+
+    return worker
+
+
+async def _fill_behind_exchange(peer: H2Peer) -> int:
+    """Open ``behind`` and send it body lines, one DATA frame each, until the stream's window is shut:
+    hypercorn's app queue (10 frames) fills behind the handler; the stream id."""
+    stream_id = peer.conn.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":path", "/v1/behind"), (":scheme", "http"), (":authority", "t")]
+    peer.conn.send_headers(stream_id, [*headers, ("accept", "application/x-ndjson")])
+    line = json.dumps({"pad": "y" * 200}).encode() + b"\n"
+    while peer.conn.local_flow_control_window(stream_id) >= len(line):
+        peer.conn.send_data(stream_id, line)
+    await peer.flush()
+    await peer.ping_pong()
+    return stream_id
+
+
+async def test_an_h2_client_resetting_an_exchange_whose_handler_is_behind_leaves_the_connection_serving():
+    """RST_STREAM on an exchange whose body waits behind a full app queue: telling its app must not stop
+    the loop that reads the connection; a sibling request on it is answered."""
+    release = trio.Event()
+    async with (
+        open_worker(_behind_worker(release), [HttpTransport(port=0)]) as handle,
+        await trio.open_tcp_stream(*handle.addresses["http"]) as stream,
+    ):
+        peer = H2Peer(stream)
+        with trio.fail_after(10):
+            behind = await _fill_behind_exchange(peer)
+            peer.conn.reset_stream(behind)
+            sibling = peer.post("/v1/tokens", b'{"n": 3}')
+            await peer.flush()
+            await peer.read_until(h2.events.StreamEnded, sibling)
+        release.set()
+
+
+async def test_an_h2_exchange_that_finishes_while_behind_on_its_body_ends_ok():
+    """The handler returns with the body piled up unread: its answer ends, and the request leaves
+    flight as ok (it once waited for ever to tell its own app that the stream had closed)."""
+    release = trio.Event()
+    async with (
+        open_worker(_behind_worker(release), [HttpTransport(port=0)]) as handle,
+        await trio.open_tcp_stream(*handle.addresses["http"]) as stream,
+    ):
+        peer = H2Peer(stream)
+        with trio.fail_after(10):
+            behind = await _fill_behind_exchange(peer)
+            release.set()
+            await peer.read_until(h2.events.StreamEnded, behind)
+            await handle.binding("http", "behind").tracker.wait_idle()
+        ok = sample(
+            handle.runtime, "ingress_requests_total", endpoint="behind", transport="http", outcome="ok"
+        )
+    assert ok == 1
