@@ -123,6 +123,12 @@ class ThinDuplex:
         while self.open:
             buffer += await receive(self.stream)
             del buffer[: self.take_frames(buffer)]  # once per read: see take_frames
+            if owed := self.owed():
+                await self.write(owed)
+
+    def owed(self) -> bytes:
+        """What the reader must write back after a read (flow-control credit), if the wire has any."""
+        return b""
 
     async def start_exchanges(self, ids: range) -> None:
         """Open the exchanges, if the wire format has a step for that."""
@@ -140,13 +146,15 @@ class ThinDuplex:
 
 
 class IngressDuplex(ThinDuplex):
-    """A thin client of the TCP protocol's version 2 (docs/protocol-tcp.md, "Exchanges"): REQUEST with
-    an empty body, then each message as DATA within the worker's credit (WINDOW_UPDATE), then END."""
+    """A thin client of the TCP protocol's version 3 (docs/protocol-tcp.md, "Exchanges"): REQUEST with
+    an empty body, then each message as DATA within the worker's credit (WINDOW_UPDATE), then END; the
+    answers' credit goes back, as TcpClient returns it, once half the window was taken."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         super().__init__(stream)
         self.credit: dict[int, int] = {}
         self.credit_granted: dict[int, trio.Event] = {}
+        self.taken: dict[int, int] = {}  # answer bytes read since credit was last returned
 
     @classmethod
     async def open(cls, address: tuple[str, int]) -> IngressDuplex:
@@ -186,6 +194,7 @@ class IngressDuplex(ThinDuplex):
                 break
             if frame_type == codec.FrameType.DATA:
                 self.answers += 1
+                self.taken[stream_id] = self.taken.get(stream_id, 0) + length
             elif frame_type == codec.FrameType.WINDOW_UPDATE:
                 self.credit[stream_id] += _U32.unpack_from(buffer, offset + header.size)[0]
                 if (granted := self.credit_granted.pop(stream_id, None)) is not None:
@@ -197,6 +206,13 @@ class IngressDuplex(ThinDuplex):
                 raise RuntimeError(f"the worker sent ERROR on stream {stream_id}: {message.decode()}")
             offset += header.size + length
         return offset
+
+    def owed(self) -> bytes:
+        half_window = codec.DEFAULT_MAX_FRAME_SIZE  # the answer window is twice the frame limit
+        owed = [(stream_id, size) for stream_id, size in self.taken.items() if size >= half_window]
+        for stream_id, _ in owed:
+            del self.taken[stream_id]
+        return b"".join(_frame(codec.FrameType.WINDOW_UPDATE, i, _U32.pack(size)) for i, size in owed)
 
 
 def bursts(count: int) -> list[int]:

@@ -13,11 +13,12 @@ import pytest
 import trio
 import trio.testing
 
-from runtime import BadRequest, ErrorCode, RequestContext, Unavailable, Worker, open_worker
+from runtime import BadRequest, ErrorCode, RemoteError, RequestContext, Unavailable, Worker, open_worker
 from runtime.mocker import create_mocker
 from runtime.testing import nats_server, sample
 from transports.nats import NatsClient, NatsTransport
 from transports.nats import _aio as aio
+from transports.nats._protocol import TailLoss
 
 TEST_TIMEOUT = 20
 WINDOW = 64
@@ -264,7 +265,47 @@ async def test_a_message_lost_at_the_tail_is_found_by_the_probes():
                 answers, error = await raw.outcome()
     assert [a["turn"] for a in answers] == [0]
     assert error is not None and error["code"] == ErrorCode.UNAVAILABLE.name
-    assert error["retryable"] is False and "it sent 2, 1 arrived" in error["message"]
+    assert error["retryable"] is False and "2 sent, 1 arrived" in error["message"]
+
+
+class _Reply:
+    """A reply as the caller's reader sees one (nats-py's Msg has these two attributes)."""
+
+    def __init__(self, headers: dict[str, str], data: bytes = b"") -> None:
+        self.headers, self.data = headers, data
+
+
+async def test_a_caller_finds_replies_lost_at_the_tail_from_two_probes():
+    """One chunk arrived; two probes in a row say the worker sent 3 and nothing came between them: the
+    reader raises UNAVAILABLE naming the loss (not retryable: a chunk was delivered)."""
+    from transports.nats._client import _replies
+
+    send, receive = trio.open_memory_channel[Any](math.inf)
+    for reply in (
+        _Reply({"Ingress-Kind": "data", "Ingress-Seq": "0"}, b'{"i": 0}'),
+        _Reply({"Ingress-Kind": "probe", "Ingress-Sent": "3"}),
+        _Reply({"Ingress-Kind": "probe", "Ingress-Sent": "3"}),
+    ):
+        send.send_nowait(reply)
+    received: list[Any] = []
+
+    async def read_all() -> None:
+        async for chunk in _replies(receive, stall_timeout=10):
+            received.append(chunk)
+
+    with pytest.raises(RemoteError) as lost:
+        await read_all()
+    assert received == [{"i": 0}] and lost.value.code is ErrorCode.UNAVAILABLE
+    assert lost.value.retryable is False and "3 sent, 1 arrived" in lost.value.message
+
+
+def test_a_slow_message_is_not_taken_for_lost():
+    """TailLoss: what arrived since the last probe, or what was sent only since, is not a loss."""
+    tail = TailLoss()
+    assert tail.probed(sent=3, arrived=1) is None  # the first probe only records
+    assert tail.probed(sent=5, arrived=2) is None  # one arrived since: still moving
+    assert tail.probed(sent=5, arrived=3) is None  # and another
+    assert tail.probed(sent=5, arrived=3) == "5 sent, 3 arrived"  # nothing since: lost
 
 
 async def test_a_lost_grant_is_made_good_by_the_next_probe():

@@ -253,8 +253,7 @@ async def _replies(
 ) -> AsyncGenerator[Any, None]:
     state = state or _ReplyState()
     expected, received = 0, 0
-    # What the worker's last probe said it had sent, and how much had arrived by then (see SENT).
-    sent_by_last_probe, expected_at_last_probe = 0, 0
+    tail = protocol.TailLoss()  # what the worker's probes say it sent, against what arrived (SENT)
     while True:
         with trio.move_on_after(stall_timeout) as stall:
             msg = await receive.receive()
@@ -269,14 +268,11 @@ async def _replies(
             raise remote_error(ErrorCode.UNAVAILABLE, message, retryable=True)
         kind = headers.get(protocol.KIND)
         if kind == protocol.PROBE:  # the worker is alive; nothing to deliver, but a loss to find
-            if expected < sent_by_last_probe and expected == expected_at_last_probe:
-                message = (
-                    f"replies were lost on the way (the worker sent {sent_by_last_probe}, {expected} arrived)"
-                )
-                raise remote_error(ErrorCode.UNAVAILABLE, message, retryable=not received)
             sent = headers.get(protocol.SENT, "")
-            sent_by_last_probe = int(sent) if sent.isdigit() else 0
-            expected_at_last_probe = expected
+            lost = tail.probed(int(sent) if sent.isdigit() else 0, expected)
+            if lost is not None:
+                message = f"replies were lost on the way ({lost})"
+                raise remote_error(ErrorCode.UNAVAILABLE, message, retryable=not received)
             continue
         seq = int(headers.get(protocol.SEQ, "-1"))
         if seq != expected:

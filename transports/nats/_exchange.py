@@ -92,13 +92,12 @@ class ExchangeInput:
         "blocked",
         "ctx",
         "expected",
-        "expected_at_last_probe",
         "granted",
         "inbox",
         "received",
         "reply",
-        "sent_by_last_probe",
         "subject",
+        "tail",
         "token",
     )
 
@@ -115,8 +114,7 @@ class ExchangeInput:
         self.granted = 0  # bytes of messages the caller may have sent on the input subject, in all
         self.received = 0
         self.blocked = False  # the caller's next message does not fit what it has
-        self.sent_by_last_probe = 0  # how many messages the caller said it had sent, at the last probe
-        self.expected_at_last_probe = 0  # and how many had arrived then
+        self.tail = protocol.TailLoss()  # what the caller says it sent, against what arrived
 
     def receive(self, msg: Msg) -> None:
         headers = msg.headers or {}
@@ -149,18 +147,10 @@ class ExchangeInput:
         self.inbox.offer(msg.data)  # fits: what waits plus what was granted never exceeds the window
 
     def claimed(self, sent: int) -> None:
-        """The caller says it has sent ``sent`` messages. If by the previous probe, a whole interval ago,
-        it had sent more than have arrived now, and none arrived since, those were lost (a slow path
-        would still be delivering; NATS keeps one connection's messages in order)."""
-        if self.expected < self.sent_by_last_probe and self.expected == self.expected_at_last_probe:
-            message = (
-                f"the caller's messages were lost on the way (it sent {self.sent_by_last_probe}, "
-                f"{self.expected} arrived)"
-            )
-            self._fail(Unavailable(message))  # retryable if nothing was answered yet
-            return
-        self.sent_by_last_probe = sent
-        self.expected_at_last_probe = self.expected
+        """The caller says (answering a probe) that it has sent ``sent`` messages."""
+        lost = self.tail.probed(sent, self.expected)
+        if lost is not None:
+            self._fail(Unavailable(f"the caller's messages were lost on the way ({lost})"))
 
     def grant(self, _consumed: int = 0, *, announce: bool = False) -> None:
         """Top the caller's credit up to the window, once there is half a window to give (or at once,

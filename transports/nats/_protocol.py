@@ -53,6 +53,27 @@ BLOCKED = "blocked"
 # tail of an answer, where no later reply shows the gap).
 SENT = "Ingress-Sent"
 
+
+class TailLoss:
+    """Finds numbered messages lost at the tail of a flow, where no later message shows the gap: the
+    other side says at each probe how many it has sent; those it had sent by the previous probe (a whole
+    interval ago) that have still not arrived, with nothing arriving since, were lost. The interval of
+    grace keeps a message that is merely slow from counting as lost."""
+
+    __slots__ = ("arrived_then", "sent_then")
+
+    def __init__(self) -> None:
+        self.sent_then = 0
+        self.arrived_then = 0
+
+    def probed(self, sent: int, arrived: int) -> str | None:
+        """Record a probe's count; says what was lost, if anything was."""
+        lost = arrived < self.sent_then and arrived == self.arrived_then
+        verdict = f"{self.sent_then} sent, {arrived} arrived" if lost else None
+        self.sent_then, self.arrived_then = sent, arrived
+        return verdict
+
+
 # The kind of a worker's liveness probe to a caller's inbox; a live caller answers it, and "no responders"
 # means the caller is gone.
 PROBE = "probe"
