@@ -5,17 +5,19 @@ message is answered by one chunk: the figure is messages per second, in and (the
 from the first message of the round to the last exchange's end. This process is only the load
 generator; the servers run as their own processes on 127.0.0.1:
 
-- TCP: the mocker under ``ingress serve`` (protocol version 2, exchanges as DATA within credit, on one
-  connection) against scripts/bench_raw_duplex_server.py, a minimal raw Trio server answering
-  length-prefixed JSON messages (many exchanges on one connection too), one write per answer as
-  scripts/bench_raw_server.py does. The clients on both sides are equally thin: pre-built frames, up to
-  ``BURST`` messages per write, answers counted, nothing decoded. Rows with the project's own
-  ``TcpClient.exchange()`` say what a Python caller gets (that client decodes every answer).
+- TCP: the mocker under ``ingress serve`` (protocol version 3: exchanges as DATA within credit, the
+  answers within their own credit, on one connection) against scripts/bench_raw_duplex_server.py, a
+  minimal raw Trio server answering length-prefixed JSON messages (many exchanges on one connection too),
+  one write per answer as scripts/bench_raw_server.py does. The clients on both sides are equally thin:
+  pre-built frames, up to ``BURST`` messages per write, answers counted, nothing decoded. Rows with the
+  project's own ``TcpClient.exchange()`` say what a Python caller gets (that client decodes every
+  answer).
 - HTTP: the mocker under ``ingress serve --http`` against the bare ASGI app of
   scripts/bench_http_baselines.py (``/v1/chat``) under hypercorn's trio worker: a chunked HTTP/1.1 body
   of NDJSON lines written while the NDJSON answers are read (one connection per exchange), and h2c
   (every exchange a stream of one connection); thin clients, ``BURST`` lines per chunk or DATA frame.
-- NATS: ``NatsClient.exchange()`` against the mocker, once that client exists (no baseline yet).
+- NATS: ``NatsClient.exchange()`` against the mocker through a local nats-server (no baseline: there is
+  no plain nats-py duplex to compare with; the rows say what a Python caller gets).
 - Memory: in this process, through the memory transport (runtime.testing), a caller that sends and
   never reads: how many messages get in before flow control holds ``send()`` back, and what they cost.
 
@@ -578,12 +580,10 @@ async def http_rows(ours: tuple[str, int], bare: tuple[str, int], sizes: Sizes) 
     return rows
 
 
-async def nats_rows(sizes: Sizes) -> list[Row] | None:
-    """NATS, through ``NatsClient.exchange()`` once it exists (None until then); no baseline yet."""
+async def nats_rows(sizes: Sizes) -> list[Row]:
+    """NATS, through ``NatsClient.exchange()``; no baseline."""
     from transports.nats import NatsClient
 
-    if not hasattr(NatsClient, "exchange"):
-        return None
     async with nats_server() as url, worker_process("--nats", url, "--namespace", "bench", "--no-access-log"):
         with_client = partial(api_rate, partial(NatsClient.connect, url, namespace="bench"))
         return await compare("nats, NatsClient.exchange()", with_client, None, sizes.nats_messages, sizes)
@@ -624,12 +624,7 @@ async def main(sizes: Sizes) -> None:
             rows += await http_rows(ours.addresses["http"], bare.addresses["http"], sizes)
         print(TABLE.format("transport", "exchanges", "ingress msg/s", "baseline msg/s", "ratio", "goal"))
         print_rows(rows)
-        # After the others are printed: a NATS client still being written cannot lose their numbers.
-        nats = await nats_rows(sizes)
-        if nats is None:
-            print("nats: skipped (no NatsClient.exchange)")
-        else:
-            print_rows(nats)
+        print_rows(await nats_rows(sizes))
         progress("memory")
         print_memory(await memory_attempts(sizes))
 
