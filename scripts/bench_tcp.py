@@ -10,12 +10,19 @@ ratios are what to read. Clients on both sides are equally thin (they count fram
 
 Goals (from the issue): streaming >= 1.0x the raw server, round trips >= 0.8x, disconnect p99 <= 5 ms,
 idle SIGTERM-to-exit < 0.5 s.
+
+The loads an inference fleet runs (issue 11): a sweep of 1 to 1,024 concurrent streams (one per
+connection) of 100 tokens, with 0 and 20 ms between tokens, printing tokens/s and the server's CPU per
+token (from /proc) for each; and the first-chunk latency (p50, p99) of new streams while 256 streams
+keep the server saturated. Goals: at 1,024 streams 20 ms apart, >= 1.0x the raw server's tokens/s with
+CPU per token <= the raw server's; first chunk <= 2x the raw server's at p50 and p99.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import signal
 import statistics
@@ -47,10 +54,17 @@ class Sizes:
     echo_calls: int
     idle_connections: int
     disconnect_samples: int
+    # The inference-fleet loads: concurrent streams (one per connection) of sweep_tokens tokens, at
+    # each inter-token gap; and first-chunk latency with saturating_streams always running.
+    sweep_streams: tuple[int, ...] = (1, 16, 256, 1024)
+    sweep_gaps_ms: tuple[int, ...] = (0, 20)
+    sweep_tokens: int = 100
+    saturating_streams: int = 256
+    saturation_seconds: float = 5.0
 
 
 FULL = Sizes(200_000, 16, 25_000, 32, 1_000, 500, 200)
-QUICK = Sizes(20_000, 16, 2_000, 32, 100, 100, 40)
+QUICK = Sizes(20_000, 16, 2_000, 32, 100, 100, 40, (1, 64), (0, 20), 20, 64, 1.0)
 
 
 class IngressConnection:
@@ -71,7 +85,7 @@ class IngressConnection:
         conn.client.peer_hello = conn.client.local_hello
         return conn
 
-    async def run(self, endpoint: str, body: dict) -> int:
+    async def run(self, endpoint: str, body: dict, on_first: Callable[[], None] | None = None) -> int:
         stream_id, self.next_id = self.next_id, self.next_id + 1
         request = codec.Request(stream_id, endpoint, "", 0, (), json.dumps(body).encode())
         await self.stream.send_all(self.client.send(request))
@@ -82,6 +96,8 @@ class IngressConnection:
             await read_at_least(self.stream, self.buffer, 9 + length)
             del self.buffer[: 9 + length]
             if frame_type == codec.FrameType.DATA:
+                if not chunks and on_first is not None:
+                    on_first()
                 chunks += 1
                 taken += length
                 if taken * 2 >= self.client.answer_window:  # return answer credit, as TcpClient does
@@ -108,7 +124,7 @@ class RawConnection:
     async def open(cls, address: tuple[str, int]) -> RawConnection:
         return cls(await trio.open_tcp_stream(*address))
 
-    async def run(self, endpoint: str, body: dict) -> int:
+    async def run(self, endpoint: str, body: dict, on_first: Callable[[], None] | None = None) -> int:
         request = {"op": endpoint, "body": body, **(body if endpoint == "generate" else {})}
         payload = json.dumps(request).encode()
         await self.stream.send_all(_U32.pack(len(payload)) + payload)
@@ -122,6 +138,8 @@ class RawConnection:
                 return 1
             if length == 0:
                 return chunks
+            if not chunks and on_first is not None:
+                on_first()
             chunks += 1
 
     async def aclose(self) -> None:
@@ -157,12 +175,12 @@ async def _timed_concurrently(
 
 
 async def streamed_tokens_per_second(
-    open_conn: Opener, address: tuple[str, int], streams: int, tokens: int
+    open_conn: Opener, address: tuple[str, int], streams: int, tokens: int, itl_ms: int = 0
 ) -> float:
     counts: list[int] = []
 
     async def one(conn: Connection) -> None:
-        counts.append(await conn.run("generate", {"max_tokens": tokens}))
+        counts.append(await conn.run("generate", {"max_tokens": tokens, "itl_ms": itl_ms}))
 
     elapsed = await _timed_concurrently(open_conn, address, streams, one)
     assert counts == [tokens] * streams, "a stream came back short"
@@ -177,6 +195,52 @@ async def echo_round_trips_per_second(
             await conn.run("echo", {"i": i})
 
     return conns * calls / await _timed_concurrently(open_conn, address, conns, one)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU the process has used so far (/proc/PID/stat, fields 14 and 15)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def tokens_and_cpu(
+    open_conn: Opener, server: WorkerProcess, streams: int, tokens: int, itl_ms: int
+) -> tuple[float, float]:
+    """Tokens per second for ``streams`` concurrent streams (one per connection), and the server's CPU
+    microseconds per token over the same run."""
+    before = cpu_seconds(server.pid)
+    rate = await streamed_tokens_per_second(open_conn, server.addresses["tcp"], streams, tokens, itl_ms)
+    used = cpu_seconds(server.pid) - before
+    return rate, used / (streams * tokens) * 1e6
+
+
+async def first_chunk_latencies(
+    open_conn: Opener, server: WorkerProcess, streams: int, tokens: int, seconds: float
+) -> list[float]:
+    """Keep ``streams`` streams of ``tokens`` tokens running back to back (one connection each: the
+    server is saturated, CPU-bound), and time each new stream's first chunk, after a warm-up."""
+    address = server.addresses["tcp"]
+    connections = [await open_conn(address) for _ in range(streams)]
+    latencies: list[float] = []
+    warm_until = time.perf_counter() + seconds / 5
+    with trio.move_on_after(seconds + seconds / 5):
+        async with trio.open_nursery() as nursery:
+            for conn in connections:
+
+                async def loop(conn: Connection = conn) -> None:
+                    while True:
+                        sent = time.perf_counter()
+
+                        def first(sent: float = sent) -> None:
+                            if sent >= warm_until:
+                                latencies.append(time.perf_counter() - sent)
+
+                        await conn.run("generate", {"max_tokens": tokens}, first)
+
+                nursery.start_soon(loop)
+    for conn in connections:
+        await conn.aclose()
+    return latencies
 
 
 def rss_bytes(pid: int) -> int:
@@ -251,6 +315,47 @@ async def sigterm_to_exit(
     return exited, completed
 
 
+async def inference_loads(
+    pairs: list[tuple[Opener, WorkerProcess]], sizes: Sizes
+) -> list[tuple[str, float, float, str]]:
+    """The loads an inference fleet runs: a sweep of concurrent streams at each inter-token gap (tokens
+    per second and the server's CPU per token), then first-chunk latency with the server saturated."""
+    rows = []
+    busiest = (max(sizes.sweep_streams), max(sizes.sweep_gaps_ms))  # the issue's goal is set there
+    for gap in sizes.sweep_gaps_ms:
+        for streams in sizes.sweep_streams:
+            label = f"{streams} streams x {sizes.sweep_tokens} tokens, {gap} ms apart"
+            progress(f"sweep: {label}")
+            rates: dict[int, list[float]] = {0: [], 1: []}
+            cpus: dict[int, list[float]] = {0: [], 1: []}
+            for _ in range(3):
+                for side, (opener, server) in enumerate(pairs):
+                    rate, cpu = await tokens_and_cpu(opener, server, streams, sizes.sweep_tokens, gap)
+                    rates[side].append(rate)
+                    cpus[side].append(cpu)
+            goal = (streams, gap) == busiest
+            ours, raw = _median_of_three(rates[0]), _median_of_three(rates[1])
+            rows.append((f"tokens/s, {label}", ours, raw, ">= 1.0x" if goal else ""))
+            rows.append(
+                (
+                    f"server CPU us/token, {label}",
+                    _median_of_three(cpus[0]),
+                    _median_of_three(cpus[1]),
+                    "<= 1.0x" if goal else "(lower is better)",
+                )
+            )
+    streams = sizes.saturating_streams
+    progress(f"first chunk, {streams} streams saturating the server")
+    latencies = [
+        await first_chunk_latencies(opener, server, streams, sizes.sweep_tokens, sizes.saturation_seconds)
+        for opener, server in pairs
+    ]
+    for name, q in (("p50", 50), ("p99", 99)):
+        ours_q, raw_q = (statistics.quantiles(values, n=100)[q - 1] * 1000 for values in latencies)
+        rows.append((f"first chunk {name} ms, {streams} streams saturated", ours_q, raw_q, "<= 2.0x"))
+    return rows
+
+
 def _median_of_three(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -298,6 +403,9 @@ async def main(sizes: Sizes) -> None:
             ours_idle = await bytes_per_idle_connection(IngressConnection.open, ours, sizes.idle_connections)
             raw_idle = await bytes_per_idle_connection(RawConnection.open, raw, sizes.idle_connections)
             rows.append(("bytes per idle connection", ours_idle, raw_idle, "(lower is better)"))
+            # After the idle measurement: a thousand connections come and go here, and the memory they
+            # leave free would hide what new idle connections cost.
+            rows += await inference_loads(pairs, sizes)
         async with (
             worker_process("--tcp", "127.0.0.1:0", "--log-level", "info") as ours,
             spawn_process(RAW_SERVER) as raw,
@@ -340,10 +448,10 @@ async def main(sizes: Sizes) -> None:
                 "all complete",
             )
         )
-    print(f"{'metric':58} {'ingress':>12} {'raw trio':>12} {'ratio':>7}  goal")
+    print(f"{'metric':66} {'ingress':>12} {'raw trio':>12} {'ratio':>7}  goal")
     for label, ours_value, raw_value, goal in rows:
         ratio = ours_value / raw_value if raw_value else float("nan")
-        print(f"{label:58} {ours_value:12.1f} {raw_value:12.1f} {ratio:6.2f}x  {goal}")
+        print(f"{label:66} {ours_value:12.1f} {raw_value:12.1f} {ratio:6.2f}x  {goal}")
 
 
 if __name__ == "__main__":
