@@ -11,15 +11,18 @@ memory stays bounded at roughly ``high_water`` plus one frame per connection.
 Only this task ever calls ``send_all``, so Trio's BusyResourceError ("another task is currently sending")
 cannot happen here.
 
-The last frame of a request (``flush=True``) skips the hop to the writer task when it can: if the writer
-is idle and nothing is queued, the frame is written at once with a non-blocking ``os.write``. That call
-cannot block or be cancelled half-way (so it never tears a frame), it cannot overlap a ``send_all`` (the
-writer is idle), and whatever the kernel does not take is queued for the writer as usual. For small unary
-requests this saves a task switch per request; stream chunks keep coalescing through the buffer.
+A frame skips the hop to the writer task when it can: if the writer is idle and nothing is queued, and
+the frame is a request's last (``flush=True``) or the connection has been quiet for ``QUIET`` seconds
+(a slow stream's next token, a new stream's first chunk), it is written at once with a non-blocking
+``os.write``. That call cannot block or be cancelled half-way (so it never tears a frame), it cannot
+overlap a ``send_all`` (the writer is idle), and whatever the kernel does not take is queued for the
+writer as usual. This saves a task switch per frame where coalescing could not have helped; frames that
+come in bursts (fast tokens) keep coalescing through the buffer.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Protocol
@@ -27,6 +30,10 @@ from typing import Protocol
 import trio
 
 from runtime import CallerGone
+
+# A frame that comes this long after the connection's previous one is not part of a burst: written at
+# once when the writer is idle (see above) instead of waiting for it to wake.
+QUIET = 0.001
 
 
 class ByteSink(Protocol):
@@ -52,6 +59,7 @@ class FrameWriter:
         self._finishing = False
         self._sending = False
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        self._last_write = -math.inf  # when write() was last called, in trio.current_time() terms
         self.done = trio.Event()
 
     @property
@@ -61,10 +69,13 @@ class FrameWriter:
     async def write(self, data: bytes, *, flush: bool = False) -> None:
         """Queue ``data``, waiting while the peer is behind; raises WriterClosed if it never will be sent.
 
-        ``flush`` marks a request's last frame: written at once if the writer is idle (see above)."""
+        ``flush`` marks a request's last frame: written at once if the writer is idle (see above), as is
+        a frame after a quiet spell."""
         while len(self._buffer) >= self._high_water and not self._closed:
             await self._space.park()
-        if flush and not self._buffer and not self._sending and not self._closed:
+        now = trio.current_time()
+        quiet, self._last_write = now - self._last_write >= QUIET, now
+        if (flush or quiet) and not self._buffer and not self._sending and not self._closed:
             data = data[self._write_now(data) :]
             if not data:
                 return
