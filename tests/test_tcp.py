@@ -8,6 +8,7 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 import trio
@@ -346,6 +347,58 @@ async def test_client_refuses_new_streams_after_goaway():
             await client.call("context")
         assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retryable
         assert len([c async for c in running]) == 19
+
+
+@asynccontextmanager
+async def fake_worker(answer: bytes, *, then_close: bool) -> AsyncIterator[tuple[str, int]]:
+    """A listener that reads the client's HELLO, writes ``answer`` in one write, then closes the
+    connection or holds it open in silence: a worker as a client may meet it, not as it should be."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.receive_some(1024)
+        if answer:
+            await stream.send_all(answer)
+        if not then_close:
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        yield listeners[0].socket.getsockname()[:2]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_that_closes_before_its_hello_fails_the_connect_retryably():
+    """A close instead of a HELLO (a worker past its drain) is a retryable UNAVAILABLE, not a spin."""
+    async with fake_worker(b"", then_close=True) as address:
+        with trio.fail_after(5), pytest.raises(IngressError) as caught:
+            async with TcpClient.connect(*address):
+                pass
+    assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retryable
+    assert "before its HELLO" in caught.value.message
+
+
+async def test_a_silent_worker_fails_the_connect_after_the_handshake_timeout(autojump_clock):
+    """A peer that accepts and never says HELLO holds the caller for the handshake timeout only."""
+    async with fake_worker(b"", then_close=False) as address:
+        start = trio.current_time()
+        with pytest.raises(IngressError) as caught:
+            async with TcpClient.connect(*address):
+                pass
+    assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retryable
+    assert trio.current_time() - start == pytest.approx(10.0, abs=0.5)
+    assert "did not answer the handshake within 10 s" in caught.value.message
+
+
+async def test_a_goaway_in_the_same_write_as_the_hello_is_seen_without_more_bytes():
+    """Frames that came with the worker's HELLO reach the client before it reads again."""
+    server, client_codec = codec.Connection(codec.Role.SERVER), codec.Connection(codec.Role.CLIENT)
+    server.receive_data(client_codec.send(client_codec.local_hello))
+    assert isinstance(server.next_event(), codec.Hello)
+    answer = server.send(server.local_hello) + server.send(codec.GoAway(0, "draining"))
+    async with fake_worker(answer, then_close=False) as address, TcpClient.connect(*address) as client:
+        with trio.fail_after(5):
+            goaway = await client.wait_goaway()
+    assert goaway.message == "draining"
 
 
 async def test_huge_non_ascii_endpoint_name_gets_an_error_not_a_crash():

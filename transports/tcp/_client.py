@@ -32,6 +32,9 @@ from .._writer import FrameWriter, WriterClosed
 from . import _protocol as codec
 
 RECEIVE_SIZE = 65536
+# A worker that accepts but never says HELLO (its process hangs, or it is no trio-ingress worker) fails
+# the connect after this long instead of holding the caller forever; the worker's own limit is the same.
+HANDSHAKE_TIMEOUT = 10.0
 # Chunks buffered per stream before the connection's reader waits for that stream's consumer.
 STREAM_BUFFER = 256
 _END = object()
@@ -71,9 +74,12 @@ class TcpClient:
         max_frame_size: int = codec.DEFAULT_MAX_FRAME_SIZE,
         write_high_water: int = 256 * 1024,
         keepalive: float | None = 30.0,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> AsyncIterator[TcpClient]:
         """Connect, handshake, and serve the connection for the duration of the block.
 
+        A worker that closes the connection or stays silent instead of answering the HELLO (within
+        ``handshake_timeout`` seconds) raises ``Unavailable``, retryable: nothing was sent.
         ``keepalive``: seconds of silence before the kernel probes the worker, so that a worker whose
         host vanished fails the open streams (UNAVAILABLE) within about twice this; None turns it off.
         A worker that speaks an older protocol version (it answers our HELLO with its own, lower one,
@@ -82,7 +88,7 @@ class TcpClient:
         while True:
             try:
                 async with cls._connected(
-                    host, port, max_frame_size, write_high_water, keepalive, version
+                    host, port, max_frame_size, write_high_water, keepalive, handshake_timeout, version
                 ) as client:
                     yield client
                     return
@@ -98,6 +104,7 @@ class TcpClient:
         max_frame_size: int,
         write_high_water: int,
         keepalive: float | None,
+        handshake_timeout: float,
         version: int,
     ) -> AsyncIterator[TcpClient]:
         try:
@@ -115,11 +122,18 @@ class TcpClient:
             async with open_background_nursery() as nursery:
                 nursery.start_soon(client._writer.run, lambda: client._connection_lost("connection reset"))
                 try:
-                    await client._handshake()
+                    with trio.fail_after(handshake_timeout):
+                        await client._handshake()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, codec.RemoteProtocolError) as exc:
-                    # Typically a worker that closed its listener with us still in the accept backlog.
+                    # Typically a worker that closed its listener with us still in the accept backlog,
+                    # or that reached phase 3 of its drain before it read our HELLO.
                     raise Unavailable(
-                        f"{host}:{port} closed the connection during the handshake: {exc}"
+                        f"{host}:{port} closed the connection during the handshake: {exc}", retryable=True
+                    ) from exc
+                except trio.TooSlowError as exc:
+                    raise Unavailable(
+                        f"{host}:{port} did not answer the handshake within {handshake_timeout:g} s",
+                        retryable=True,
                     ) from exc
                 peer = client._codec.peer_hello
                 if peer is not None and peer.version < version:
@@ -187,22 +201,28 @@ class TcpClient:
     # ---- connection internals -------------------------------------------------------------------------
 
     async def _handshake(self) -> None:
+        """Up to the worker's HELLO. What came in the same read after it (a GOAWAY from a draining
+        worker, say) stays in the codec for the read loop."""
         self._writer.write_nowait(self._codec.send(self._codec.local_hello))
-        while self._codec.peer_hello is None:
-            data = await self._stream.receive_some(RECEIVE_SIZE)
-            self._codec.receive_data(data)
+        while True:
             event = self._codec.next_event()
-            if isinstance(event, codec.Error):
+            if event is codec.NEED_DATA:
+                self._codec.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+            elif isinstance(event, codec.Hello):
+                break
+            elif isinstance(event, codec.Error):
                 raise remote_error(event.code, event.message, retryable=event.retryable)
+            elif isinstance(event, codec.ConnectionClosed):
+                # An end of file read again and again would spin here for ever.
+                raise trio.BrokenResourceError("the worker closed the connection before its HELLO")
+        assert self._codec.peer_hello is not None
         self._slots = trio.Semaphore(self._codec.peer_hello.max_streams)
 
     async def _read_loop(self) -> None:
         try:
-            while True:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-                self._codec.receive_data(data)
-                if await self._deliver_events():
-                    return
+            # Frames that came with the HELLO first: a GOAWAY may be all the worker ever sends.
+            while not await self._deliver_events():
+                self._codec.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._connection_lost("connection reset by the worker")
         except codec.RemoteProtocolError as exc:
