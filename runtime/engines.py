@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import trio
 import trio_asyncio
 
+from ._asyncio_guard import drop_writers_for_lost_connections
 from ._errors import IngressError, InternalError, Unavailable, describe
 from ._inflight import current_engine_work
 from ._logging import get_logger
@@ -110,6 +111,7 @@ async def open_asyncio_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
         yield loop
         return
     async with unwrap_body_error(trio_asyncio.open_loop()) as loop:
+        drop_writers_for_lost_connections(loop)
         yield loop
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 
 import pytest
 import trio
 import trio.testing
+import trio_asyncio
 from structlog.testing import capture_logs
 
 from runtime import ErrorCode, IngressError, Overloaded, Unavailable, engines
@@ -19,6 +21,7 @@ from runtime.engines import (
     abort_requested,
     aio_call,
     aio_stream,
+    open_asyncio_loop,
     open_worker_loop,
     thread_call,
     thread_stream,
@@ -298,3 +301,30 @@ async def test_a_call_queued_for_a_thread_leaves_at_once_when_cancelled_and_neve
         assert ran == []  # left while the other call still holds the only thread
         release.set()
     assert ran == []
+
+
+async def _write_after_abort(port: int) -> bool:
+    """asyncio: connect, lose the connection (``abort``), then write with ``writelines`` at once, as
+    nats-py's flusher does when a server goes away; True if the transport says its connection is lost."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.transport.abort()
+    writer.transport.writelines([b"written after the connection was lost"])
+    return writer.transport.is_closing()
+
+
+async def test_writelines_after_a_lost_connection_leaves_the_asyncio_loop_running():
+    """CPython 3.12/3.13.0 ``writelines`` on a lost connection (gh-136234) no longer ends the loop."""
+
+    async def accept_and_wait(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, accept_and_wait, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with open_asyncio_loop():
+            # Whether the socket is closed before the stray writer first waits is a race: try often.
+            for _ in range(20):
+                assert await trio_asyncio.aio_as_trio(_write_after_abort)(port)
+                await trio.testing.wait_all_tasks_blocked()  # a writer on the closed socket fails here
+            assert await trio_asyncio.aio_as_trio(asyncio.sleep)(0, result="alive") == "alive"
+        nursery.cancel_scope.cancel()

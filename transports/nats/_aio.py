@@ -302,7 +302,9 @@ def _drop_unsendable(client: Client) -> None:
     (a restart it had not yet recovered from, or a server stopped before the worker) failed in phase 3
     instead of exiting cleanly, and the rest of nats-py's close (subscription tasks, callbacks) never
     ran. Nothing can be sent on a lost connection anyway; ``write`` would drop it too. Remove once
-    every supported Python carries the fix. Private attributes of nats-py, hence the getattr."""
+    every supported Python carries the fix. (The bug's other face, a writer registered for a closed
+    socket, is handled for the whole loop: runtime/_asyncio_guard.py.) Private attributes of nats-py,
+    hence the getattr."""
     writer = getattr(client._transport, "_io_writer", None)  # nats-py's TcpTransport
     transport = getattr(writer, "transport", None)
     if transport is not None and transport.is_closing():
