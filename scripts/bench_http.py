@@ -10,6 +10,12 @@ median of three rounds, alternating the servers; read the ratios.
     python scripts/bench_http.py --quick    # smaller sizes, a smoke test
 
 Goals (from the issue): SSE tokens/s at least uvicorn's; unary at least 0.9x the bare hypercorn-trio app.
+
+The loads an inference fleet runs (issue 11, scripts/_bench_loads.py), against the bare app under
+hypercorn-trio over HTTP/1.1 SSE: a sweep of 1 to 1,024 concurrent streams (one per connection) of 100
+tokens, 0 and 20 ms apart (tokens/s and the server's CPU per token), and the first-chunk latency (p50,
+p99) of new streams while 256 streams keep the server saturated. Goals: at 1,024 streams 20 ms apart,
+>= 1.0x the bare app's tokens/s with CPU per token <= its; first chunk <= 2x its at p50 and p99.
 Needs uvicorn installed (``pip install uvicorn``); only this benchmark uses it.
 """
 
@@ -23,12 +29,14 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import h2.config
 import h2.connection
 import h2.events
 import trio
+from _bench_loads import LoadSizes, Side, inference_loads, progress
 
 from runtime.testing import WorkerProcess, spawn_process, worker_process
 
@@ -43,10 +51,11 @@ class Sizes:
     tokens: int
     unary_connections: int
     unary_calls: int
+    loads: LoadSizes = field(default_factory=LoadSizes)
 
 
 FULL = Sizes(16, 1000, 32, 300)
-QUICK = Sizes(16, 200, 32, 50)
+QUICK = Sizes(16, 200, 32, 50, LoadSizes((1, 64), (0, 20), 20, 64, 1.0))
 
 
 class H1:
@@ -60,7 +69,14 @@ class H1:
     async def open(cls, address: tuple[str, int]) -> H1:
         return cls(await trio.open_tcp_stream(*address))
 
-    async def post(self, path: str, body: dict[str, int]) -> int:
+    async def run(
+        self, endpoint: str, body: dict[str, Any], on_first: Callable[[], None] | None = None
+    ) -> int:
+        """One request to ``/v1/<endpoint>``, for scripts/_bench_loads.py."""
+        return await self.post(f"/v1/{endpoint}", body, on_first)
+
+    async def post(self, path: str, body: dict[str, Any], on_first: Callable[[], None] | None = None) -> int:
+        """Tokens streamed (1 for a JSON answer); ``on_first()`` once the first token has come."""
         payload = json.dumps(body).encode()
         head = (
             f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
@@ -79,7 +95,12 @@ class H1:
             del self.buffer[:length]
             return 1
         while not self.buffer.endswith(_END):
+            if on_first is not None and b'"token"' in self.buffer:
+                on_first()
+                on_first = None
             await self._fill()
+        if on_first is not None:  # the whole stream came in one read
+            on_first()
         tokens = self.buffer.count(b'"token"')
         self.buffer.clear()
         return tokens
@@ -199,10 +220,6 @@ async def _calls(client: H1 | H2, count: int) -> None:
         await client.post("/v1/echo", {"i": i})
 
 
-def progress(message: str) -> None:
-    print(f"bench_http: {message}", file=sys.stderr, flush=True)
-
-
 async def main(sizes: Sizes) -> None:
     servers: dict[str, WorkerProcess] = {}
     rows = []
@@ -225,6 +242,14 @@ async def main(sizes: Sizes) -> None:
                     for name in names:
                         results[name].append(await measure(servers[name].addresses["http"], protocol, sizes))
                 rows.append((f"{label} {protocol}", {n: statistics.median(v) for n, v in results.items()}))
+            # The inference-fleet loads over HTTP/1.1 (SSE, one stream per connection), against the
+            # bare app under hypercorn-trio: the stack the runtime is built on.
+            loads = await inference_loads(
+                Side(H1.open, ours, ours.addresses["http"]),
+                Side(H1.open, bare, bare.addresses["http"]),
+                sizes.loads,
+                tag=", http/1.1",
+            )
     print(f"{'workload':24} {'ingress':>12} {'hypercorn-trio':>15} {'uvicorn':>12}  ratios")
     for label, values in rows:
         ours_value = values["ingress"]
@@ -234,6 +259,11 @@ async def main(sizes: Sizes) -> None:
         ]
         ratios = ", ".join(f"{ours_value / v:.2f}x {n}" for n, v in values.items() if n != "ingress")
         print(f"{label:24} {' '.join(cells)}  {ratios}")
+    print()
+    print(f"{'metric':74} {'ingress':>10} {'hypercorn-trio':>15} {'ratio':>7}  goal")
+    for label, ours_value, bare_value, goal in loads:
+        ratio = ours_value / bare_value if bare_value else float("nan")
+        print(f"{label:74} {ours_value:10.1f} {bare_value:15.1f} {ratio:6.2f}x  {goal}")
 
 
 if __name__ == "__main__":

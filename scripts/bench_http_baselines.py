@@ -1,12 +1,13 @@
 """Baselines for scripts/bench_http.py: a bare ASGI app doing the mocker's work, served two ways.
 
 The app answers ``POST /v1/echo`` with its JSON body and ``POST /v1/generate`` with Server-Sent Events,
-one ASGI body message per token (what a plain ASGI app does), then the same end event as the runtime.
+one ASGI body message per token (what a plain ASGI app does; ``itl_ms`` apart, as the mocker's), then
+the same end event as the runtime.
 ``POST /v1/chat``, for scripts/bench_duplex.py, is an exchange: each NDJSON line of the body is answered
 as it arrives, as the mocker's ``chat`` answers it (one NDJSON line per token, one body message each),
-and the end of the body ends the answer. The app uses no event-loop API, so it runs unchanged under
-hypercorn's trio worker and under uvicorn (asyncio). Each server prints a ``worker.ready`` JSON line
-with its address, as ``ingress serve`` does.
+and the end of the body ends the answer. The app uses no event-loop API but a sleep (through sniffio),
+so it runs unchanged under hypercorn's trio worker and under uvicorn (asyncio). Each server prints a
+``worker.ready`` JSON line with its address, as ``ingress serve`` does.
 
     python scripts/bench_http_baselines.py hypercorn-trio
     python scripts/bench_http_baselines.py uvicorn
@@ -17,6 +18,8 @@ from __future__ import annotations
 import json
 import sys
 from typing import Any
+
+import sniffio
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -44,11 +47,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": answer})
         return
-    count = request.get("max_tokens", 16)
+    count, gap = request.get("max_tokens", 16), request.get("itl_ms", 0) / 1000
     await send(
         {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
     )
     for index in range(count):
+        if gap and index:
+            await _sleep(gap)
         chunk = json.dumps({"index": index, "token": f"tok{index}"}, separators=(",", ":")).encode()
         await send({"type": "http.response.body", "body": b"data: " + chunk + b"\n\n", "more_body": True})
     end = b'event: end\ndata: {"chunks":%d}\n\n' % count
@@ -71,6 +76,18 @@ async def chat(receive: Any, send: Any) -> None:
                 await send({"type": "http.response.body", "body": body, "more_body": True})
             turn += 1
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _sleep(seconds: float) -> None:
+    """The running loop's sleep: the one place the app needs an event-loop API (``itl_ms``)."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        await trio.sleep(seconds)
+    else:
+        import asyncio
+
+        await asyncio.sleep(seconds)
 
 
 def announce(host: str, port: int) -> None:

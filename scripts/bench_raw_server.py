@@ -32,6 +32,10 @@ class FrameReader:
         self.stream = stream
         self.buffer = bytearray()
 
+    def unread(self, payload: bytes) -> None:
+        """Put a frame back: the next ``read`` returns it first."""
+        self.buffer[:0] = frame(payload)
+
     async def read(self) -> bytes | None:
         while True:
             if len(self.buffer) >= 4:
@@ -63,9 +67,14 @@ async def stream_until_eof(stream: trio.SocketStream, reader: FrameReader, reque
     async with trio.open_nursery() as nursery:
 
         async def watch_eof() -> None:
-            if await reader.read() is None:
+            payload = await reader.read()
+            if payload is None:
                 nursery.cancel_scope.cancel()
                 print(json.dumps({"event": "cancelled", "timestamp": time.time()}), flush=True)
+            else:
+                # The client's next request, sent as soon as our END reached it: the connection's
+                # loop must still see it (taking it here lost it, and hung that connection).
+                reader.unread(payload)
 
         nursery.start_soon(watch_eof)
         await generate(stream, request)

@@ -22,19 +22,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import signal
 import statistics
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import trio
+from _bench_loads import (
+    LoadSizes,
+    Opener,
+    Side,
+    inference_loads,
+    progress,
+    streamed_tokens_per_second,
+    timed_concurrently,
+)
 
 from runtime.testing import WorkerProcess, spawn_process, worker_process
 from transports.tcp import _protocol as codec
@@ -54,17 +62,11 @@ class Sizes:
     echo_calls: int
     idle_connections: int
     disconnect_samples: int
-    # The inference-fleet loads: concurrent streams (one per connection) of sweep_tokens tokens, at
-    # each inter-token gap; and first-chunk latency with saturating_streams always running.
-    sweep_streams: tuple[int, ...] = (1, 16, 256, 1024)
-    sweep_gaps_ms: tuple[int, ...] = (0, 20)
-    sweep_tokens: int = 100
-    saturating_streams: int = 256
-    saturation_seconds: float = 5.0
+    loads: LoadSizes = field(default_factory=LoadSizes)
 
 
 FULL = Sizes(200_000, 16, 25_000, 32, 1_000, 500, 200)
-QUICK = Sizes(20_000, 16, 2_000, 32, 100, 100, 40, (1, 64), (0, 20), 20, 64, 1.0)
+QUICK = Sizes(20_000, 16, 2_000, 32, 100, 100, 40, LoadSizes((1, 64), (0, 20), 20, 64, 1.0))
 
 
 class IngressConnection:
@@ -156,35 +158,6 @@ async def read_at_least(stream: trio.SocketStream, buffer: bytearray, size: int)
 
 
 Connection = IngressConnection | RawConnection
-Opener = Callable[[tuple[str, int]], Awaitable[Connection]]
-
-
-async def _timed_concurrently(
-    open_conn: Opener, address: tuple[str, int], count: int, work: Callable[[Connection], Awaitable[None]]
-) -> float:
-    """Open ``count`` connections, run ``work`` on all of them at once; the seconds that took."""
-    connections = [await open_conn(address) for _ in range(count)]
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for conn in connections:
-            nursery.start_soon(work, conn)
-    elapsed = time.perf_counter() - start
-    for conn in connections:
-        await conn.aclose()
-    return elapsed
-
-
-async def streamed_tokens_per_second(
-    open_conn: Opener, address: tuple[str, int], streams: int, tokens: int, itl_ms: int = 0
-) -> float:
-    counts: list[int] = []
-
-    async def one(conn: Connection) -> None:
-        counts.append(await conn.run("generate", {"max_tokens": tokens, "itl_ms": itl_ms}))
-
-    elapsed = await _timed_concurrently(open_conn, address, streams, one)
-    assert counts == [tokens] * streams, "a stream came back short"
-    return streams * tokens / elapsed
 
 
 async def echo_round_trips_per_second(
@@ -194,53 +167,7 @@ async def echo_round_trips_per_second(
         for i in range(calls):
             await conn.run("echo", {"i": i})
 
-    return conns * calls / await _timed_concurrently(open_conn, address, conns, one)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU the process has used so far (/proc/PID/stat, fields 14 and 15)."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def tokens_and_cpu(
-    open_conn: Opener, server: WorkerProcess, streams: int, tokens: int, itl_ms: int
-) -> tuple[float, float]:
-    """Tokens per second for ``streams`` concurrent streams (one per connection), and the server's CPU
-    microseconds per token over the same run."""
-    before = cpu_seconds(server.pid)
-    rate = await streamed_tokens_per_second(open_conn, server.addresses["tcp"], streams, tokens, itl_ms)
-    used = cpu_seconds(server.pid) - before
-    return rate, used / (streams * tokens) * 1e6
-
-
-async def first_chunk_latencies(
-    open_conn: Opener, server: WorkerProcess, streams: int, tokens: int, seconds: float
-) -> list[float]:
-    """Keep ``streams`` streams of ``tokens`` tokens running back to back (one connection each: the
-    server is saturated, CPU-bound), and time each new stream's first chunk, after a warm-up."""
-    address = server.addresses["tcp"]
-    connections = [await open_conn(address) for _ in range(streams)]
-    latencies: list[float] = []
-    warm_until = time.perf_counter() + seconds / 5
-    with trio.move_on_after(seconds + seconds / 5):
-        async with trio.open_nursery() as nursery:
-            for conn in connections:
-
-                async def loop(conn: Connection = conn) -> None:
-                    while True:
-                        sent = time.perf_counter()
-
-                        def first(sent: float = sent) -> None:
-                            if sent >= warm_until:
-                                latencies.append(time.perf_counter() - sent)
-
-                        await conn.run("generate", {"max_tokens": tokens}, first)
-
-                nursery.start_soon(loop)
-    for conn in connections:
-        await conn.aclose()
-    return latencies
+    return conns * calls / await timed_concurrently(open_conn, address, conns, one)
 
 
 def rss_bytes(pid: int) -> int:
@@ -315,55 +242,6 @@ async def sigterm_to_exit(
     return exited, completed
 
 
-async def inference_loads(
-    pairs: list[tuple[Opener, WorkerProcess]], sizes: Sizes
-) -> list[tuple[str, float, float, str]]:
-    """The loads an inference fleet runs: a sweep of concurrent streams at each inter-token gap (tokens
-    per second and the server's CPU per token), then first-chunk latency with the server saturated."""
-    rows = []
-    busiest = (max(sizes.sweep_streams), max(sizes.sweep_gaps_ms))  # the issue's goal is set there
-    for gap in sizes.sweep_gaps_ms:
-        for streams in sizes.sweep_streams:
-            label = f"{streams} streams x {sizes.sweep_tokens} tokens, {gap} ms apart"
-            progress(f"sweep: {label}")
-            rates: dict[int, list[float]] = {0: [], 1: []}
-            cpus: dict[int, list[float]] = {0: [], 1: []}
-            for _ in range(3):
-                for side, (opener, server) in enumerate(pairs):
-                    rate, cpu = await tokens_and_cpu(opener, server, streams, sizes.sweep_tokens, gap)
-                    rates[side].append(rate)
-                    cpus[side].append(cpu)
-            goal = (streams, gap) == busiest
-            ours, raw = _median_of_three(rates[0]), _median_of_three(rates[1])
-            rows.append((f"tokens/s, {label}", ours, raw, ">= 1.0x" if goal else ""))
-            rows.append(
-                (
-                    f"server CPU us/token, {label}",
-                    _median_of_three(cpus[0]),
-                    _median_of_three(cpus[1]),
-                    "<= 1.0x" if goal else "(lower is better)",
-                )
-            )
-    streams = sizes.saturating_streams
-    progress(f"first chunk, {streams} streams saturating the server")
-    latencies = [
-        await first_chunk_latencies(opener, server, streams, sizes.sweep_tokens, sizes.saturation_seconds)
-        for opener, server in pairs
-    ]
-    for name, q in (("p50", 50), ("p99", 99)):
-        ours_q, raw_q = (statistics.quantiles(values, n=100)[q - 1] * 1000 for values in latencies)
-        rows.append((f"first chunk {name} ms, {streams} streams saturated", ours_q, raw_q, "<= 2.0x"))
-    return rows
-
-
-def _median_of_three(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def progress(message: str) -> None:
-    print(f"bench_tcp: {message}", file=sys.stderr, flush=True)
-
-
 async def main(sizes: Sizes) -> None:
     ours_args = ("--tcp", "127.0.0.1:0", "--no-access-log")
     rows: list[tuple[str, float, float, str]] = []
@@ -398,14 +276,19 @@ async def main(sizes: Sizes) -> None:
                 for _ in range(3):
                     for side, (opener, server) in enumerate(pairs):
                         results[side].append(await measure(opener, server))
-                rows.append((label, _median_of_three(results[0]), _median_of_three(results[1]), goal))
+                rows.append((label, statistics.median(results[0]), statistics.median(results[1]), goal))
             progress("idle connections")
             ours_idle = await bytes_per_idle_connection(IngressConnection.open, ours, sizes.idle_connections)
             raw_idle = await bytes_per_idle_connection(RawConnection.open, raw, sizes.idle_connections)
             rows.append(("bytes per idle connection", ours_idle, raw_idle, "(lower is better)"))
             # After the idle measurement: a thousand connections come and go here, and the memory they
             # leave free would hide what new idle connections cost.
-            rows += await inference_loads(pairs, sizes)
+            rows += await inference_loads(
+                Side(IngressConnection.open, ours, ours.addresses["tcp"]),
+                Side(RawConnection.open, raw, raw.addresses["tcp"]),
+                sizes.loads,
+                tag="",
+            )
         async with (
             worker_process("--tcp", "127.0.0.1:0", "--log-level", "info") as ours,
             spawn_process(RAW_SERVER) as raw,

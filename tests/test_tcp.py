@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -399,6 +400,46 @@ async def test_a_goaway_in_the_same_write_as_the_hello_is_seen_without_more_byte
         with trio.fail_after(5):
             goaway = await client.wait_goaway()
     assert goaway.message == "draining"
+
+
+async def test_a_handler_whose_chunks_are_all_ready_lets_a_new_stream_start_before_it_ends():
+    """A stream that never waits yields every few chunks, so a new stream's handler starts meanwhile."""
+    log: list[str] = []
+    worker = Worker("yield-test")
+    second_request = bytearray()
+    client_socket: list[trio.socket.SocketType] = []
+
+    @worker.endpoint("busy")
+    async def busy(request, ctx: RequestContext):
+        for index in range(200):
+            if index == 1:  # the second stream's REQUEST reaches the worker while this one runs
+                os.write(client_socket[0].fileno(), second_request)
+            log.append(f"busy {index}")
+            yield index  # never awaits: the connection has room for every chunk
+
+    @worker.endpoint("second")
+    async def second(request, ctx: RequestContext):
+        log.append("second started")
+        yield "hello"
+
+    transport = TcpTransport(port=0)
+    async with (
+        open_worker(worker, [transport], WorkerConfig(drain_timeout=5)) as handle,
+        raw_connection(handle.addresses["tcp"]) as (stream, conn),
+    ):
+        client_socket.append(stream.socket)
+        first_request = conn.send(codec.Request(1, "busy", "", 0, (), b"null"))
+        second_request += conn.send(codec.Request(3, "second", "", 0, (), b"null"))
+        await stream.send_all(first_request)
+        ended: set[int] = set()
+        with trio.fail_after(5):
+            while ended != {1, 3}:
+                conn.receive_data(await stream.receive_some(65536))
+                while (event := conn.next_event()) is not codec.NEED_DATA:
+                    if isinstance(event, codec.End):
+                        ended.add(event.stream_id)
+    started_at = log.index("second started")
+    assert started_at < log.index("busy 100"), f"the new stream waited for {started_at} busy chunks"
 
 
 async def test_huge_non_ascii_endpoint_name_gets_an_error_not_a_crash():
