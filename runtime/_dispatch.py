@@ -32,12 +32,14 @@ _KILL_OUTCOMES = {
 }
 
 # A streaming handler whose chunks are ready at once (a connection with room never makes it wait) gives
-# the other tasks a turn after this many chunks. Without it each such handler ran its whole stream in
-# one turn of Trio's scheduler, and a new stream's first chunk waited behind every running stream:
-# with 256 streams saturating the worker, 5.5x a plain Trio server's first-chunk p50. Every 8 chunks
-# brings that within 2x at p50 and p99 and keeps most of what coalescing buys (docs/performance.md);
-# a yield per chunk, as a plain server's send_all does, cost 4x the CPU per token.
+# the other tasks a turn after this many chunks, when they came within BURST_SECONDS: without it each
+# such handler ran its whole stream in one turn of Trio's scheduler, and a new stream's first chunk
+# waited behind every running stream (with 256 streams saturating the worker, 5.5x a plain Trio
+# server's first-chunk p50). A handler that waits between chunks (a model's inter-token latency)
+# already yields there and is left alone. Every 8 chunks keeps most of what coalescing buys; a yield
+# per chunk, as a plain server's send_all does, cost 4x the CPU per token (docs/performance.md).
 YIELD_EVERY_CHUNKS = 8
+BURST_SECONDS = 0.001
 
 
 async def dispatch(
@@ -127,7 +129,18 @@ def settle_unrun(binding: EndpointBinding, ctx: RequestContext, *, gone: str | N
 class _Run:
     """The mutable state of one request while it runs (kept off the RequestContext on purpose)."""
 
-    __slots__ = ("binding", "chunks", "code", "ctx", "ended", "inbox", "outcome", "sink", "started")
+    __slots__ = (
+        "binding",
+        "burst_started",
+        "chunks",
+        "code",
+        "ctx",
+        "ended",
+        "inbox",
+        "outcome",
+        "sink",
+        "started",
+    )
 
     def __init__(
         self, binding: EndpointBinding, ctx: RequestContext, sink: ResponseSink, inbox: Inbox | None = None
@@ -142,6 +155,7 @@ class _Run:
         self.code: str | None = None
         # Durations are measured from accept (docs/operations.md), which the transport stamped.
         self.started = ctx.accepted_at
+        self.burst_started = self.started  # when the current run of YIELD_EVERY_CHUNKS chunks began
 
     async def execute(self, request: Any) -> None:
         ctx = self.ctx
@@ -231,7 +245,10 @@ class _Run:
         self.chunks += 1
         await self.sink.send_chunk(data)
         if self.chunks % YIELD_EVERY_CHUNKS == 0:
-            await trio.lowlevel.checkpoint()
+            now = trio.current_time()
+            if now - self.burst_started < BURST_SECONDS:
+                await trio.lowlevel.checkpoint()
+            self.burst_started = now
 
     def _encode(self, value: Any) -> bytes:
         """The value as JSON; one that is not JSON is the handler's bug: logged for its author (the
