@@ -84,6 +84,14 @@ async def streamed_tokens_per_second(
     return streams * tokens / elapsed
 
 
+def rss_bytes(pid: int) -> int:
+    """The process's resident memory now (/proc/PID/status, VmRSS)."""
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU the process has used so far (/proc/PID/stat, fields 14 and 15)."""
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -36,7 +36,7 @@ import h2.config
 import h2.connection
 import h2.events
 import trio
-from _bench_loads import LoadSizes, Side, inference_loads, progress
+from _bench_loads import LoadSizes, Side, inference_loads, progress, rss_bytes
 
 from runtime.testing import WorkerProcess, spawn_process, worker_process
 
@@ -52,10 +52,11 @@ class Sizes:
     unary_connections: int
     unary_calls: int
     loads: LoadSizes = field(default_factory=LoadSizes)
+    parked_streams: int = 500
 
 
 FULL = Sizes(16, 1000, 32, 300)
-QUICK = Sizes(16, 200, 32, 50, LoadSizes((1, 64), (0, 20), 20, 64, 1.0))
+QUICK = Sizes(16, 200, 32, 50, LoadSizes((1, 64), (0, 20), 20, 64, 1.0), 100)
 
 
 class H1:
@@ -104,6 +105,17 @@ class H1:
         tokens = self.buffer.count(b'"token"')
         self.buffer.clear()
         return tokens
+
+    async def open_stream(self, path: str, body: dict[str, Any]) -> None:
+        """Start a stream and return once its first token has come (the rest is never read)."""
+        payload = json.dumps(body).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(payload)}\r\n\r\n"
+        )
+        await self.stream.send_all(head.encode() + payload)
+        while b'"token"' not in self.buffer:
+            await self._fill()
 
     async def _fill(self) -> None:
         data = await self.stream.receive_some(65536)
@@ -220,6 +232,27 @@ async def _calls(client: H1 | H2, count: int) -> None:
         await client.post("/v1/echo", {"i": i})
 
 
+# A parked stream waits this long between its two tokens: longer than the measurement takes.
+PARK_MS = 20_000
+
+
+async def bytes_per_parked_stream(server: WorkerProcess, count: int) -> float:
+    """Server memory per SSE stream parked between two tokens (a generation waiting on its model, the
+    normal state of most streams on a busy worker): ``count`` streams over HTTP/1.1, one per
+    connection, each past its first token; the server's RSS before and after."""
+    address = server.addresses["http"]
+    warm = await H1.open(address)  # first-use allocations are not per-stream cost
+    await warm.post("/v1/echo", {})
+    before = rss_bytes(server.pid)
+    clients = [await H1.open(address) for _ in range(count)]
+    for client in clients:
+        await client.open_stream("/v1/generate", {"max_tokens": 2, "itl_ms": PARK_MS})
+    after = rss_bytes(server.pid)
+    for client in [warm, *clients]:
+        await client.aclose()
+    return (after - before) / count
+
+
 async def main(sizes: Sizes) -> None:
     servers: dict[str, WorkerProcess] = {}
     rows = []
@@ -249,6 +282,16 @@ async def main(sizes: Sizes) -> None:
                 Side(H1.open, bare, bare.addresses["http"]),
                 sizes.loads,
                 tag=", http/1.1",
+            )
+            # Last: the bare app's parked handlers outlive their callers until their sleep ends.
+            progress("parked SSE streams")
+            loads.append(
+                (
+                    f"bytes per parked SSE stream, {sizes.parked_streams} streams, http/1.1",
+                    await bytes_per_parked_stream(ours, sizes.parked_streams),
+                    await bytes_per_parked_stream(bare, sizes.parked_streams),
+                    "<= 1.0x",
+                )
             )
     print(f"{'workload':24} {'ingress':>12} {'hypercorn-trio':>15} {'uvicorn':>12}  ratios")
     for label, values in rows:

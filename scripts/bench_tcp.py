@@ -40,6 +40,7 @@ from _bench_loads import (
     Side,
     inference_loads,
     progress,
+    rss_bytes,
     streamed_tokens_per_second,
     timed_concurrently,
 )
@@ -168,13 +169,6 @@ async def echo_round_trips_per_second(
             await conn.run("echo", {"i": i})
 
     return conns * calls / await timed_concurrently(open_conn, address, conns, one)
-
-
-def rss_bytes(pid: int) -> int:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 async def bytes_per_idle_connection(open_conn: Opener, server: WorkerProcess, count: int) -> float:

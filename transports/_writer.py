@@ -4,9 +4,11 @@ Shared by the transports: TCP writes to the socket; HTTP writes to an ASGI ``sen
 
 Every stream on a connection appends encoded frames here; one task writes them out. While that task is
 in ``send_all``, frames pile up and go out together in the next write, so a busy connection makes few,
-large writes (the throughput win) and an idle one sends each frame at once (the latency win). Appending
-blocks while the buffer is over ``high_water``: a slow reader slows its own handlers, and the worker's
-memory stays bounded at roughly ``high_water`` plus one frame per connection.
+large writes (the throughput win) and an idle one sends each frame at once (the latency win). The task
+runs only while something is queued: it is started in the connection's nursery when a frame is queued
+and ends once the buffer is empty, so an idle connection (thousands are a normal load) holds no task.
+Appending blocks while the buffer is over ``high_water``: a slow reader slows its own handlers, and the
+worker's memory stays bounded at roughly ``high_water`` plus one frame per connection.
 
 Only this task ever calls ``send_all``, so Trio's BusyResourceError ("another task is currently sending")
 cannot happen here.
@@ -49,22 +51,50 @@ class WriterClosed(CallerGone):
 
 
 class FrameWriter:
+    __slots__ = (
+        "_buffer",
+        "_closed",
+        "_done",
+        "_fd",
+        "_finishing",
+        "_high_water",
+        "_last_write",
+        "_nursery",
+        "_on_broken",
+        "_running",
+        "_space",
+        "_stream",
+    )
+
     def __init__(self, stream: ByteSink, high_water: int) -> None:
         self._stream = stream
         self._high_water = high_water
         self._buffer = bytearray()
-        self._wake = trio.Event()
-        self._space = trio.lowlevel.ParkingLot()
+        # Writers waiting for room, and the event of the end: made when first needed (most connections
+        # never need them, and each is a few hundred bytes).
+        self._space: trio.lowlevel.ParkingLot | None = None
+        self._done: trio.Event | None = None
         self._closed = False
         self._finishing = False
-        self._sending = False
+        # A writer task is alive: about to run, or inside send_all (so nothing may be written past it).
+        self._running = False
+        self._nursery: trio.Nursery | None = None
+        self._on_broken: Callable[[], None] = _nothing
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._last_write = -math.inf  # when write() was last called, in trio.current_time() terms
-        self.done = trio.Event()
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def done(self) -> trio.Event:
+        """Set once the writer has stopped: finished, closed, or the peer gone."""
+        if self._done is None:
+            self._done = trio.Event()
+            if self._closed:
+                self._done.set()
+        return self._done
 
     async def write(self, data: bytes, *, flush: bool = False) -> None:
         """Queue ``data``, waiting while the peer is behind; raises WriterClosed if it never will be sent.
@@ -72,10 +102,12 @@ class FrameWriter:
         ``flush`` marks a request's last frame: written at once if the writer is idle (see above), as is
         a frame after a quiet spell."""
         while len(self._buffer) >= self._high_water and not self._closed:
+            if self._space is None:
+                self._space = trio.lowlevel.ParkingLot()
             await self._space.park()
         now = trio.current_time()
         quiet, self._last_write = now - self._last_write >= QUIET, now
-        if (flush or quiet) and not self._buffer and not self._sending and not self._closed:
+        if (flush or quiet) and not self._buffer and not self._running and not self._closed:
             data = data[self._write_now(data) :]
             if not data:
                 return
@@ -96,37 +128,66 @@ class FrameWriter:
         if self._closed:
             raise WriterClosed("connection closed")
         self._buffer += data
-        if not self._wake.is_set():
-            self._wake.set()
+        if not self._running:
+            self._spawn()
+
+    def start(self, nursery: trio.Nursery, on_broken: Callable[[], None]) -> None:
+        """Write in ``nursery`` (the connection's) from now on; ``on_broken`` is called (synchronously)
+        if the peer stops accepting bytes. What was queued before goes out now."""
+        self._nursery, self._on_broken = nursery, on_broken
+        if self._buffer or self._finishing:
+            self._spawn()
 
     def finish(self) -> None:
         """Write out what is queued, then stop (used to deliver a last error frame before closing)."""
         self._finishing = True
-        self._wake.set()
+        if not self._running and not self._closed:
+            self._spawn()
 
-    async def run(self, on_broken: Callable[[], None]) -> None:
-        """The writer task. Calls ``on_broken`` (synchronously) if the peer stops accepting bytes."""
+    def close(self) -> None:
+        """No more writes (the connection is over): what is still queued is dropped, and writers
+        waiting for room, or for ``done``, are released."""
+        self._close()
+
+    def _spawn(self) -> None:
+        if self._nursery is None:
+            return  # not started yet: start() spawns
+        self._running = True
         try:
-            while True:
-                if not self._buffer:
-                    if self._finishing:
-                        return
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                    continue
+            self._nursery.start_soon(self._run)
+        except RuntimeError:  # the connection's nursery has closed: nothing can be sent any more
+            self._running = False
+            self._close()
+            raise WriterClosed("connection closed") from None
+
+    async def _run(self) -> None:
+        """The writer task: runs while something is queued."""
+        try:
+            while self._buffer:
                 # Swap rather than copy: the old buffer is not touched again once handed to send_all.
                 data, self._buffer = self._buffer, bytearray()
-                self._space.unpark_all()
-                self._sending = True
+                if self._space is not None:
+                    self._space.unpark_all()
                 await self._stream.send_all(data)
-                self._sending = False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._close()
-            on_broken()
+            self._on_broken()
+            return
+        except BaseException:  # cancelled: the connection is going away
+            self._close()
+            raise
         finally:
+            self._running = False
+        if self._finishing:
             self._close()
 
     def _close(self) -> None:
         self._closed = True
-        self._space.unpark_all()
-        self.done.set()
+        if self._space is not None:
+            self._space.unpark_all()
+        if self._done is not None:
+            self._done.set()
+
+
+def _nothing() -> None:
+    pass

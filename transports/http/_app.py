@@ -349,7 +349,7 @@ class _HttpSink:
         await self.send({"type": "http.response.start", "status": 200, "headers": headers})
         assert self.nursery is not None
         self.writer = FrameWriter(_AsgiBody(self.send), self.high_water)
-        self.nursery.start_soon(self.writer.run, self._broken)
+        self.writer.start(self.nursery, self._broken)
         return self.writer
 
     async def _finish(self, writer: FrameWriter) -> None:

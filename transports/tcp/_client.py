@@ -120,7 +120,7 @@ class TcpClient:
         )
         try:
             async with open_background_nursery() as nursery:
-                nursery.start_soon(client._writer.run, lambda: client._connection_lost("connection reset"))
+                client._writer.start(nursery, lambda: client._connection_lost("connection reset"))
                 try:
                     with trio.fail_after(handshake_timeout):
                         await client._handshake()
@@ -145,6 +145,7 @@ class TcpClient:
                 finally:
                     nursery.cancel_scope.cancel(reason="client closed")
         finally:
+            client._writer.close()
             await trio.aclose_forcefully(stream)
 
     @property

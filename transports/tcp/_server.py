@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -122,12 +123,13 @@ class _ServerConnection:
 
     # Thousands of idle connections are a normal load: no per-instance dict.
     __slots__ = (
+        "_log",
         "answer_waiters",
         "binding",
         "caller",
         "codec",
-        "log",
         "peer",
+        "scope",
         "stream",
         "transport",
         "writer",
@@ -146,25 +148,33 @@ class _ServerConnection:
         self.peer = _peer_name(stream)
         # The core's registry of this connection's open streams, keyed by stream id.
         self.caller = Caller(binding, peer=self.peer, max_calls=transport.max_streams_per_connection)
-        self.log = binding.runtime.logger.bind(transport="tcp", peer=self.peer)
+        self._log: Any = None  # bound on first use: most connections never log
         # Version 3: streams whose handler waits for the client to return answer credit.
         self.answer_waiters: dict[int, trio.Event] = {}
+        self.scope: trio.CancelScope | None = None  # the connection nursery's, once it runs
+
+    @property
+    def log(self) -> Any:
+        if self._log is None:
+            self._log = self.binding.runtime.logger.bind(transport="tcp", peer=self.peer)
+        return self._log
 
     async def run(self) -> None:
+        # One coroutine frame fewer per connection than a run() around a _run(): idle connections
+        # are a normal load, and each frame held while parked in receive_some is memory.
         try:
-            await self._run()
+            async with trio.open_nursery() as nursery:
+                self.scope = nursery.cancel_scope
+                self.writer.start(nursery, self._writer_broken)
+                reason = await self._read_until_closed(nursery)
+                self._drop_streams(reason)
+                if reason == "protocol_error":
+                    with trio.move_on_after(self.transport.close_timeout):
+                        await self.writer.done.wait()
+                nursery.cancel_scope.cancel(reason=f"connection {reason}")
         finally:
             self._drop_streams("closed")  # a no-op unless we are leaving through an error
-
-    async def _run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.writer.run, lambda: self._writer_broken(nursery.cancel_scope))
-            reason = await self._read_until_closed(nursery)
-            self._drop_streams(reason)
-            if reason == "protocol_error":
-                with trio.move_on_after(self.transport.close_timeout):
-                    await self.writer.done.wait()
-            nursery.cancel_scope.cancel(reason=f"connection {reason}")
+            self.writer.close()  # its task (if any) ended with the nursery; nothing may be queued now
 
     async def _read_until_closed(self, nursery: trio.Nursery) -> str:
         """Serve frames until the peer leaves; returns why: closed, reset or protocol_error."""
@@ -302,10 +312,11 @@ class _ServerConnection:
         goaway = codec.GoAway(self.codec.highest_stream_id, "worker is draining; open new streams elsewhere")
         self.writer.write_nowait(self.codec.send(goaway))
 
-    def _writer_broken(self, scope: trio.CancelScope) -> None:
+    def _writer_broken(self) -> None:
         # Runs inside the writer task, before any stream can see the cancellation: counted as resets.
         self._drop_streams("reset")
-        scope.cancel(reason="connection reset while writing")
+        assert self.scope is not None  # the writer only runs inside the connection's nursery
+        self.scope.cancel(reason="connection reset while writing")
 
     def _drop_streams(self, reason: str) -> None:
         """The caller is gone: kill every stream of this connection and count it, once per stream."""
