@@ -155,10 +155,13 @@ class FrameWriter:
         self._running = True
         try:
             self._nursery.start_soon(self._run)
-        except RuntimeError:  # the connection's nursery has closed: nothing can be sent any more
+        except RuntimeError:
+            # The connection's nursery is closing (its tasks are being cancelled) or closed: what was
+            # just queued can never be sent, as it could not while the old long-lived writer task was
+            # being cancelled. Dropped without an error, since a task's cleanup may be what wrote it;
+            # the next write raises WriterClosed.
             self._running = False
             self._close()
-            raise WriterClosed("connection closed") from None
 
     async def _run(self) -> None:
         """The writer task: runs while something is queued."""
