@@ -134,8 +134,9 @@ class EndpointBinding:
 
 class TransportBinding:
     """Everything one transport gets from the core, the same for every transport: the runtime, its
-    endpoint bindings, the drain signal (``intake_closed``, and each endpoint's scope) and the worker's
-    ``readiness``, where it reports its own dependencies (NATS connected, say)."""
+    endpoint bindings, the start signal (``started``: the engine is up), the drain signal
+    (``intake_closed``, and each endpoint's scope) and the worker's ``readiness``, where it reports its
+    own dependencies (NATS connected, say)."""
 
     def __init__(
         self,
@@ -143,10 +144,21 @@ class TransportBinding:
         runtime: RuntimeContext,
         endpoints: Mapping[str, EndpointBinding],
         readiness: Readiness | None = None,
+        started: trio.Event | None = None,
     ) -> None:
         self.name = name
         self.runtime = runtime
         self.endpoints = dict(endpoints)
+        # Set once the worker's start-up (its lifespan: the engine) is over. Listeners open before it,
+        # so that probes and metrics work during a long model load; requests are refused until it is
+        # set (UNAVAILABLE, retryable), and a transport that would otherwise draw traffic (NATS
+        # subscriptions) waits for it. Without a worker around the binding (tests): set from the start.
+        if started is None:
+            started = trio.Event()
+            started.set()
+        self.started = started
+        self._open_deferred = False
+        self._opened = trio.Event()
         # Set once every endpoint of this transport is closed (phase 1): shared listeners stop on it.
         self.intake_closed = trio.Event()
         self.readiness = readiness if readiness is not None else Readiness()
@@ -157,6 +169,20 @@ class TransportBinding:
         except KeyError:
             known = ", ".join(sorted(self.endpoints)) or "none"
             raise NotFound(f"no endpoint named {endpoint!r} (this worker serves: {known})") from None
+
+    def defer_open(self) -> None:
+        """For a transport that takes requests only some time after ``started`` (NATS subscribes
+        then): call it before reporting its address, and ``opened()`` once requests can reach it. The
+        worker says it is ready only after that."""
+        self._open_deferred = True
+
+    def opened(self) -> None:
+        self._opened.set()
+
+    async def wait_open(self) -> None:
+        """Once ``started`` is set: until requests can reach this transport (at once for most)."""
+        if self._open_deferred:
+            await self._opened.wait()
 
     def close_intake(self) -> None:
         for binding in self.endpoints.values():
@@ -171,6 +197,7 @@ def bind_transport(
     admissions: Mapping[str, Admission],
     global_inflight: GlobalInFlight,
     readiness: Readiness | None = None,
+    started: trio.Event | None = None,
 ) -> TransportBinding:
     """Build the bindings of ``endpoints`` on transport ``name``."""
     bindings = {
@@ -185,4 +212,4 @@ def bind_transport(
         )
         for ep in endpoints.values()
     }
-    return TransportBinding(name, runtime, bindings, readiness)
+    return TransportBinding(name, runtime, bindings, readiness, started)

@@ -6,10 +6,10 @@ calls ``Caller.open`` (synchronously, before it spawns anything), and then ``Cal
 payload and its ``ResponseSink``. Everything between the wire and the handler happens here or in the
 dispatcher, the same way for every transport:
 
-- ``open``: endpoint lookup (NOT_FOUND), refusal while draining (UNAVAILABLE, retryable), the caller's
-  own limit (OVERLOADED, retryable), the request context, and accept: from this moment the request is
-  counted in flight, so the drain can never see zero while its task is being started. A refusal is an
-  ``IngressError`` the transport answers through its sink; rejections are counted here.
+- ``open``: endpoint lookup (NOT_FOUND), refusal while starting or draining (UNAVAILABLE, retryable),
+  the caller's own limit (OVERLOADED, retryable), the request context, and accept: from this moment
+  the request is counted in flight, so the drain can never see zero while its task is being started.
+  A refusal is an ``IngressError`` the transport answers through its sink; rejections are counted here.
 - ``run``: decoding of the payload and deadline (BAD_REQUEST), admission, the handler, one outcome,
   every metric and the canonical log line, release (runtime/_dispatch.py).
 - The caller's registry of open calls: ``stop``/``kill`` by the transport's key (stream id, inbox),
@@ -28,6 +28,7 @@ from ._errors import BadRequest, IngressError, Overloaded, Unavailable
 from ._exchange import Inbox
 
 DRAINING = "worker is draining; send new requests elsewhere"
+STARTING = "worker is starting (its engine is not up yet); retry shortly or send the request elsewhere"
 
 
 class Caller:
@@ -54,12 +55,16 @@ class Caller:
 
     def check(self, endpoint: str) -> EndpointBinding:
         """The binding a request for ``endpoint`` would run on, or the refusal: NOT_FOUND, or
-        UNAVAILABLE while draining (counted). For a transport that must read more of the request
-        before it can ``open`` it (HTTP's body), so that a refusal needs nothing more from the caller."""
+        UNAVAILABLE while starting or draining (counted). For a transport that must read more of the
+        request before it can ``open`` it (HTTP's body), so that a refusal needs nothing more from the
+        caller."""
         binding = self._transport.lookup(endpoint)  # NotFound
         if not binding.accepting:
             binding.metrics.rejection("unavailable")
             raise Unavailable(DRAINING, retryable=True)
+        if not self._transport.started.is_set():
+            binding.metrics.rejection("starting")
+            raise Unavailable(STARTING, retryable=True)
         return binding
 
     def open(

@@ -60,6 +60,8 @@ class ShutdownCoordinator:
         self._reason = ""
         self._requested_at = math.inf
         self._readiness = readiness
+        # 0 while starting and draining, like /ready.
+        runtime.metrics.ready.set_function(lambda: 1 if readiness.ready else 0)
         self._skipped = False
         self.intake_closed = trio.Event()
 
@@ -74,9 +76,9 @@ class ShutdownCoordinator:
         return self._requested.is_set()
 
     def mark_ready(self) -> None:
+        """The start-up is over (the engine is up): serving, unless a shutdown was already asked for."""
         if not self._requested.is_set():
-            self._readiness.set_serving(True)
-            self._runtime.metrics.ready.set_function(lambda: 1 if self.ready else 0)
+            self._readiness.set_phase("serving")
 
     def request(self, reason: str) -> None:
         """Start the shutdown; called again while draining, skip the rest of the drain."""
@@ -88,7 +90,7 @@ class ShutdownCoordinator:
         self._reason = reason
         self._requested_at = trio.current_time()
         self._drain_scope.deadline = self._requested_at + self._config.drain_timeout
-        self._readiness.set_serving(False)
+        self._readiness.set_phase("draining")
         self._log.info(
             "shutdown.requested",
             reason=reason,

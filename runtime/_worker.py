@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -105,6 +105,7 @@ class Worker:
         self.asyncio = asyncio
         self._endpoints: dict[str, Endpoint] = {}
         self._lifespan: Lifespan | None = None
+        self._health: _HealthCheck | None = None
 
     @property
     def endpoints(self) -> dict[str, Endpoint]:
@@ -147,6 +148,28 @@ class Worker:
         self._lifespan = asynccontextmanager(fn)
         return fn
 
+    def health_check(
+        self, *, interval: float = 10.0, timeout: float = 5.0
+    ) -> Callable[[HealthCheckFunction], HealthCheckFunction]:
+        """Decorator: ``async def check(runtime)``, asked every ``interval`` seconds once the worker
+        serves (is the engine alive, can it still take work?). Returning False, raising, or taking
+        longer than ``timeout`` takes the worker out of rotation (``/ready`` answers 503 and says why;
+        the ``ingress_ready`` gauge reads 0) without stopping it: requests already running go on and
+        ``/health`` (liveness) stays 200, so an orchestrator does not restart a worker for a passing
+        hiccup. The next passing check puts it back."""
+        if interval <= 0 or timeout <= 0:
+            raise ValueError("a health check needs a positive interval and timeout")
+
+        def register(fn: HealthCheckFunction) -> HealthCheckFunction:
+            if self._health is not None:
+                raise ValueError(f"worker {self.name!r} already has a health check")
+            if not inspect.iscoroutinefunction(fn):
+                raise TypeError(f"a health check is an async function, got {fn!r}")
+            self._health = _HealthCheck(fn, interval, timeout)
+            return fn
+
+        return register
+
     def add_endpoint(
         self, name: str, handler: Handler, options: EndpointOptions | None = None, *, duplex: bool = False
     ) -> None:
@@ -178,8 +201,12 @@ class Worker:
             for ep in self._endpoints.values()
         }
         readiness = Readiness()
+        # Set once the lifespan (the engine) is up: requests are refused until then (runtime/_intake.py).
+        engine_up = trio.Event()
         bindings = [
-            bind_transport(t.name, runtime, self._endpoints, admissions, global_inflight, readiness)
+            bind_transport(
+                t.name, runtime, self._endpoints, admissions, global_inflight, readiness, engine_up
+            )
             for t in transports
         ]
         coordinator = ShutdownCoordinator(runtime, bindings, global_inflight, admissions.values(), readiness)
@@ -198,8 +225,14 @@ class Worker:
                 with trio.CancelScope() as startup:
                     primary.start_soon(_cancel_on_shutdown, coordinator, startup)
                     try:
-                        await engine.start(primary)
+                        # Listeners first: during a long model load, probes get /health 200 and /ready
+                        # 503, metrics can be scraped, and requests are refused retryably.
                         await _start_transports(primary, transports, bindings, handle, metrics_address)
+                        runtime.logger.info("worker.listening", addresses=_printable(handle.addresses))
+                        await engine.start(primary)
+                        engine_up.set()
+                        for binding in bindings:
+                            await binding.wait_open()
                     except (StartupFailed, EngineStartFailed) as exc:
                         failure = exc
                         where = exc.transport if isinstance(exc, StartupFailed) else "engine"
@@ -212,6 +245,8 @@ class Worker:
                         runtime.logger.info("worker.startup_aborted", started=sorted(handle.addresses))
                     else:
                         coordinator.mark_ready()
+                        if self._health is not None:
+                            primary.start_soon(self._health.watch, runtime, readiness)
                         runtime.logger.info(
                             "worker.ready",
                             addresses=_printable(handle.addresses),
@@ -284,9 +319,11 @@ class _Lifespan:
         self._runtime = runtime
         self._stop = trio.Event()
         self._stopped = trio.Event()
+        self._begun = False  # the start-up may end (a transport that failed, a signal) before it
 
     async def start(self, nursery: trio.Nursery) -> None:
         if self._lifespan is not None:
+            self._begun = True
             await nursery.start(self._run, self._lifespan)
 
     async def _run(self, lifespan: Lifespan, *, task_status: trio.TaskStatus[None]) -> None:
@@ -327,12 +364,48 @@ class _Lifespan:
         """After phase 2: once no handler uses the engine any more (after a forced drain, the killed
         ones may still be aborting their engine work, ``ABORT_TIMEOUT`` at most), run the lifespan's
         stop. A request that is only writing its last error to a slow client does not hold it."""
-        if self._lifespan is None:
+        if self._lifespan is None or not self._begun:
             return
         with trio.move_on_after(self._runtime.config.engine_stop_timeout):
             await engine_work.wait_idle()
         self._stop.set()
         await self._stopped.wait()
+
+
+# A health check: ``async def check(runtime)``; False or an exception means unhealthy.
+HealthCheckFunction = Callable[[RuntimeContext], Awaitable[bool | None]]
+
+
+@dataclass(frozen=True)
+class _HealthCheck:
+    check: HealthCheckFunction
+    interval: float
+    timeout: float
+
+    async def watch(self, runtime: RuntimeContext, readiness: Readiness) -> None:
+        """Ask the check every ``interval`` until phase 3, and report each answer to readiness; a
+        change is logged (``worker.unhealthy`` with why, ``worker.healthy``)."""
+        log, healthy = runtime.logger, True
+        while True:
+            why = await self._ask(runtime)
+            readiness.report("health", why is None, why or "")
+            if (why is None) != healthy:
+                healthy = why is None
+                if healthy:
+                    log.info("worker.healthy")
+                else:
+                    log.warning("worker.unhealthy", reason=why)
+            await trio.sleep(self.interval)
+
+    async def _ask(self, runtime: RuntimeContext) -> str | None:
+        """None if the check passed, else why not."""
+        with trio.move_on_after(self.timeout):
+            try:
+                answer = await self.check(runtime)
+            except Exception as exc:
+                return f"health check failed: {describe(exc)}"
+            return None if answer is None or answer is True else "health check returned False"
+        return f"health check took longer than {self.timeout:g} s"
 
 
 def _printable(addresses: dict[str, Any]) -> dict[str, str]:

@@ -11,10 +11,15 @@ a fake blocking engine in a thread (``generate`` comes from the fake engine; ``e
 same Trio handlers, so the chaos scripts run their exchanges against every mocker). Both export the
 fake's ``mocker_engine_running`` (0 when nothing is generating) and ``mocker_engine_aborted`` on
 ``/metrics``.
+
+Every mocker simulates a model load at start-up: ``INGRESS_MOCKER_LOAD_S`` seconds (environment
+variable, default 0) in its lifespan, so its listeners are open and ``/ready`` answers 503 (requests
+are refused, retryably) for that long (docs/operations.md, "Start-up").
 """
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -82,9 +87,30 @@ async def echo(request: Any, ctx: RequestContext) -> Any:
     return request
 
 
+LOAD_VARIABLE = "INGRESS_MOCKER_LOAD_S"
+
+
+async def load_model() -> None:
+    """The simulated model load: ``INGRESS_MOCKER_LOAD_S`` seconds (read now, not at import)."""
+    text = os.environ.get(LOAD_VARIABLE, "0") or "0"
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"{LOAD_VARIABLE} must be a number of seconds, got {text!r}") from None
+    if not 0 <= seconds <= MAX_DELAY_MS / 1000:
+        raise ValueError(f"{LOAD_VARIABLE} must be between 0 and {MAX_DELAY_MS // 1000} s, got {text!r}")
+    await trio.sleep(seconds)
+
+
 def create_mocker(name: str = "mocker", **generate_options: Any) -> Worker:
     """A fresh mocker worker; ``generate_options`` (max_concurrency, ...) apply to ``generate``."""
     worker = Worker(name)
+
+    @worker.lifespan
+    async def model(runtime: RuntimeContext) -> AsyncIterator[None]:
+        await load_model()
+        yield
+
     worker.endpoint("generate", **generate_options)(generate)
     worker.endpoint("echo")(echo)
     worker.endpoint("chat", duplex=True)(chat)
@@ -243,6 +269,7 @@ def _engine_mocker(
 
     @worker.lifespan
     async def engine(runtime: RuntimeContext) -> AsyncIterator[dict[str, Any]]:
+        await load_model()
         fake = make_engine()
         _export_engine(runtime, fake)
         yield {"engine": fake}

@@ -277,18 +277,23 @@ class WorkerProcess:
         except ValueError:
             event = {"event": "unparsed", "line": line.decode(errors="replace")}
         self.events.append(event)
-        if event.get("event") == "worker.ready":
+        if event.get("event") in ("worker.listening", "worker.ready"):
+            # Listening comes first (before the engine is up); ready follows with the same addresses.
             for name, address in event["addresses"].items():
                 host, _, port = address.rpartition(":")
                 self.addresses[name] = (host, int(port))
+        if event.get("event") == "worker.ready":
             self._ready.set()
         self._new_event.set()
 
 
 @asynccontextmanager
-async def worker_process(*serve_args: str, wait_ready: bool = True) -> AsyncIterator[WorkerProcess]:
+async def worker_process(
+    *serve_args: str, wait_ready: bool = True, env: Mapping[str, str] | None = None
+) -> AsyncIterator[WorkerProcess]:
     """Start ``python -m runtime serve ARGS --log-format json`` and wait until it is ready (unless
-    ``wait_ready`` is false: to watch a start-up that fails or waits).
+    ``wait_ready`` is false: to watch a start-up that fails or waits; the addresses are known from the
+    ``worker.listening`` event on). ``env`` is added to this process's environment.
 
     Pass ``--tcp 127.0.0.1:0`` (and ``--metrics 127.0.0.1:0``) to get ephemeral ports; they are read
     from the ``worker.ready`` log line into ``addresses``. The process is killed if still running at exit.
@@ -296,7 +301,7 @@ async def worker_process(*serve_args: str, wait_ready: bool = True) -> AsyncIter
     import sys
 
     command = [sys.executable, "-m", "runtime", "serve", *serve_args, "--log-format", "json"]
-    async with spawn_process(command, wait_ready=wait_ready) as worker:
+    async with spawn_process(command, wait_ready=wait_ready, env=env) as worker:
         yield worker
 
 

@@ -97,10 +97,15 @@ class NatsTransport:
                     # Taken in the subscription callback: neither may be dropped while Trio is behind.
                     await aio.subscribe_handled(client, control, requests.control_message)
                     await aio.subscribe_handled(client, inputs.subscription_subject, inputs.receive)
+                    binding.defer_open()
+                    task_status.started(self.url)
+                    # NATS gives requests to whoever subscribes: until the engine is up this worker
+                    # stays out of its queue groups, and the other workers take them.
+                    await binding.started.wait()
                     for endpoint in binding.endpoints.values():
                         await nursery.start(requests.serve_endpoint, endpoint)
                     binding.runtime.logger.info("nats.subscribed", url=self.url, namespace=self.namespace)
-                    task_status.started(self.url)
+                    binding.opened()
             finally:
                 # Phase 3: the last replies may still be queued (their requests are done and counted
                 # out), so they are published before the connection is flushed and closed.
