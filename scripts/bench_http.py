@@ -78,12 +78,7 @@ class H1:
 
     async def post(self, path: str, body: dict[str, Any], on_first: Callable[[], None] | None = None) -> int:
         """Tokens streamed (1 for a JSON answer); ``on_first()`` once the first token has come."""
-        payload = json.dumps(body).encode()
-        head = (
-            f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(payload)}\r\n\r\n"
-        )
-        await self.stream.send_all(head.encode() + payload)
+        await self._send(path, body)
         while b"\r\n\r\n" not in self.buffer:
             await self._fill()
         head_end = self.buffer.index(b"\r\n\r\n") + 4
@@ -108,14 +103,17 @@ class H1:
 
     async def open_stream(self, path: str, body: dict[str, Any]) -> None:
         """Start a stream and return once its first token has come (the rest is never read)."""
+        await self._send(path, body)
+        while b'"token"' not in self.buffer:
+            await self._fill()
+
+    async def _send(self, path: str, body: dict[str, Any]) -> None:
         payload = json.dumps(body).encode()
         head = (
             f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
             f"content-length: {len(payload)}\r\n\r\n"
         )
         await self.stream.send_all(head.encode() + payload)
-        while b'"token"' not in self.buffer:
-            await self._fill()
 
     async def _fill(self) -> None:
         data = await self.stream.receive_some(65536)
