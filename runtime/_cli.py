@@ -96,7 +96,10 @@ def _parser(plugins: Sequence[TransportPlugin], environment: bool = True) -> arg
             plugin, plugin.add_serve_arguments, serve.add_argument_group(f"{plugin.name} transport")
         )
     serve.add_argument(
-        "--metrics", type=address, metavar="HOST:PORT", help="serve /metrics, /health and /ready here"
+        "--metrics",
+        type=address,
+        metavar="HOST:PORT",
+        help="serve /metrics, /health, /ready and /status here",
     )
     serve.add_argument(
         "--drain-timeout",
@@ -144,7 +147,37 @@ def _parser(plugins: Sequence[TransportPlugin], environment: bool = True) -> arg
     call.add_argument("--timeout", type=seconds, metavar="S", help="deadline for the whole call")
     call.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     call.set_defaults(run=_call)
+
+    status = commands.add_parser(
+        "status", help="print a worker's live state (phase, readiness, load per endpoint) as one JSON object"
+    )
+    status.add_argument(
+        "--http",
+        type=address,
+        metavar="HOST:PORT",
+        required=True,
+        help="the worker's --metrics listener, or its HTTP transport (both serve /status)",
+    )
+    status.add_argument("--timeout", type=seconds, default=5.0, metavar="S", help="give up after this long")
+    status.set_defaults(run=_status)
     return parser
+
+
+def _status(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> int:
+    """GET /status and print it; a worker that cannot be reached is one line on stderr and exit 1."""
+    import httpx
+
+    host, port = args.http
+    url = f"http://[{host}]:{port}/status" if ":" in host else f"http://{host}:{port}/status"
+    try:
+        answer = httpx.get(url, timeout=args.timeout)
+        answer.raise_for_status()
+        report = answer.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"error: UNAVAILABLE: no status from {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(report))
+    return EXIT_OK
 
 
 # serve's options from the environment: --drain-timeout is INGRESS_DRAIN_TIMEOUT, and so on.

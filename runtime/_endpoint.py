@@ -162,6 +162,8 @@ class TransportBinding:
         # Set once every endpoint of this transport is closed (phase 1): shared listeners stop on it.
         self.intake_closed = trio.Event()
         self.readiness = readiness if readiness is not None else Readiness()
+        # The worker's live state for ``/status`` (a WorkerStatus's report), set by the worker.
+        self.status: Callable[[], dict[str, Any]] | None = None
 
     def lookup(self, endpoint: str) -> EndpointBinding:
         try:

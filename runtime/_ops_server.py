@@ -1,4 +1,5 @@
-"""The operators' routes: ``/health`` (liveness), ``/ready`` (readiness) and ``/metrics`` (Prometheus).
+"""The operators' routes: ``/health`` (liveness), ``/ready`` (readiness), ``/metrics`` (Prometheus) and
+``/status`` (the worker's live state as JSON, runtime/_status.py).
 
 ``OpsApp`` is one small ASGI app that serves them with the libraries that already do it right:
 prometheus_client's ASGI exposition (OpenMetrics or text by the ``Accept`` header, gzip by
@@ -10,7 +11,9 @@ workers without the HTTP transport, through the same connection loop (``runtime/
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -20,7 +23,7 @@ from prometheus_client import CollectorRegistry, make_asgi_app
 from ._http_server import HttpServerLimits, serve_http
 from ._readiness import Readiness
 
-OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
+OPS_PATHS = frozenset({"/health", "/ready", "/metrics", "/status"})
 _ALLOWED = b"GET, HEAD"
 # The ops port sees a scraper and two probes: a small backlog and a short idle time are plenty.
 OPS_LIMITS = HttpServerLimits(backlog=128)
@@ -33,22 +36,32 @@ IDLE_TIMEOUT = 10.0
 class OpsApp:
     """ASGI app for the ops routes; ``readiness`` is read per request, the registry at scrape time."""
 
-    def __init__(self, readiness: Readiness, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        readiness: Readiness,
+        registry: CollectorRegistry,
+        status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self._readiness = readiness
         self._metrics = make_asgi_app(registry)
+        self._status = status
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return  # a WebSocket upgrade: hypercorn refuses it once the app returns
         path, method = scope["path"], scope["method"]
-        if path not in OPS_PATHS:
-            await _text(send, 404, b"not found: try /metrics, /health or /ready\n")
+        if path not in OPS_PATHS or (path == "/status" and self._status is None):
+            await _text(send, 404, b"not found: try /metrics, /health, /ready or /status\n")
         elif method not in ("GET", "HEAD"):
             await _text(send, 405, b"only GET and HEAD are served here\n", [(b"allow", _ALLOWED)])
         elif path == "/metrics":
             await self._metrics(scope, receive, send)
         elif path == "/health":
             await _text(send, 200, b"ok\n")
+        elif path == "/status":
+            assert self._status is not None
+            body = json.dumps(self._status(), separators=(",", ":")).encode() + b"\n"
+            await _text(send, 200, body, content_type=b"application/json")
         elif self._readiness.ready:
             await _text(send, 200, b"ready\n")
         else:
@@ -56,8 +69,15 @@ class OpsApp:
             await _text(send, 503, f"not ready: {why}\n".encode())
 
 
-async def _text(send: Any, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body))]
+async def _text(
+    send: Any,
+    status: int,
+    body: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    *,
+    content_type: bytes = b"text/plain; charset=utf-8",
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
     await send({"type": "http.response.body", "body": body})
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-Phase = Literal["starting", "serving", "draining"]
+Phase = Literal["starting", "serving", "draining", "stopping"]
 
 _PHASE_REASONS = {
     "starting": "starting: the engine is not up yet",
     "draining": "draining: shutting down",
+    "stopping": "stopping: the drain is over",
 }
 
 
@@ -31,11 +32,12 @@ class Readiness:
 
     @property
     def phase(self) -> Phase:
-        """``starting`` (listeners open, engine loading), ``serving``, or ``draining`` (shutdown began)."""
+        """``starting`` (listeners open, engine loading), ``serving``, ``draining`` (shutdown began) or
+        ``stopping`` (the drain is over: the engine stops, then the listeners close)."""
         return self._phase
 
     def set_phase(self, phase: Phase) -> None:
-        """Start-up finished (``serving``) or shutdown began (``draining``); only the worker calls this."""
+        """The worker's lifecycle moved on; only the worker calls this."""
         self._phase = phase
 
     def report(self, dependency: str, up: bool, why: str = "") -> None:

@@ -29,6 +29,7 @@ from ._ops_server import OpsApp, serve_ops
 from ._readiness import Readiness
 from ._shutdown import ShutdownCoordinator, ShutdownResult
 from ._signals import watch_signals
+from ._status import WorkerStatus
 
 # A lifespan: ``async def engine(runtime): start; yield {"engine": ...}; stop`` (see Worker.lifespan).
 LifespanFunction = Callable[[RuntimeContext], AsyncIterator[Mapping[str, Any] | None]]
@@ -56,6 +57,7 @@ class WorkerHandle:
     _global: GlobalInFlight
     _bindings: list[TransportBinding]
     readiness: Readiness
+    _status: WorkerStatus
     result: ShutdownResult | None = field(default=None)
     _drained: trio.Event = field(default_factory=trio.Event)
 
@@ -83,6 +85,10 @@ class WorkerHandle:
 
     def statistics(self) -> InFlightStatistics:
         return self._global.statistics()
+
+    def status(self) -> dict[str, Any]:
+        """The worker's live state, as ``GET /status`` serves it (docs/operations.md, "Status")."""
+        return self._status.report()
 
     def binding(self, transport: str, endpoint: str) -> EndpointBinding:
         """The binding of ``endpoint`` on ``transport``: its tracker, metrics and scope (for tests, ops)."""
@@ -209,8 +215,11 @@ class Worker:
             )
             for t in transports
         ]
+        status = WorkerStatus(self.name, readiness, admissions, global_inflight)
+        for binding in bindings:
+            binding.status = status.report
         coordinator = ShutdownCoordinator(runtime, bindings, global_inflight, admissions.values(), readiness)
-        handle = WorkerHandle(runtime, {}, coordinator, global_inflight, bindings, readiness)
+        handle = WorkerHandle(runtime, {}, coordinator, global_inflight, bindings, readiness, status)
         failure: StartupFailed | EngineStartFailed | None = None
         engine = _Lifespan(self._lifespan, runtime)
         engine_work = EngineWork()
@@ -254,6 +263,7 @@ class Worker:
                         )
                     task_status.started(handle)
                     handle.result = await coordinator.run()
+                    readiness.set_phase("stopping")
                     handle._drained.set()
                     await engine.stop(engine_work)
                     primary.cancel_scope.cancel(reason="shutdown phase 3")
@@ -430,7 +440,7 @@ async def _start_transports(
 ) -> None:
     """Start the ops server and every transport in ``primary``; StartupFailed names the culprit."""
     if metrics_address is not None:
-        app = OpsApp(handle.readiness, handle.runtime.metrics.registry)
+        app = OpsApp(handle.readiness, handle.runtime.metrics.registry, handle.status)
         try:
             handle.addresses["metrics"] = await primary.start(serve_ops, *metrics_address, app)
         except Exception as exc:

@@ -1,0 +1,102 @@
+"""The worker's live state: ``handle.status()``, ``GET /status`` on the ops listener and the HTTP
+transport, and ``ingress status --http``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import httpx
+import trio
+
+from runtime import EXIT_FAILURE, EXIT_OK, Worker, WorkerConfig, open_worker
+from runtime.testing import worker_process
+from transports.tcp import TcpClient, TcpTransport
+
+
+def _busy_worker(release: trio.Event) -> Worker:
+    worker = Worker("status-test")
+
+    @worker.endpoint("hold", max_concurrency=1, max_queue=2)
+    async def hold(request, ctx):
+        await release.wait()
+        return "done"
+
+    @worker.endpoint("echo")
+    async def echo(request, ctx):
+        return request
+
+    return worker
+
+
+async def test_status_reports_running_queued_limits_and_phase():
+    """One request running and one queued behind max_concurrency=1 show as such, with the limits;
+    the phase goes from serving to draining with the reason."""
+    release = trio.Event()
+    transport = TcpTransport(port=0)
+    config = WorkerConfig(drain_timeout=5)
+    async with open_worker(_busy_worker(release), [transport], config) as handle:
+        status = handle.status()
+        assert (status["worker"], status["phase"], status["ready"]) == ("status-test", "serving", True)
+        assert status["not_ready_because"] == {} and status["in_flight"] == 0
+        assert status["endpoints"]["echo"] == {
+            "running": 0,
+            "queued": 0,
+            "max_concurrency": None,
+            "max_queue": 0,
+        }
+        async with TcpClient.connect(*handle.addresses["tcp"]) as client, trio.open_nursery() as calls:
+            for _ in range(2):
+                calls.start_soon(client.call, "hold")
+            with trio.fail_after(5):
+                while handle.status()["endpoints"]["hold"]["queued"] < 1:  # noqa: ASYNC110 -- a snapshot API
+                    await trio.sleep(0.01)
+            status = handle.status()
+            assert status["endpoints"]["hold"] == {
+                "running": 1,
+                "queued": 1,
+                "max_concurrency": 1,
+                "max_queue": 2,
+            }
+            assert status["in_flight"] == 2
+            handle.shutdown("test")
+            status = handle.status()
+            assert (status["phase"], status["ready"]) == ("draining", False)
+            assert status["not_ready_because"] == {"worker": "draining: shutting down"}
+            release.set()
+
+
+async def test_status_over_http_and_the_cli_while_the_model_loads():
+    """GET /status (ops listener and HTTP port) and `ingress status --http` print phase starting and why;
+    an unreachable worker is one line on stderr and exit 1."""
+    args = ("--http", "127.0.0.1:0", "--metrics", "127.0.0.1:0")
+    async with worker_process(*args, wait_ready=False, env={"INGRESS_MOCKER_LOAD_S": "600"}) as worker:
+        with trio.fail_after(30):
+            await worker.wait_event("worker.listening")
+        async with httpx.AsyncClient() as client:
+            for name in ("metrics", "http"):
+                host, port = worker.addresses[name]
+                answer = await client.get(f"http://{host}:{port}/status")
+                assert answer.status_code == 200
+                assert answer.headers["content-type"] == "application/json"
+                assert answer.json()["phase"] == "starting"
+        host, port = worker.addresses["metrics"]
+        printed = await trio.to_thread.run_sync(lambda: _cli("status", "--http", f"{host}:{port}"))
+        assert printed.returncode == EXIT_OK, printed.stderr
+        [line] = printed.stdout.splitlines()
+        report = json.loads(line)
+        assert (report["phase"], report["ready"]) == ("starting", False)
+        assert report["not_ready_because"] == {"worker": "starting: the engine is not up yet"}
+        assert set(report["endpoints"]) == {"chat", "echo", "generate"}
+        worker.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await worker.wait_exit() == EXIT_OK
+    gone = await trio.to_thread.run_sync(lambda: _cli("status", "--http", f"{host}:{port}"))
+    assert gone.returncode == EXIT_FAILURE and gone.stderr.startswith("error: UNAVAILABLE: no status from")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "runtime", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
