@@ -6,9 +6,13 @@ Label children for each (endpoint, transport) are looked up once, when the endpo
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ._admission import AdmissionStatistics
 
 OUTCOMES = ("ok", "error", "cancelled", "disconnected", "rejected", "shutdown")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -76,6 +80,33 @@ class Metrics:
             "ingress_shutdown_drain_forced", "1 when the drain had to kill requests.", registry=r
         )
         self.ready = Gauge("ingress_ready", "1 while the worker accepts new requests.", registry=r)
+        # Load signals per endpoint (every transport together), read from its admission at scrape time:
+        # what a router or an autoscaler (a Kubernetes HPA on custom metrics) acts on.
+        self.running = Gauge(
+            "ingress_endpoint_running", "Requests holding an admission slot.", ("endpoint",), registry=r
+        )
+        self.queued = Gauge(
+            "ingress_endpoint_queued", "Requests waiting for an admission slot.", ("endpoint",), registry=r
+        )
+        self.capacity = Gauge(
+            "ingress_endpoint_capacity",
+            "The endpoint's max_concurrency (+Inf when it has none).",
+            ("endpoint",),
+            registry=r,
+        )
+        self.saturation = Gauge(
+            "ingress_endpoint_saturation",
+            "(running + queued) / max_concurrency; 0 for an endpoint without a limit.",
+            ("endpoint",),
+            registry=r,
+        )
+
+    def track_admission(self, endpoint: str, statistics: Callable[[], AdmissionStatistics]) -> None:
+        """Export ``endpoint``'s load, read from ``statistics()`` at each scrape."""
+        self.running.labels(endpoint).set_function(lambda: statistics().running)
+        self.queued.labels(endpoint).set_function(lambda: statistics().queued)
+        self.capacity.labels(endpoint).set_function(lambda: statistics().max_concurrency)
+        self.saturation.labels(endpoint).set_function(lambda: _saturation(statistics()))
 
     def for_binding(self, endpoint: str, transport: str) -> BindingMetrics:
         return BindingMetrics(
@@ -91,6 +122,12 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of this worker's registry."""
         return generate_latest(self.registry)
+
+
+def _saturation(stats: AdmissionStatistics) -> float:
+    if math.isinf(stats.max_concurrency) or stats.max_concurrency <= 0:
+        return 0.0
+    return (stats.running + stats.queued) / stats.max_concurrency
 
 
 @dataclass(frozen=True, slots=True)

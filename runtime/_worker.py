@@ -206,6 +206,8 @@ class Worker:
             ep.name: Admission(ep.options.max_concurrency, ep.options.max_queue)
             for ep in self._endpoints.values()
         }
+        for name, admission in admissions.items():
+            runtime.metrics.track_admission(name, admission.statistics)
         readiness = Readiness()
         # Set once the lifespan (the engine) is up: requests are refused until then (runtime/_intake.py).
         engine_up = trio.Event()

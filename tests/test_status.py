@@ -11,7 +11,7 @@ import sys
 import httpx
 import trio
 
-from runtime import EXIT_FAILURE, EXIT_OK, Worker, WorkerConfig, open_worker
+from runtime import EXIT_FAILURE, EXIT_OK, RemoteError, Worker, WorkerConfig, open_worker
 from runtime.testing import worker_process
 from transports.tcp import TcpClient, TcpTransport
 
@@ -31,13 +31,14 @@ def _busy_worker(release: trio.Event) -> Worker:
     return worker
 
 
-async def test_status_reports_running_queued_limits_and_phase():
-    """One request running and one queued behind max_concurrency=1 show as such, with the limits;
-    the phase goes from serving to draining with the reason."""
+async def test_status_and_metrics_report_running_queued_limits_and_phase():
+    """One request running and one queued behind max_concurrency=1 show as such in the status and the
+    load gauges, with the limits; the phase goes from serving to draining with the reason."""
     release = trio.Event()
     transport = TcpTransport(port=0)
     config = WorkerConfig(drain_timeout=5)
-    async with open_worker(_busy_worker(release), [transport], config) as handle:
+    ops = ("127.0.0.1", 0)
+    async with open_worker(_busy_worker(release), [transport], config, metrics_address=ops) as handle:
         status = handle.status()
         assert (status["worker"], status["phase"], status["ready"]) == ("status-test", "serving", True)
         assert status["not_ready_because"] == {} and status["in_flight"] == 0
@@ -47,9 +48,17 @@ async def test_status_reports_running_queued_limits_and_phase():
             "max_concurrency": None,
             "max_queue": 0,
         }
+        outcomes: list[str] = []
+
+        async def hold() -> None:
+            try:
+                outcomes.append(await client.call("hold"))
+            except RemoteError as error:  # the queued one, when the drain closes admission first
+                outcomes.append(error.code.name)
+
         async with TcpClient.connect(*handle.addresses["tcp"]) as client, trio.open_nursery() as calls:
             for _ in range(2):
-                calls.start_soon(client.call, "hold")
+                calls.start_soon(hold)
             with trio.fail_after(5):
                 while handle.status()["endpoints"]["hold"]["queued"] < 1:  # noqa: ASYNC110 -- a snapshot API
                     await trio.sleep(0.01)
@@ -61,11 +70,24 @@ async def test_status_reports_running_queued_limits_and_phase():
                 "max_queue": 2,
             }
             assert status["in_flight"] == 2
+            host, port = handle.addresses["metrics"]
+            async with httpx.AsyncClient() as http:
+                scraped = (await http.get(f"http://{host}:{port}/metrics")).text
+            for line in (
+                'ingress_endpoint_running{endpoint="hold"} 1.0',
+                'ingress_endpoint_queued{endpoint="hold"} 1.0',
+                'ingress_endpoint_capacity{endpoint="hold"} 1.0',
+                'ingress_endpoint_saturation{endpoint="hold"} 2.0',
+                'ingress_endpoint_capacity{endpoint="echo"} +Inf',
+                'ingress_endpoint_saturation{endpoint="echo"} 0.0',
+            ):
+                assert line in scraped.splitlines(), line
             handle.shutdown("test")
             status = handle.status()
             assert (status["phase"], status["ready"]) == ("draining", False)
             assert status["not_ready_because"] == {"worker": "draining: shutting down"}
             release.set()
+    assert "done" in outcomes and set(outcomes) <= {"done", "SHUTTING_DOWN"}
 
 
 async def test_status_over_http_and_the_cli_while_the_model_loads():
