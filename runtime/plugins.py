@@ -68,6 +68,14 @@ async def run_exchange(
                     await session.end()
                 except ExchangeEnded:
                     return  # the worker ended it first: the answers say how, below
+                finally:
+                    # Input the worker no longer wants is closed here, not left to the garbage
+                    # collector (which would run its cleanup later, or warn); briefly, whatever is
+                    # being cancelled around us.
+                    close = getattr(messages, "aclose", None)
+                    if close is not None:
+                        with trio.move_on_after(1.0, shield=True):
+                            await close()
 
             nursery.start_soon(send_all)
             async for chunk in session:

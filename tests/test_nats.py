@@ -9,6 +9,7 @@ import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import pytest
 import trio
@@ -528,3 +529,25 @@ async def test_a_nats_caller_can_stop_a_stream_gracefully(nats_url):
                     assert await client.stop("stop-me") is True
         assert await client.stop("stop-me") is False  # over: nothing to stop
     assert 3 <= len(received) < 100_000 and received == list(range(len(received)))
+
+
+async def test_the_worker_publishes_its_load_report(nats_url):
+    """Every load_report_interval the worker publishes its status (phase, load per endpoint, its id)
+    on _INGRESS.load.<namespace>.<worker id>, where a router subscribes with a wildcard."""
+    from transports.nats import _aio as aio
+
+    send, receive = trio.open_memory_channel[Any](64)
+    async with NatsClient.connect(nats_url) as client:
+        subscription = await aio.subscribe_handled(
+            client._client, "_INGRESS.load.ingress.*", send.send_nowait
+        )
+        transport = NatsTransport(nats_url, load_report_interval=0.05)
+        async with open_worker(_worker("a"), [transport]) as handle:
+            with trio.fail_after(5):
+                while (report := json.loads((message := await receive.receive()).data))["phase"] != "serving":
+                    pass
+            endpoints = set(handle.status()["endpoints"])
+        await aio.unsubscribe(subscription)
+    assert message.subject == f"_INGRESS.load.ingress.{report['worker_id']}"
+    assert set(report["endpoints"]) == endpoints and report["ready"] is True
+    assert report["endpoints"]["echo"] == {"running": 0, "queued": 0, "max_concurrency": None, "max_queue": 0}

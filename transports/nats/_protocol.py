@@ -115,6 +115,11 @@ def input_subject(worker_id: str, token: str) -> str:
     return f"_INGRESS.input.{worker_id}.{token}"
 
 
+def load_subject(namespace: str, worker_id: str) -> str:
+    """Where a worker publishes its load report; a router subscribes to ``_INGRESS.load.<namespace>.*``."""
+    return f"_INGRESS.load.{namespace}.{worker_id}"
+
+
 def input_wildcard(worker_id: str) -> str:
     return f"_INGRESS.input.{worker_id}.*"
 

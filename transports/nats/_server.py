@@ -10,6 +10,7 @@ every request go through one outbox to an asyncio publisher task, with no crossi
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class NatsTransport:
     # (exit 1, for its supervisor to restart it). A server that refuses us (credentials, TLS) fails the
     # start-up at once. Once connected, a lost connection is re-established for as long as it takes.
     startup_timeout: float = 30.0
+    # How often the worker publishes its load report (its /status object, docs/protocol-nats.md "Load
+    # reports") on _INGRESS.load.<namespace>.<worker id>, from start-up to phase 3; None: never.
+    load_report_interval: float | None = 5.0
     name: str = "nats"
 
     def __post_init__(self) -> None:
@@ -90,6 +94,8 @@ class NatsTransport:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(outbox.publisher.run)
                     worker_id = uuid.uuid4().hex
+                    if self.load_report_interval is not None and binding.status is not None:
+                        nursery.start_soon(self._report_load, binding.status, outbox, worker_id)
                     control = protocol.control_subject(worker_id)
                     inputs = ExchangeInputs(worker_id, control, outbox.publisher.put_nowait)
                     requests = _Requests(self, client, Caller(binding), outbox, nursery, control, inputs)
@@ -112,6 +118,17 @@ class NatsTransport:
                 closing = True
                 with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                     await outbox.publisher.close()
+
+    async def _report_load(
+        self, status: Callable[[], dict[str, Any]], outbox: _Outbox, worker_id: str
+    ) -> None:
+        """Publish the worker's status every ``load_report_interval``, with its id, until cancelled."""
+        assert self.load_report_interval is not None
+        subject = protocol.load_subject(self.namespace, worker_id)
+        while True:
+            report = json.dumps({**status(), "worker_id": worker_id}, separators=(",", ":")).encode()
+            outbox.publisher.put_nowait(aio.Outgoing(subject, report, {}))
+            await trio.sleep(self.load_report_interval)
 
     async def _connect(
         self, log: Any, on_connected: Callable[[bool], None], on_error: Callable[[Exception], None]
