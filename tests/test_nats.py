@@ -551,3 +551,43 @@ async def test_the_worker_publishes_its_load_report(nats_url):
     assert message.subject == f"_INGRESS.load.ingress.{report['worker_id']}"
     assert set(report["endpoints"]) == endpoints and report["ready"] is True
     assert report["endpoints"]["echo"] == {"running": 0, "queued": 0, "max_concurrency": None, "max_queue": 0}
+
+
+async def _srv_replies(client: NatsClient, subject: str, count: int) -> list[dict[str, Any]]:
+    """Ask ``subject`` of the services protocol and collect ``count`` replies (one per instance)."""
+    from transports.nats import _aio as aio
+
+    send, receive = trio.open_memory_channel[Any](16)
+    inbox, subscription = await aio.subscribe_inbox(client._client, send)
+    await aio.publish_batch(client._client, [aio.Outgoing(subject, b"", {}, reply=inbox)])
+    with trio.fail_after(5):
+        replies = [json.loads((await receive.receive()).data) for _ in range(count)]
+    await aio.unsubscribe(subscription)
+    return replies
+
+
+async def test_workers_answer_the_nats_services_protocol(nats_url):
+    """$SRV.PING/INFO/STATS (all, by name, by instance) parse with nats.micro's own types: two workers
+    are two instances of one service, with the endpoints, queue groups and request counts."""
+    from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
+
+    async with (
+        open_worker(_worker("a"), [NatsTransport(nats_url)]),
+        open_worker(_worker("a"), [NatsTransport(nats_url)]),
+        NatsClient.connect(nats_url) as client,
+    ):
+        assert (await client.call("echo", {"x": 1}))["request"] == {"x": 1}
+        pings = [ServicePing.from_dict(r) for r in await _srv_replies(client, "$SRV.PING", 2)]
+        assert {p.name for p in pings} == {"a"} and len({p.id for p in pings}) == 2
+        [one] = [
+            ServicePing.from_dict(r) for r in await _srv_replies(client, f"$SRV.PING.a.{pings[0].id}", 1)
+        ]
+        assert one.id == pings[0].id
+        infos = [ServiceInfo.from_dict(r) for r in await _srv_replies(client, "$SRV.INFO.a", 2)]
+        for info in infos:
+            by_name = {e.name: e for e in info.endpoints}
+            assert by_name["echo"].subject == by_name["echo"].queue_group == "ingress.echo"
+        stats = [ServiceStats.from_dict(r) for r in await _srv_replies(client, "$SRV.STATS", 2)]
+        echoes = [e for s in stats for e in s.endpoints if e.name == "echo"]
+        assert sorted(e.num_requests for e in echoes) == [0, 1]  # the queue group gave the call to one
+        assert all(e.num_errors == 0 for e in echoes)

@@ -10,6 +10,7 @@ every request go through one outbox to an asyncio publisher task, with no crossi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ from runtime import (
 from . import _aio as aio
 from . import _protocol as protocol
 from ._exchange import ExchangeInput, ExchangeInputs
+from ._services import Service, ServiceEndpoint
 
 # Messages delivered to one endpoint and not yet started; past this the asyncio side refuses them.
 INBOX_SIZE = 1024
@@ -42,6 +44,8 @@ INBOX_SIZE = 1024
 OUTBOX_HIGH_WATER = 1024 * 1024
 # Bound on the final drain of the connection in phase 3.
 CLOSE_TIMEOUT = 5.0
+# $SRV requests waiting to be answered; more at once are dropped (their askers time out).
+DISCOVERY_BACKLOG = 64
 # Waits between connection attempts at start-up, doubling from the first to the last.
 FIRST_CONNECT_BACKOFF = 0.1
 MAX_CONNECT_BACKOFF = 2.0
@@ -110,6 +114,17 @@ class NatsTransport:
                     await binding.started.wait()
                     for endpoint in binding.endpoints.values():
                         await nursery.start(requests.serve_endpoint, endpoint)
+                    service = Service.create(
+                        binding.runtime.worker_name,
+                        worker_id,
+                        [
+                            ServiceEndpoint(name, protocol.subject(self.namespace, name))
+                            for name in binding.endpoints
+                        ],
+                        binding.runtime.metrics.registry,
+                        self.name,
+                    )
+                    await nursery.start(_answer_discovery, service, client, outbox)
                     binding.runtime.logger.info("nats.subscribed", url=self.url, namespace=self.namespace)
                     binding.opened()
             finally:
@@ -152,6 +167,26 @@ class NatsTransport:
                 )
             await trio.sleep(backoff)
             backoff = min(backoff * 2, MAX_CONNECT_BACKOFF)
+
+
+async def _answer_discovery(
+    service: Service, client: Any, outbox: _Outbox, *, task_status: trio.TaskStatus[None]
+) -> None:
+    """Answer the services protocol (``$SRV.PING/INFO/STATS``, transports/nats/_services.py) until
+    phase 3. A flood past the channel is dropped: the asker's request times out, nothing else waits."""
+    send, receive = trio.open_memory_channel[Msg](DISCOVERY_BACKLOG)
+
+    def take(msg: Msg) -> None:
+        with contextlib.suppress(trio.WouldBlock):
+            send.send_nowait(msg)
+
+    for subject in service.subjects():
+        await aio.subscribe_handled(client, subject, take)
+    task_status.started()
+    async for msg in receive:
+        if msg.reply:
+            answer = json.dumps(service.reply(msg.subject), separators=(",", ":")).encode()
+            outbox.publisher.put_nowait(aio.Outgoing(msg.reply, answer, {}))
 
 
 @dataclass(frozen=True, slots=True)
