@@ -76,11 +76,11 @@ async def serving(probe: Probe, **transport_options) -> AsyncIterator[tuple[obje
 
 @asynccontextmanager
 async def raw_connection(
-    address: tuple[str, int],
+    address: tuple[str, int], version: int = codec.PROTOCOL_VERSION
 ) -> AsyncIterator[tuple[trio.SocketStream, codec.Connection]]:
     """A hand-driven client connection, for sending exactly the frames a test needs."""
     async with await trio.open_tcp_stream(*address) as stream:
-        conn = codec.Connection(codec.Role.CLIENT)
+        conn = codec.Connection(codec.Role.CLIENT, version=version)
         await stream.send_all(conn.send(conn.local_hello))
         while conn.peer_hello is None:
             conn.receive_data(await stream.receive_some(65536))

@@ -48,7 +48,7 @@ def test_preface_and_hello_bytes_are_exactly_as_documented():
     """The preface is the magic followed by a 10-byte HELLO frame on stream 0 (docs/protocol-tcp.md)."""
     client = codec.Connection(Role.CLIENT, max_frame_size=4096, max_streams=7)
     assert client.send(client.local_hello) == b"TINGRESS" + struct.pack("!IBI", 10, 0, 0) + struct.pack(
-        "!HII", 3, 4096, 7
+        "!HII", 4, 4096, 7
     )
 
 
@@ -240,7 +240,7 @@ def _versioned_pair(client_version: int) -> tuple[codec.Connection, codec.Connec
     return client, server
 
 
-@pytest.mark.parametrize(("client_version", "agreed"), [(1, 1), (2, 2), (3, 3), (9, 3)])
+@pytest.mark.parametrize(("client_version", "agreed"), [(1, 1), (2, 2), (3, 3), (4, 4), (9, 4)])
 def test_both_sides_use_the_lower_of_the_versions_they_announce(client_version, agreed):
     """HELLO carries each side's highest version; a version-1 client is still served, at version 1."""
     client, server = _versioned_pair(client_version)

@@ -5,6 +5,11 @@
             ...
         result = await client.call("echo", {"x": 1})
 
+With a version-4 worker the client sends a PING every ``heartbeat_interval`` seconds: a worker that does
+not answer within ``heartbeat_timeout`` (its process hangs while its kernel still acknowledges TCP) fails
+the connection's streams as UNAVAILABLE, and each PONG refreshes ``client.load``, the worker's load
+report (its /status object). ``await client.ping()`` asks for a fresh one.
+
 A remote error raises ``RemoteError`` with ``.code`` and ``.retryable``. The deadline sent to the worker
 is the caller's own: the enclosing cancel scope's (``trio.current_effective_deadline()``) unless one is
 given. Leaving a stream early (break, exception, cancellation, or dropping the iterator) sends KILL at
@@ -37,6 +42,10 @@ RECEIVE_SIZE = 65536
 HANDSHAKE_TIMEOUT = 10.0
 # Chunks buffered per stream before the connection's reader waits for that stream's consumer.
 STREAM_BUFFER = 256
+# Version 4 heartbeat: a PING this often, and a worker that does not answer one within the timeout is
+# considered hung. The timeout is generous: a worker's loop may be busy for a while without being hung.
+HEARTBEAT_INTERVAL = 10.0
+HEARTBEAT_TIMEOUT = 20.0
 _END = object()
 
 
@@ -63,6 +72,11 @@ class TcpClient:
         # (its window: a message larger than that can never be sent), by stream id.
         self._credit_waiters: dict[int, trio.Event] = {}
         self._windows: dict[int, int] = {}
+        # Version 4: PINGs waiting for their PONG, by opaque value; the latest load report.
+        self._ping_ids = itertools.count()
+        self._pings: dict[bytes, _PendingPing] = {}
+        self.load: dict[str, Any] | None = None
+        self.load_received_at: float | None = None
 
     @classmethod
     @asynccontextmanager
@@ -75,6 +89,8 @@ class TcpClient:
         write_high_water: int = 256 * 1024,
         keepalive: float | None = 30.0,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        heartbeat_interval: float | None = HEARTBEAT_INTERVAL,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
     ) -> AsyncIterator[TcpClient]:
         """Connect, handshake, and serve the connection for the duration of the block.
 
@@ -82,13 +98,22 @@ class TcpClient:
         ``handshake_timeout`` seconds) raises ``Unavailable``, retryable: nothing was sent.
         ``keepalive``: seconds of silence before the kernel probes the worker, so that a worker whose
         host vanished fails the open streams (UNAVAILABLE) within about twice this; None turns it off.
+        ``heartbeat_interval`` / ``heartbeat_timeout``: see the module docstring (None: no heartbeat).
         A worker that speaks an older protocol version (it answers our HELLO with its own, lower one,
         and refuses ours) is reached again at its version: everything but exchanges works the same."""
         version = codec.PROTOCOL_VERSION
+        heartbeat = None if heartbeat_interval is None else (heartbeat_interval, heartbeat_timeout)
         while True:
             try:
                 async with cls._connected(
-                    host, port, max_frame_size, write_high_water, keepalive, handshake_timeout, version
+                    host,
+                    port,
+                    max_frame_size,
+                    write_high_water,
+                    keepalive,
+                    handshake_timeout,
+                    heartbeat,
+                    version,
                 ) as client:
                     yield client
                     return
@@ -105,6 +130,7 @@ class TcpClient:
         write_high_water: int,
         keepalive: float | None,
         handshake_timeout: float,
+        heartbeat: tuple[float, float] | None,
         version: int,
     ) -> AsyncIterator[TcpClient]:
         try:
@@ -140,6 +166,8 @@ class TcpClient:
                     nursery.cancel_scope.cancel(reason="older worker")
                     raise _OlderWorker(peer.version)
                 nursery.start_soon(client._read_loop)
+                if heartbeat is not None and client._codec.version >= codec.HEARTBEAT_VERSION:
+                    nursery.start_soon(client._heartbeat, *heartbeat)
                 try:
                     yield client
                 finally:
@@ -158,6 +186,33 @@ class TcpClient:
         await self._goaway.wait()
         assert self._codec.goaway_received is not None
         return self._codec.goaway_received
+
+    async def ping(self) -> dict[str, Any] | None:
+        """Send a PING and wait for its PONG (protocol version 4): returns the worker's load report (its
+        /status object, docs/operations.md "Status"), None if it sent none. The caller bounds the wait
+        (a cancel scope); a lost connection raises ``Unavailable``."""
+        if self._codec.version < codec.HEARTBEAT_VERSION:
+            raise BadRequest(
+                f"this worker speaks TCP protocol version {self._codec.version}, which has no PING "
+                "(load reports need version 4)"
+            )
+        self._raise_if_lost()
+        opaque = next(self._ping_ids).to_bytes(codec.PING_OPAQUE_SIZE, "big")
+        pending = self._pings[opaque] = _PendingPing()
+        try:
+            await self._writer.write(self._codec.send(codec.Ping(opaque)), flush=True)
+            await pending.answered.wait()
+        except WriterClosed:
+            pass
+        finally:
+            self._pings.pop(opaque, None)
+        self._raise_if_lost()
+        return pending.report
+
+    @property
+    def usable(self) -> bool:
+        """Whether new streams may open here: the connection is up and the worker is not draining."""
+        return self._lost is None and self._codec.goaway_received is None
 
     def exchange(
         self,
@@ -245,6 +300,10 @@ class TcpClient:
                 self._credit_granted(stream_id)
             elif isinstance(event, codec.GoAway):
                 self._goaway.set()
+            elif isinstance(event, codec.Ping):
+                self._writer.write_nowait(self._codec.send(codec.Pong(event.opaque)))
+            elif isinstance(event, codec.Pong):
+                self._pong_received(event)
             elif isinstance(event, codec.Error):
                 self._connection_lost(f"worker closed the connection: {event.message}")
                 return True
@@ -274,6 +333,37 @@ class TcpClient:
             channel.close()
         for waiter in self._credit_waiters.values():
             waiter.set()
+        for pending in self._pings.values():
+            pending.answered.set()
+
+    def _pong_received(self, pong: codec.Pong) -> None:
+        report: dict[str, Any] | None = None
+        if pong.report:
+            with contextlib.suppress(ValueError):  # a report we cannot read is no report
+                decoded = json.loads(pong.report)
+                report = decoded if isinstance(decoded, dict) else None
+        if report is not None:
+            self.load, self.load_received_at = report, trio.current_time()
+        pending = self._pings.get(pong.opaque)
+        if pending is not None:
+            pending.report = report
+            pending.answered.set()
+
+    async def _heartbeat(self, interval: float, patience: float) -> None:
+        """PING every ``interval``; a worker that does not answer within ``patience`` is hung: fail the
+        connection (its streams end UNAVAILABLE) and close the socket so the reader stops too."""
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(patience):
+                try:
+                    await self.ping()
+                except Unavailable:
+                    return  # lost meanwhile: the reader has told the streams
+                continue
+            self._connection_lost(f"the worker did not answer a PING within {patience:g} s")
+            self._writer.close()
+            await trio.aclose_forcefully(self._stream)
+            return
 
     def _credit_granted(self, stream_id: int) -> None:
         waiter = self._credit_waiters.pop(stream_id, None)
@@ -498,6 +588,14 @@ class ClientStream:
             # At interpreter shutdown or on a closed connection there is nobody left to tell.
             with contextlib.suppress(Exception):
                 self._finish(kill=True)
+
+
+class _PendingPing:
+    __slots__ = ("answered", "report")
+
+    def __init__(self) -> None:
+        self.answered = trio.Event()
+        self.report: dict[str, Any] | None = None
 
 
 class _OlderWorker(Exception):

@@ -20,6 +20,11 @@ Version 3 adds credit for the answers: each stream opens with an answer window o
 ``max_frame_size``, the server's DATA must fit what is left of it, and the client returns what its
 application consumed with WINDOW_UPDATE. A client that does not read one stream holds back that
 stream's handler only, never its siblings on the connection.
+
+Version 4 adds the heartbeat: either side may send PING (8 opaque bytes) on stream 0 and the other
+answers PONG with the same bytes; the worker's PONG also carries its load report (JSON), so a router
+reads a worker's load where it already has a connection, and a peer whose process hangs while its
+kernel still acknowledges TCP is found.
 """
 
 from __future__ import annotations
@@ -32,11 +37,15 @@ from typing import Final
 
 MAGIC: Final = b"TINGRESS"
 # The highest version this side speaks; a peer announcing any version from 1 up is served at the lower.
-PROTOCOL_VERSION: Final = 3
+PROTOCOL_VERSION: Final = 4
 # The first version with exchanges (client DATA and END, WINDOW_UPDATE).
 EXCHANGES_VERSION: Final = 2
 # The first version with per-stream credit for the server's DATA (WINDOW_UPDATE from the client).
 ANSWER_CREDIT_VERSION: Final = 3
+# The first version with PING/PONG (the heartbeat, and the worker's load report in its PONG).
+HEARTBEAT_VERSION: Final = 4
+# A PING's payload, echoed by its PONG: the sender's way to match the two.
+PING_OPAQUE_SIZE: Final = 8
 HEADER: Final = struct.Struct("!IBI")
 DEFAULT_MAX_FRAME_SIZE: Final = 1024 * 1024
 DEFAULT_MAX_STREAMS: Final = 128
@@ -76,6 +85,8 @@ class FrameType(enum.IntEnum):
     KILL = 6
     GOAWAY = 7
     WINDOW_UPDATE = 8  # version 2 (from the server); version 3 (from the client too)
+    PING = 9  # version 4, either side, stream 0
+    PONG = 10  # version 4, either side, stream 0
 
 
 class _NeedData:
@@ -152,11 +163,40 @@ class WindowUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class Ping:
+    """Version 4: are you there? The peer answers PONG with the same ``opaque`` bytes."""
+
+    opaque: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Version 4: the answer to a PING. From a worker, ``report`` is its load report (a JSON object,
+    docs/protocol-tcp.md "Heartbeat and load report"); from a client it is empty."""
+
+    opaque: bytes
+    report: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """The peer closed the connection cleanly, between frames."""
 
 
-Event = Hello | Request | Data | End | Error | Stop | Kill | GoAway | WindowUpdate | ConnectionClosed
+Event = (
+    Hello
+    | Request
+    | Data
+    | End
+    | Error
+    | Stop
+    | Kill
+    | GoAway
+    | WindowUpdate
+    | Ping
+    | Pong
+    | ConnectionClosed
+)
 
 
 class _Stream(enum.Enum):
@@ -409,6 +449,10 @@ class Connection:
     def _receive_connection_frame(self, frame_type: FrameType, payload: bytes) -> Event:
         if frame_type is FrameType.ERROR:
             return _decode_error(0, payload)
+        if frame_type in (FrameType.PING, FrameType.PONG):
+            if self.version < HEARTBEAT_VERSION:
+                raise RemoteProtocolError(f"{frame_type.name} is not allowed before protocol version 4")
+            return _decode_heartbeat(frame_type, payload)
         if frame_type is FrameType.GOAWAY and self.peer_role is Role.SERVER:
             (last,) = _unpack(_U32, payload, 0)
             self.goaway_received = GoAway(last, _text(payload[_U32.size :]))
@@ -465,10 +509,7 @@ class Connection:
         if frame_type is FrameType.WINDOW_UPDATE:
             return self._send_window_update(stream_id, payload, event)
         if stream_id == 0:
-            if frame_type not in (FrameType.ERROR, FrameType.GOAWAY) or (
-                frame_type is FrameType.GOAWAY and self.role is not Role.SERVER
-            ):
-                raise LocalProtocolError(f"a {self.role.value} may not send {frame_type.name} on stream 0")
+            self._check_connection_frame(frame_type)
         else:
             self._check_sender(frame_type)
             if not self._advance(frame_type, stream_id, LocalProtocolError):
@@ -476,6 +517,15 @@ class Connection:
                     return b""
                 raise LocalProtocolError(f"{frame_type.name} on stream {stream_id}, which has ended")
         return self._frame(frame_type, stream_id, payload)
+
+    def _check_connection_frame(self, frame_type: FrameType) -> None:
+        if frame_type in (FrameType.PING, FrameType.PONG):
+            if self.version < HEARTBEAT_VERSION:
+                raise LocalProtocolError(f"{frame_type.name} is not allowed before protocol version 4")
+        elif frame_type is not FrameType.ERROR and (
+            frame_type is not FrameType.GOAWAY or self.role is not Role.SERVER
+        ):
+            raise LocalProtocolError(f"a {self.role.value} may not send {frame_type.name} on stream 0")
 
     def send_data(self, stream_id: int, payload: bytes) -> bytes:
         """``send(Data(...))`` without building the event: the per-chunk path. A client's DATA (an
@@ -637,6 +687,16 @@ def _decode_window_update(stream_id: int, payload: bytes) -> WindowUpdate:
     return WindowUpdate(stream_id, increment)
 
 
+def _decode_heartbeat(frame_type: FrameType, payload: bytes) -> Ping | Pong:
+    if frame_type is FrameType.PING:
+        if len(payload) != PING_OPAQUE_SIZE:
+            raise RemoteProtocolError(f"PING carries exactly {PING_OPAQUE_SIZE} opaque bytes")
+        return Ping(payload)
+    if len(payload) < PING_OPAQUE_SIZE:
+        raise RemoteProtocolError(f"PONG starts with the {PING_OPAQUE_SIZE} opaque bytes of its PING")
+    return Pong(payload[:PING_OPAQUE_SIZE], payload[PING_OPAQUE_SIZE:])
+
+
 def _decode_empty(frame_type: type[End | Stop | Kill]) -> Callable[[int, bytes], Event]:
     def decode(stream_id: int, payload: bytes) -> End | Stop | Kill:
         if payload:
@@ -680,4 +740,10 @@ def _encode(event: Event) -> tuple[FrameType, int, bytes]:
         if not 0 < event.increment <= 0xFFFFFFFF:
             raise LocalProtocolError("a WINDOW_UPDATE increment runs from 1 to 2**32-1")
         return FrameType.WINDOW_UPDATE, event.stream_id, _U32.pack(event.increment)
+    if isinstance(event, Ping | Pong):
+        if len(event.opaque) != PING_OPAQUE_SIZE:
+            raise LocalProtocolError(f"a PING's opaque value is {PING_OPAQUE_SIZE} bytes")
+        if isinstance(event, Ping):
+            return FrameType.PING, 0, event.opaque
+        return FrameType.PONG, 0, event.opaque + event.report
     raise LocalProtocolError(f"cannot send {event!r}")

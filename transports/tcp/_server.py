@@ -6,10 +6,18 @@ connection kills every stream on it (counted as disconnects, by reason) before i
 cancelled. Phase 1 of shutdown closes the listener (new connections are refused at once, which a client
 can safely retry elsewhere), sends GOAWAY on open connections and answers any new stream with a
 retryable UNAVAILABLE, while streams in flight run to the end; phase 3 closes the connections.
+
+Heartbeat (protocol version 4): the worker answers every PING with a PONG carrying its load report, and
+one task for the whole transport (not one per connection: idle connections are a normal load) pings a
+version-4 client it has not heard from for a heartbeat interval, and closes the connection when the next
+sweep has still heard nothing: a client whose process hangs while its kernel still acknowledges TCP
+(which keepalive cannot see) has its streams killed and their capacity freed.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -61,6 +69,9 @@ class TcpTransport:
     # Connections the kernel queues before they are accepted: a burst must not overflow into SYN
     # retransmits (runtime/_listeners.py).
     backlog: int = DEFAULT_BACKLOG
+    # Version 4: a client silent for one interval is pinged; silent for the next one too, it is
+    # considered hung and its connection closed (found within two to three intervals). None: off.
+    heartbeat_interval: float | None = 15.0
     name: str = "tcp"
 
     async def serve(
@@ -78,6 +89,8 @@ class TcpTransport:
             task_status.started(address)
             with trio.CancelScope() as accept_scope:
                 connections.start_soon(_close_intake, binding.intake_closed, accept_scope, open_connections)
+                if self.heartbeat_interval is not None:
+                    connections.start_soon(_sweep_heartbeats, self.heartbeat_interval, open_connections)
                 await serve_accepting(
                     partial(self._serve_connection, binding, open_connections),
                     listeners,
@@ -118,6 +131,15 @@ async def _close_intake(
         connection.announce_goaway()
 
 
+async def _sweep_heartbeats(interval: float, connections: set[_ServerConnection]) -> None:
+    """Every ``interval``: ping the version-4 clients not heard from since the last sweep, close those
+    that did not answer the one before."""
+    while True:
+        await trio.sleep(interval)
+        for connection in list(connections):
+            connection.check_heartbeat()
+
+
 class _ServerConnection:
     """One client connection: the reader runs in ``run``; writer and request tasks in its nursery."""
 
@@ -128,7 +150,9 @@ class _ServerConnection:
         "binding",
         "caller",
         "codec",
+        "heard",
         "peer",
+        "ping_outstanding",
         "scope",
         "stream",
         "transport",
@@ -152,6 +176,9 @@ class _ServerConnection:
         # Version 3: streams whose handler waits for the client to return answer credit.
         self.answer_waiters: dict[int, trio.Event] = {}
         self.scope: trio.CancelScope | None = None  # the connection nursery's, once it runs
+        # Heartbeat: bytes arrived since the last sweep; a PING of ours is unanswered.
+        self.heard = True
+        self.ping_outstanding = False
 
     @property
     def log(self) -> Any:
@@ -190,6 +217,7 @@ class _ServerConnection:
             # before waiting for more bytes, which a client may never send.
             while not await self._handle_events(nursery):
                 self.codec.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+                self.heard = True
             return "closed"
         except trio.TooSlowError:
             return self._protocol_error("handshake not completed in time")
@@ -224,6 +252,10 @@ class _ServerConnection:
                 self._answer_credit_returned(event.stream_id)
             elif isinstance(event, codec.Kill | codec.Stop):
                 self._signal_stream(event)
+            elif isinstance(event, codec.Ping):
+                await self.writer.write(self._pong(event), flush=True)
+            elif isinstance(event, codec.Pong):
+                self.ping_outstanding = False
             elif isinstance(event, codec.ConnectionClosed):
                 return True
             elif isinstance(event, codec.Error):
@@ -306,6 +338,31 @@ class _ServerConnection:
         else:
             self.caller.stop(event.stream_id)
 
+    def _pong(self, ping: codec.Ping) -> bytes:
+        """The answer to a PING, with the worker's load report (the /status object) if it fits the
+        client's frame limit (a worker with very many endpoints answers with none)."""
+        report = b""
+        if self.binding.status is not None:
+            report = json.dumps(self.binding.status(), separators=(",", ":")).encode()
+        assert self.codec.peer_hello is not None
+        if len(report) + codec.PING_OPAQUE_SIZE > self.codec.peer_hello.max_frame_size:
+            report = b""
+        return self.codec.send(codec.Pong(ping.opaque, report))
+
+    def check_heartbeat(self) -> None:
+        """One sweep of the heartbeat (see the module docstring)."""
+        if self.heard:
+            self.heard = False
+            self.ping_outstanding = False
+        elif self.codec.version < codec.HEARTBEAT_VERSION or self.writer.closed:
+            return  # an older client cannot answer; TCP keepalive is all there is
+        elif not self.ping_outstanding:
+            self.ping_outstanding = True
+            self.writer.write_nowait(self.codec.send(codec.Ping(os.urandom(codec.PING_OPAQUE_SIZE))))
+        else:
+            self.log.warning("tcp.heartbeat_timeout", message="the client did not answer a PING")
+            self._abandon("heartbeat")
+
     def announce_goaway(self) -> None:
         if self.writer.closed or self.codec.peer_hello is None:
             return  # gone, or still in the handshake (it checks intake_closed when done)
@@ -314,9 +371,14 @@ class _ServerConnection:
 
     def _writer_broken(self) -> None:
         # Runs inside the writer task, before any stream can see the cancellation: counted as resets.
-        self._drop_streams("reset")
-        assert self.scope is not None  # the writer only runs inside the connection's nursery
-        self.scope.cancel(reason="connection reset while writing")
+        self._abandon("reset")
+
+    def _abandon(self, reason: str) -> None:
+        """Kill the streams (counted under ``reason``) before anything sees the cancellation, then
+        close the connection."""
+        self._drop_streams(reason)
+        if self.scope is not None:
+            self.scope.cancel(reason=f"connection {reason}")
 
     def _drop_streams(self, reason: str) -> None:
         """The caller is gone: kill every stream of this connection and count it, once per stream."""
