@@ -149,32 +149,41 @@ def _parser(plugins: Sequence[TransportPlugin], environment: bool = True) -> arg
     call.set_defaults(run=_call)
 
     status = commands.add_parser(
-        "status", help="print a worker's live state (phase, readiness, load per endpoint) as one JSON object"
+        "status",
+        help="print a worker's live state (phase, readiness, load per endpoint) as one JSON object",
+        description="--http takes the worker's HTTP port or its --metrics listener (both serve /status); "
+        "--tcp asks on a connection (PING, protocol version 4); --nats asks the first worker of the "
+        "namespace to answer",
     )
-    status.add_argument(
-        "--http",
-        type=address,
-        metavar="HOST:PORT",
-        required=True,
-        help="the worker's --metrics listener, or its HTTP transport (both serve /status)",
-    )
+    target = status.add_mutually_exclusive_group(required=True)
+    for plugin in plugins:
+        if hasattr(plugin, "status_target"):
+            group = status.add_argument_group(f"{plugin.name} transport")
+            _add_arguments(plugin, partial(plugin.add_call_arguments, target=target), group)
     status.add_argument("--timeout", type=seconds, default=5.0, metavar="S", help="give up after this long")
     status.set_defaults(run=_status)
     return parser
 
 
 def _status(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> int:
-    """GET /status and print it; a worker that cannot be reached is one line on stderr and exit 1."""
-    import httpx
+    """Ask the worker the flags name for its status and print it; a worker that cannot be reached
+    (or not within --timeout) is one line on stderr and exit 1."""
+    offers = (getattr(plugin, "status_target", None) for plugin in plugins)
+    ask = next(target for offer in offers if offer is not None and (target := offer(args)) is not None)
+    configure_logging("console", "warning", sys.stderr)
 
-    host, port = args.http
-    url = f"http://[{host}]:{port}/status" if ":" in host else f"http://{host}:{port}/status"
+    async def status() -> dict[str, Any]:
+        with trio.fail_after(args.timeout):
+            report: dict[str, Any] = await ask()
+            return report
+
     try:
-        answer = httpx.get(url, timeout=args.timeout)
-        answer.raise_for_status()
-        report = answer.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        print(f"error: UNAVAILABLE: no status from {url}: {exc}", file=sys.stderr)
+        report = trio.run(status)
+    except IngressError as error:
+        print(f"error: {error.code.name}: {error.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except trio.TooSlowError:
+        print(f"error: UNAVAILABLE: no status within {args.timeout:g} s", file=sys.stderr)
         return EXIT_FAILURE
     print(json.dumps(report))
     return EXIT_OK

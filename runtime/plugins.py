@@ -43,6 +43,12 @@ DuplexTarget = Callable[
 ]
 
 
+# How ``ingress status`` asks a worker for its live state through a plug-in's client (the /status
+# object, docs/operations.md "Status"); an unreachable worker is an ``IngressError``. A plug-in offers
+# it with an optional method ``status_target(args) -> StatusTarget | None``.
+StatusTarget = Callable[[], Awaitable[dict[str, Any]]]
+
+
 class ExchangeSession(Protocol):
     """What a plug-in's client gives for one exchange (``TcpClient.exchange``, ``NatsClient.exchange``)."""
 

@@ -7,6 +7,8 @@ import contextlib
 import gc
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -551,6 +553,33 @@ async def test_the_worker_publishes_its_load_report(nats_url):
     assert message.subject == f"_INGRESS.load.ingress.{report['worker_id']}"
     assert set(report["endpoints"]) == endpoints and report["ready"] is True
     assert report["endpoints"]["echo"] == {"running": 0, "queued": 0, "max_concurrency": None, "max_queue": 0}
+
+
+async def test_a_worker_answers_status_requests_first_come_or_by_id(nats_url):
+    """NatsClient.status() (and `ingress status --nats`) get a worker's status, from the first to
+    answer or by its id; with no worker up, a retryable UNAVAILABLE (exit 1 from the CLI)."""
+    async with NatsClient.connect(nats_url, namespace="st") as client:
+        transport = NatsTransport(nats_url, namespace="st", load_report_interval=None)
+        async with open_worker(_worker("a"), [transport]):
+            with trio.fail_after(10):
+                first = await client.status()
+                again = await client.status(first["worker_id"])
+            printed = await trio.to_thread.run_sync(
+                lambda: _cli("status", "--nats", nats_url, "--namespace", "st")
+            )
+        with trio.fail_after(10), pytest.raises(Unavailable) as caught:
+            await client.status(patience=0.2)
+    assert first["phase"] == "serving" and first["worker"] == "a" and again["worker_id"] == first["worker_id"]
+    assert "echo" in first["endpoints"]
+    assert printed.returncode == 0, printed.stderr
+    assert json.loads(printed.stdout)["worker_id"] == first["worker_id"]
+    assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retryable
+    assert "no answer on _INGRESS.status.st" in caught.value.message
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "runtime", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
 
 
 async def _srv_replies(client: NatsClient, subject: str, count: int) -> list[dict[str, Any]]:

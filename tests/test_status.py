@@ -91,9 +91,9 @@ async def test_status_and_metrics_report_running_queued_limits_and_phase():
 
 
 async def test_status_over_http_and_the_cli_while_the_model_loads():
-    """GET /status (ops listener and HTTP port) and `ingress status --http` print phase starting and why;
-    an unreachable worker is one line on stderr and exit 1."""
-    args = ("--http", "127.0.0.1:0", "--metrics", "127.0.0.1:0")
+    """GET /status (ops listener and HTTP port), `ingress status --http` and `--tcp` print phase starting
+    and why; an unreachable worker is one line on stderr and exit 1."""
+    args = ("--http", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--tcp", "127.0.0.1:0")
     async with worker_process(*args, wait_ready=False, env={"INGRESS_MOCKER_LOAD_S": "600"}) as worker:
         with trio.fail_after(30):
             await worker.wait_event("worker.listening")
@@ -104,19 +104,24 @@ async def test_status_over_http_and_the_cli_while_the_model_loads():
                 assert answer.status_code == 200
                 assert answer.headers["content-type"] == "application/json"
                 assert answer.json()["phase"] == "starting"
+        for flag, name in (("--http", "metrics"), ("--tcp", "tcp")):
+            host, port = worker.addresses[name]
+            printed = await trio.to_thread.run_sync(lambda: _cli("status", flag, f"{host}:{port}"))  # noqa: B023
+            assert printed.returncode == EXIT_OK, printed.stderr
+            [line] = printed.stdout.splitlines()
+            report = json.loads(line)
+            assert (report["phase"], report["ready"]) == ("starting", False)
+            assert report["not_ready_because"] == {"worker": "starting: the engine is not up yet"}
+            assert set(report["endpoints"]) == {"chat", "echo", "generate"}
         host, port = worker.addresses["metrics"]
-        printed = await trio.to_thread.run_sync(lambda: _cli("status", "--http", f"{host}:{port}"))
-        assert printed.returncode == EXIT_OK, printed.stderr
-        [line] = printed.stdout.splitlines()
-        report = json.loads(line)
-        assert (report["phase"], report["ready"]) == ("starting", False)
-        assert report["not_ready_because"] == {"worker": "starting: the engine is not up yet"}
-        assert set(report["endpoints"]) == {"chat", "echo", "generate"}
         worker.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             assert await worker.wait_exit() == EXIT_OK
     gone = await trio.to_thread.run_sync(lambda: _cli("status", "--http", f"{host}:{port}"))
     assert gone.returncode == EXIT_FAILURE and gone.stderr.startswith("error: UNAVAILABLE: no status from")
+    host, port = worker.addresses["tcp"]
+    gone = await trio.to_thread.run_sync(lambda: _cli("status", "--tcp", f"{host}:{port}"))
+    assert gone.returncode == EXIT_FAILURE and gone.stderr.startswith("error: UNAVAILABLE: cannot connect")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -62,6 +62,19 @@ async def http_stream(
             raise Unavailable(f"the worker at {url} went away mid-answer: {exc}", retryable=False) from exc
 
 
+async def http_status(url: str, *, cafile: str | None = None) -> dict[str, Any]:
+    """GET ``/status``: the worker's live state (served on its HTTP port and its ops listener)."""
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cafile) if cafile else True
+    async with httpx.AsyncClient(base_url=parse_base_url(url), verify=verify, timeout=None) as client:
+        try:
+            response = await client.get("/status")
+            response.raise_for_status()
+            report: dict[str, Any] = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise Unavailable(f"no status from {url}/status: {exc}", retryable=True) from exc
+    return report
+
+
 async def http_exchange(
     url: str,
     endpoint: str,

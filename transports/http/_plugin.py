@@ -12,6 +12,7 @@ from runtime import Transport
 from runtime.plugins import (
     CallTarget,
     DuplexTarget,
+    StatusTarget,
     TlsFiles,
     UsageError,
     address,
@@ -94,6 +95,14 @@ class HttpPlugin:
             await http_exchange(url, endpoint, messages, timed, answer, cafile=args.cafile)
 
         return exchange
+
+    def status_target(self, args: argparse.Namespace) -> StatusTarget | None:
+        if args.http is None:
+            return None
+        from ._client import http_status
+
+        url, cafile = _base_url(args.http), args.cafile
+        return lambda: http_status(url, cafile=cafile)
 
 
 def _base_url(text: str) -> str:

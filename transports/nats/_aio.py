@@ -327,6 +327,16 @@ async def _probe(client: Client, inbox: str, patience: float, headers: dict[str,
     return bytes(reply.data)
 
 
+async def _request(client: Client, subject: str, patience: float) -> bytes | None:
+    """asyncio: one request with an empty body and its first reply; None when nobody answers (no
+    responders, or nothing within ``patience`` seconds)."""
+    try:
+        reply = await client.request(subject, b"", timeout=patience)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        return None
+    return bytes(reply.data)
+
+
 async def _probe_all(
     client: Client, probes: Sequence[tuple[str, dict[str, str]]], patience: float
 ) -> list[bytes | None]:
@@ -388,4 +398,5 @@ drain_subscription = trio_asyncio.aio_as_trio(_drain_subscription)
 close = trio_asyncio.aio_as_trio(_close)
 subscribe_inbox = trio_asyncio.aio_as_trio(_subscribe_inbox)
 probe_all = trio_asyncio.aio_as_trio(_probe_all)
+request = trio_asyncio.aio_as_trio(_request)
 unsubscribe = trio_asyncio.aio_as_trio(_unsubscribe)

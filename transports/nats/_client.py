@@ -160,6 +160,19 @@ class NatsClient:
         finally:
             await self._finish(request_id, state, subscription)
 
+    async def status(self, worker_id: str | None = None, *, patience: float = 2.0) -> dict[str, Any]:
+        """A worker's live state (its /status object and ``worker_id``, docs/protocol-nats.md "Status"):
+        the first worker of the namespace to answer, or the one with ``worker_id``. No answer within
+        ``patience`` seconds raises ``Unavailable``."""
+        everyone, _ = protocol.status_subjects(self.namespace, "")
+        subject = everyone if worker_id is None else protocol.status_subjects(self.namespace, worker_id)[1]
+        answer = await aio.request(self._client, subject, patience)
+        if answer is None:
+            who = f"worker {worker_id}" if worker_id else f"any worker of namespace {self.namespace!r}"
+            raise Unavailable(f"no answer on {subject} within {patience:g} s: is {who} up?", retryable=True)
+        report: dict[str, Any] = json.loads(answer)
+        return report
+
     def exchange(
         self,
         endpoint: str,

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from runtime import Transport
-from runtime.plugins import CallTarget, DuplexTarget, TlsFiles, run_exchange, seconds
+from runtime.plugins import CallTarget, DuplexTarget, StatusTarget, TlsFiles, run_exchange, seconds
 
 from ._protocol import check_url
 
@@ -90,6 +90,19 @@ class NatsPlugin:
                 await run_exchange(session, messages, answer)
 
         return exchange
+
+    def status_target(self, args: argparse.Namespace) -> StatusTarget | None:
+        if args.nats is None:
+            return None
+        url, namespace, options = args.nats, args.namespace, _connect_options(args)
+
+        async def status() -> dict[str, Any]:
+            from ._client import NatsClient
+
+            async with NatsClient.connect(url, namespace=namespace, connect_options=options) as client:
+                return await client.status()
+
+        return status
 
 
 def _nats_url(text: str) -> str:

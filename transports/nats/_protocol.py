@@ -120,6 +120,12 @@ def load_subject(namespace: str, worker_id: str) -> str:
     return f"_INGRESS.load.{namespace}.{worker_id}"
 
 
+def status_subjects(namespace: str, worker_id: str) -> tuple[str, str]:
+    """Where a worker answers status requests: any worker of the namespace (the first answer is
+    taken), and this one by its id."""
+    return f"_INGRESS.status.{namespace}", f"_INGRESS.status.{namespace}.{worker_id}"
+
+
 def input_wildcard(worker_id: str) -> str:
     return f"_INGRESS.input.{worker_id}.*"
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -44,8 +45,8 @@ INBOX_SIZE = 1024
 OUTBOX_HIGH_WATER = 1024 * 1024
 # Bound on the final drain of the connection in phase 3.
 CLOSE_TIMEOUT = 5.0
-# $SRV requests waiting to be answered; more at once are dropped (their askers time out).
-DISCOVERY_BACKLOG = 64
+# $SRV and status requests waiting to be answered; more at once are dropped (their askers time out).
+QUERY_BACKLOG = 64
 # Waits between connection attempts at start-up, doubling from the first to the last.
 FIRST_CONNECT_BACKOFF = 0.1
 MAX_CONNECT_BACKOFF = 2.0
@@ -98,8 +99,12 @@ class NatsTransport:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(outbox.publisher.run)
                     worker_id = uuid.uuid4().hex
-                    if self.load_report_interval is not None and binding.status is not None:
-                        nursery.start_soon(self._report_load, binding.status, outbox, worker_id)
+                    if binding.status is not None:
+                        status = partial(_identified, binding.status, worker_id)
+                        subjects = protocol.status_subjects(self.namespace, worker_id)
+                        await nursery.start(_answer_requests, subjects, lambda _: status(), client, outbox)
+                        if self.load_report_interval is not None:
+                            nursery.start_soon(self._report_load, status, outbox, worker_id)
                     control = protocol.control_subject(worker_id)
                     inputs = ExchangeInputs(worker_id, control, outbox.publisher.put_nowait)
                     requests = _Requests(self, client, Caller(binding), outbox, nursery, control, inputs)
@@ -124,7 +129,7 @@ class NatsTransport:
                         binding.runtime.metrics.registry,
                         self.name,
                     )
-                    await nursery.start(_answer_discovery, service, client, outbox)
+                    await nursery.start(_answer_requests, service.subjects(), service.reply, client, outbox)
                     binding.runtime.logger.info("nats.subscribed", url=self.url, namespace=self.namespace)
                     binding.opened()
             finally:
@@ -137,11 +142,11 @@ class NatsTransport:
     async def _report_load(
         self, status: Callable[[], dict[str, Any]], outbox: _Outbox, worker_id: str
     ) -> None:
-        """Publish the worker's status every ``load_report_interval``, with its id, until cancelled."""
+        """Publish the worker's status every ``load_report_interval`` until cancelled."""
         assert self.load_report_interval is not None
         subject = protocol.load_subject(self.namespace, worker_id)
         while True:
-            report = json.dumps({**status(), "worker_id": worker_id}, separators=(",", ":")).encode()
+            report = json.dumps(status(), separators=(",", ":")).encode()
             outbox.publisher.put_nowait(aio.Outgoing(subject, report, {}))
             await trio.sleep(self.load_report_interval)
 
@@ -169,23 +174,34 @@ class NatsTransport:
             backoff = min(backoff * 2, MAX_CONNECT_BACKOFF)
 
 
-async def _answer_discovery(
-    service: Service, client: Any, outbox: _Outbox, *, task_status: trio.TaskStatus[None]
+def _identified(status: Callable[[], dict[str, Any]], worker_id: str) -> dict[str, Any]:
+    """The worker's status with its NATS id (which a router uses to tell workers of one name apart)."""
+    return {**status(), "worker_id": worker_id}
+
+
+async def _answer_requests(
+    subjects: Sequence[str],
+    reply: Callable[[str], dict[str, Any]],
+    client: Any,
+    outbox: _Outbox,
+    *,
+    task_status: trio.TaskStatus[None],
 ) -> None:
-    """Answer the services protocol (``$SRV.PING/INFO/STATS``, transports/nats/_services.py) until
-    phase 3. A flood past the channel is dropped: the asker's request times out, nothing else waits."""
-    send, receive = trio.open_memory_channel[Msg](DISCOVERY_BACKLOG)
+    """Answer requests on ``subjects`` with ``reply(subject)`` as JSON until phase 3: the services
+    protocol (``$SRV.PING/INFO/STATS``, transports/nats/_services.py) and the status requests. A flood
+    past the channel is dropped: the asker's request times out, nothing else waits."""
+    send, receive = trio.open_memory_channel[Msg](QUERY_BACKLOG)
 
     def take(msg: Msg) -> None:
         with contextlib.suppress(trio.WouldBlock):
             send.send_nowait(msg)
 
-    for subject in service.subjects():
+    for subject in subjects:
         await aio.subscribe_handled(client, subject, take)
     task_status.started()
     async for msg in receive:
         if msg.reply:
-            answer = json.dumps(service.reply(msg.subject), separators=(",", ":")).encode()
+            answer = json.dumps(reply(msg.subject), separators=(",", ":")).encode()
             outbox.publisher.put_nowait(aio.Outgoing(msg.reply, answer, {}))
 
 

@@ -6,8 +6,8 @@ import argparse
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from runtime import Transport
-from runtime.plugins import CallTarget, DuplexTarget, TlsFiles, address, run_exchange
+from runtime import Transport, Unavailable
+from runtime.plugins import CallTarget, DuplexTarget, StatusTarget, TlsFiles, address, run_exchange
 
 DEFAULT_ADDRESS = ("127.0.0.1", 9000)
 
@@ -48,6 +48,9 @@ class TcpPlugin:
     def duplex_target(self, args: argparse.Namespace) -> DuplexTarget | None:
         return _exchange_with(args.tcp or DEFAULT_ADDRESS)
 
+    def status_target(self, args: argparse.Namespace) -> StatusTarget | None:
+        return None if args.tcp is None else _status_of(args.tcp)
+
 
 def _stream_to(address: tuple[str, int]) -> CallTarget:
     async def stream(
@@ -60,6 +63,19 @@ def _stream_to(address: tuple[str, int]) -> CallTarget:
                 yield chunk
 
     return stream
+
+
+def _status_of(address: tuple[str, int]) -> StatusTarget:
+    async def status() -> dict[str, Any]:
+        from ._client import TcpClient
+
+        async with TcpClient.connect(*address, heartbeat_interval=None) as client:
+            report = await client.ping()
+        if report is None:
+            raise Unavailable(f"the worker at {address[0]}:{address[1]} sent no load report", retryable=False)
+        return report
+
+    return status
 
 
 def _exchange_with(address: tuple[str, int]) -> DuplexTarget:
