@@ -55,6 +55,8 @@ from ._listeners import serve_accepting as serve_accepting
 from ._logging import configure_logging as configure_logging
 from ._metrics import Metrics as Metrics
 from ._readiness import Readiness as Readiness
+from ._retry import RetryBudget as RetryBudget
+from ._retry import retry_before_first_chunk as retry_before_first_chunk
 from ._shutdown import ShutdownCoordinator as ShutdownCoordinator
 from ._shutdown import ShutdownResult as ShutdownResult
 from ._wire_errors import decode_error as decode_error
@@ -103,6 +105,7 @@ __all__ = [
     "RemoteError",
     "RequestContext",
     "ResponseSink",
+    "RetryBudget",
     "RuntimeContext",
     "ShutdownCoordinator",
     "ShutdownResult",
@@ -126,5 +129,6 @@ __all__ = [
     "open_worker",
     "refuse",
     "remote_error",
+    "retry_before_first_chunk",
     "serve_accepting",
 ]

@@ -240,17 +240,6 @@ async def test_leaving_a_stream_early_kills_the_worker_handler_at_once(nats_url)
         assert sample(handle.runtime, "ingress_requests_total", **labels, outcome="cancelled") == 1
 
 
-def test_retry_budget_allows_a_share_of_requests_plus_a_reserve():
-    """Retries are capped at ratio x requests plus the reserve: a failing fleet is not stampeded."""
-    from transports.nats import RetryBudget
-
-    budget = RetryBudget(ratio=0.25, reserve=2)
-    assert [budget.try_spend() for _ in range(3)] == [True, True, False]  # the reserve, then nothing
-    for _ in range(8):
-        budget.request_made()
-    assert [budget.try_spend() for _ in range(3)] == [True, True, False]  # 8 requests x 0.25 = 2 retries
-
-
 async def test_retries_stop_when_the_budget_is_spent(nats_url):
     """With an empty budget, a retryable failure (no responders) is reported at once, without retries."""
     from transports.nats import RetryBudget

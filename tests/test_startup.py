@@ -10,10 +10,18 @@ import httpx
 import pytest
 import trio
 
-from runtime import EXIT_ENGINE_FAILED, EXIT_OK, ErrorCode, RemoteError, Worker, WorkerConfig, open_worker
+from runtime import (
+    EXIT_ENGINE_FAILED,
+    EXIT_OK,
+    ErrorCode,
+    RemoteError,
+    RetryBudget,
+    Worker,
+    WorkerConfig,
+    open_worker,
+)
 from runtime.testing import nats_server, worker_process
 from transports.nats import NatsClient
-from transports.nats._client import RetryBudget
 from transports.tcp import TcpClient, TcpTransport
 
 # A model load that outlasts the test, which ends it with SIGTERM.

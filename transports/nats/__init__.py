@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from runtime import RetryBudget as RetryBudget
+
     from ._client import NatsClient as NatsClient
-    from ._client import RetryBudget as RetryBudget
     from ._server import NatsTransport as NatsTransport
 
+# RetryBudget lives in the core (every client shares it); it stays importable from here too.
 _WHERE = {"NatsClient": "._client", "RetryBudget": "._client", "NatsTransport": "._server"}
 __all__ = ["NatsClient", "NatsTransport", "RetryBudget"]
 

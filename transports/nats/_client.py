@@ -27,11 +27,12 @@ from runtime import (
     ErrorCode,
     ExchangeEnded,
     IngressError,
-    RemoteError,
+    RetryBudget,
     Unavailable,
     decode_error,
     new_request_id,
     remote_error,
+    retry_before_first_chunk,
 )
 
 from . import _aio as aio
@@ -39,35 +40,11 @@ from . import _protocol as protocol
 
 # Replies buffered per request before the asyncio side drops them (a gap the caller then reports).
 STREAM_BUFFER = 4096
-# Retries of a retryable error that came before any chunk (another worker of the queue group will
-# usually take it), with exponential backoff from FIRST_BACKOFF seconds.
-MAX_ATTEMPTS = 4
-FIRST_BACKOFF = 0.01
 # Bound on unsubscribing an inbox and on closing the connection, which run shielded during cleanup.
 CLEANUP_TIMEOUT = 5.0
 # A stream that hears nothing from its worker for this long (no reply, no liveness probe) is reported
 # as lost. Workers probe every caller_check_interval (2 s by default), so this leaves room for several.
 DEFAULT_STALL_TIMEOUT = 10.0
-
-
-class RetryBudget:
-    """Retries may be at most ``ratio`` of requests (plus a small ``reserve`` for a quiet client), so that
-    when a whole fleet is failing, callers do not multiply its load (the Finagle / gRPC retry budget)."""
-
-    def __init__(self, ratio: float = 0.2, reserve: float = 10.0) -> None:
-        self.ratio = ratio
-        self.reserve = reserve
-        self._tokens = reserve
-
-    def request_made(self) -> None:
-        self._tokens = min(self._tokens + self.ratio, self.reserve + 1)
-
-    def try_spend(self) -> bool:
-        """Take one retry from the budget; False means retrying now would feed a stampede."""
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
 
 class NatsClient:
@@ -119,24 +96,15 @@ class NatsClient:
         """Yield the chunks of one request; the deadline defaults to the caller's cancel scope.
 
         A retryable error before the first chunk (draining worker, overload, no responders) is retried
-        up to MAX_ATTEMPTS times with backoff, while the client's retry budget allows; after a chunk,
-        errors are raised as they come."""
+        with backoff, while the client's retry budget allows (runtime/_retry.py: the same rule for
+        every client); after a chunk, errors are raised as they come."""
         request_id = request_id or new_request_id()
-        self.retry_budget.request_made()
-        for attempt in range(MAX_ATTEMPTS):
-            chunks = 0
-            try:
-                attempt_chunks = self._stream_once(endpoint, request, deadline, metadata, request_id)
-                async with aclosing(attempt_chunks):  # closed now, not by the garbage collector
-                    async for chunk in attempt_chunks:
-                        chunks += 1
-                        yield chunk
-                return
-            except RemoteError as error:
-                last = attempt == MAX_ATTEMPTS - 1
-                if chunks or not error.retryable or last or not self.retry_budget.try_spend():
-                    raise
-            await trio.sleep(FIRST_BACKOFF * 2**attempt)
+        chunks = retry_before_first_chunk(
+            lambda _: self._stream_once(endpoint, request, deadline, metadata, request_id), self.retry_budget
+        )
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
 
     async def _stream_once(
         self,
