@@ -15,4 +15,10 @@ def test_runtime_all_is_importable_and_public():
 def test_public_objects_are_reexported_from_private_modules():
     """Public classes live in private modules and are re-exported, so the layout can change freely."""
     assert runtime.Worker.__module__ == "runtime._worker"
-    assert set(transports.tcp.__all__) == {"ClientExchange", "ClientStream", "TcpClient", "TcpTransport"}
+    assert set(transports.tcp.__all__) == {
+        "ClientExchange",
+        "ClientStream",
+        "TcpClient",
+        "TcpPool",
+        "TcpTransport",
+    }

@@ -67,7 +67,9 @@ class TcpClient:
         self._streams: dict[int, trio.MemorySendChannel[Any]] = {}
         self._slots: trio.Semaphore | None = None
         self._lost: IngressError | None = None
+        self._lost_event = trio.Event()
         self._goaway = trio.Event()
+        self._idle: trio.Event | None = None  # made by wait_idle, set when the last stream ends
         # Exchanges waiting for credit to send their next message, and the most credit each has had
         # (its window: a message larger than that can never be sent), by stream id.
         self._credit_waiters: dict[int, trio.Event] = {}
@@ -77,6 +79,8 @@ class TcpClient:
         self._pings: dict[bytes, _PendingPing] = {}
         self.load: dict[str, Any] | None = None
         self.load_received_at: float | None = None
+        # This client's streams when the report was made: the rest of its in_flight is other callers'.
+        self.streams_at_report = 0
 
     @classmethod
     @asynccontextmanager
@@ -214,6 +218,22 @@ class TcpClient:
         """Whether new streams may open here: the connection is up and the worker is not draining."""
         return self._lost is None and self._codec.goaway_received is None
 
+    @property
+    def open_streams(self) -> int:
+        """Streams (and exchanges) of this client that have not ended."""
+        return len(self._streams)
+
+    async def wait_lost(self) -> None:
+        """Wait until the connection is lost (the worker closed it, reset it, or stopped answering)."""
+        await self._lost_event.wait()
+
+    async def wait_idle(self) -> None:
+        """Wait until no stream of this client is open."""
+        while self._streams:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
+
     def exchange(
         self,
         endpoint: str,
@@ -329,6 +349,7 @@ class TcpClient:
     def _connection_lost(self, why: str) -> None:
         if self._lost is None:
             self._lost = Unavailable(why)
+        self._lost_event.set()
         for channel in self._streams.values():
             channel.close()
         for waiter in self._credit_waiters.values():
@@ -344,6 +365,7 @@ class TcpClient:
                 report = decoded if isinstance(decoded, dict) else None
         if report is not None:
             self.load, self.load_received_at = report, trio.current_time()
+            self.streams_at_report = len(self._streams)
         pending = self._pings.get(pong.opaque)
         if pending is not None:
             pending.report = report
@@ -453,6 +475,9 @@ class TcpClient:
         self._credit_granted(stream_id)  # a sender waiting for credit learns the exchange is over
         channel.close()
         self._windows.pop(stream_id, None)
+        if not self._streams and self._idle is not None:
+            self._idle.set()
+            self._idle = None
         assert self._slots is not None
         self._slots.release()
         if kill and not self._writer.closed:
