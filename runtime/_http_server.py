@@ -24,9 +24,14 @@ everything that touches the socket and every bound (docs/http.md):
   with unread bytes would make the kernel send RST, which destroys a response the client has not read
   yet (RFC 9112 9.6).
 - **Keep-alive**: a connection with nothing in progress is closed after ``keep_alive_timeout`` (counted
-  from when it became idle, so a slowloris head does not reset it). Draining closes nothing by itself: a
-  request arriving on an idle connection is answered (503 + ``Connection: close`` by the app), so no
-  request on the wire can meet a close; phase 3 cancels what is left.
+  from when it became idle, so a slowloris head does not reset it). Draining closes no HTTP/1.1
+  connection by itself: a request arriving on an idle one is answered (503 + ``Connection: close`` by the
+  app), so no request on the wire can meet a close; phase 3 cancels what is left.
+- **GOAWAY at drain start (h2)**: once ``draining`` is set, every h2 connection gets one graceful GOAWAY
+  and is closed: an idle one at once, a busy one when its last stream has ended (or at once with
+  ``early_goaway``, its streams then running to their end), one opened during the drain once it has
+  been answered. Streams past the GOAWAY's last stream id are refused. h2's own ``close_connection()``
+  cannot do this: it moves h2's state machine to CLOSED, which fails every stream still running.
 - **Containment**: any exception of one connection ends that connection only, logged.
 """
 
@@ -40,6 +45,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import h2.errors
 import h2.events
 import structlog
 import trio
@@ -54,6 +60,7 @@ from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr
+from hyperframe.frame import GoAwayFrame
 
 from ._listeners import DEFAULT_BACKLOG, open_listeners, serve_accepting
 
@@ -74,6 +81,9 @@ LINGER_TIMEOUT = 2.0
 # its body reads it after what is queued; one that has already finished never does).
 DISCONNECT_PATIENCE = 30.0
 
+# The GOAWAY's debug data: for whoever reads a packet capture or a client's log.
+GOAWAY_DEBUG_DATA = b"worker is draining; open new streams elsewhere"
+
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
@@ -87,6 +97,10 @@ class HttpServerLimits:
     # writer waits (HTTP/1.1 has one response at a time: the socket itself is its bound).
     stream_high_water: int = 64 * 1024
     connection_high_water: int = 1024 * 1024
+    # h2, at drain start: GOAWAY also the connections with streams still running, rather than when
+    # their last stream ends. For clients that keep running streams after a GOAWAY (RFC 9113 6.8: Envoy,
+    # Go, nghttp2, curl); a client built on the h2 library (httpx) fails them (python-hyper/h2#1181).
+    early_goaway: bool = False
 
 
 async def serve_http(
@@ -97,21 +111,26 @@ async def serve_http(
     port: int,
     *,
     prepare: Callable[[trio.SocketStream], None] | None = None,
+    draining: trio.Event | None = None,
     listener_name: str = "http",
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` until cancelled; reports the bound (host, port).
 
-    ``prepare`` is called with every accepted socket stream (say, to turn on TCP keepalive)."""
+    ``prepare`` is called with every accepted socket stream (say, to turn on TCP keepalive). Once
+    ``draining`` is set (the worker's phase 1), every h2 connection is sent a graceful GOAWAY."""
     ssl_context = config.create_ssl_context()  # first: a bad certificate must not leak bound sockets
     sockets = await open_listeners(host, port, limits.backlog)
     listeners: list[trio.abc.Listener[Any]] = list(sockets)
     if ssl_context is not None:
         listeners = [trio.SSLListener(s, ssl_context, https_compatible=True) for s in sockets]
     wrapped = ASGIWrapper(app)  # type: ignore[arg-type]  # hypercorn's Framework union is narrower than ASGI's shape
-    handler = partial(_serve_connection, wrapped, config, limits, prepare)
+    drain = _Drain(draining)
+    handler = partial(_serve_connection, wrapped, config, limits, drain, prepare)
     try:
         async with trio.open_nursery() as nursery:
+            if draining is not None:
+                nursery.start_soon(drain.announce)
             task_status.started(sockets[0].socket.getsockname()[:2])
             await serve_accepting(
                 handler,
@@ -134,17 +153,32 @@ def effective_backlog(requested: int) -> int:
         return requested
 
 
+class _Drain:
+    """The listener's drain as its connections see it: the event, and the connections to tell when it
+    is set (one task for all of them, rather than one parked task per connection)."""
+
+    def __init__(self, started: trio.Event | None) -> None:
+        self.started = started if started is not None else trio.Event()
+        self.connections: set[Connection] = set()
+
+    async def announce(self) -> None:
+        await self.started.wait()
+        for connection in self.connections:
+            connection.drain_started()
+
+
 async def _serve_connection(
     app: ASGIWrapper,
     config: Config,
     limits: HttpServerLimits,
+    drain: _Drain,
     prepare: Callable[[trio.SocketStream], None] | None,
     stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
 ) -> None:
     try:
         if prepare is not None:
             prepare(stream.transport_stream if isinstance(stream, trio.SSLStream) else stream)
-        await Connection(app, config, limits, stream).run()
+        await Connection(app, config, limits, stream, drain).run()
     except Exception as exc:  # one connection's failure, contained (Cancelled is not an Exception)
         structlog.get_logger("ingress").warning("http.connection_failed", exc_info=exc)
     finally:
@@ -160,6 +194,7 @@ class Connection:
         config: Config,
         limits: HttpServerLimits,
         stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+        drain: _Drain | None = None,
     ) -> None:
         self.app = app
         self.config = config
@@ -167,6 +202,8 @@ class Connection:
         self.stream = stream
         self.context = WorkerContext(None)
         self.protocol: _ProtocolSwitch
+        self._drain = drain if drain is not None else _Drain(None)
+        self._task_group: TaskGroup | None = None  # the protocol's, while it runs
         # What the protocol sent and the writer task has not yet handed to the socket.
         self._outgoing = bytearray()
         self._has_outgoing = trio.Event()
@@ -201,11 +238,24 @@ class Connection:
             async with TaskGroup() as task_group:
                 state = ConnectionState({})
                 args = (self.app, self.config, self.context, task_group, state, self._ssl, client, server)
-                self.protocol = _ProtocolSwitch((*args, self.send), self.limits, alpn)
+                self.protocol = _ProtocolSwitch((*args, self.send), self.limits, alpn, self._drain.started)
                 await self.protocol.initiate()
-                await self._read()
+                self._task_group = task_group
+                self._drain.connections.add(self)
+                try:
+                    await self._read()
+                finally:
+                    self._drain.connections.discard(self)
+                    self._task_group = None
             # Every stream has ended and reading is over (peer closed, idle, or done lingering).
             writing.cancel_scope.cancel(reason="connection finished")
+
+    def drain_started(self) -> None:
+        """Phase 1: an h2 connection is told (in a task of its own: the announcer must not wait for one
+        connection's back-pressure). HTTP/1.1 has nothing to send: see the module docstring."""
+        protocol = self.protocol.protocol
+        if isinstance(protocol, _BoundedH2Protocol) and self._task_group is not None:
+            self._task_group.spawn(protocol.drain_started, self.limits.early_goaway)
 
     @property
     def _ssl(self) -> bool:
@@ -391,13 +441,16 @@ class _ProtocolSwitch:
     """hypercorn's ``ProtocolWrapper``: HTTP/1.1 or h2 by ALPN, switching to h2 on prior knowledge or
     an h2c Upgrade; built here so that h2 is the bounded subclass."""
 
-    def __init__(self, args: tuple[Any, ...], limits: HttpServerLimits, alpn: str) -> None:
+    def __init__(
+        self, args: tuple[Any, ...], limits: HttpServerLimits, alpn: str, draining: trio.Event
+    ) -> None:
         self._args = args
         self._limits = limits
+        self._draining = draining
         self.protocol: H11Protocol | H2Protocol = self._h2() if alpn == "h2" else H11Protocol(*args)
 
     def _h2(self) -> _BoundedH2Protocol:
-        return _BoundedH2Protocol(*self._args, limits=self._limits)
+        return _BoundedH2Protocol(*self._args, limits=self._limits, draining=self._draining)
 
     async def initiate(self) -> None:
         await self.protocol.initiate()
@@ -422,14 +475,70 @@ _BodyEvent = h2.events.DataReceived | h2.events.StreamEnded
 
 
 class _BoundedH2Protocol(H2Protocol):
-    """hypercorn's h2 protocol with a working bound on queued response bytes (see the module docstring)."""
+    """hypercorn's h2 protocol with a working bound on queued response bytes and a graceful GOAWAY when
+    the drain starts (see the module docstring)."""
 
-    def __init__(self, *args: Any, limits: HttpServerLimits) -> None:
+    def __init__(self, *args: Any, limits: HttpServerLimits, draining: trio.Event) -> None:
         super().__init__(*args)
         self._limits = limits
         self._room = trio.lowlevel.ParkingLot()
         # Streams whose request body is being handed to their app, by stream id (_deliver_body).
         self._bodies: dict[int, _BodyDelivery] = {}
+        self._draining = draining
+        self._announced = False  # open when the drain started (drain_started)
+        self._last_stream_id: int | None = None  # the GOAWAY's, once sent
+        self._receiving = False  # a batch of received frames is being handled
+
+    async def drain_started(self, busy_too: bool) -> None:
+        """Phase 1: GOAWAY and close now if no stream is in progress, else once the last one has ended;
+        with ``busy_too``, the GOAWAY goes out now in any case (see ``HttpServerLimits.early_goaway``)."""
+        self._announced = True
+        if busy_too and not self.closed:
+            await self._send_goaway()
+        await self._end_if_drained()
+
+    async def _send_goaway(self) -> None:
+        """One GOAWAY (NO_ERROR), its last stream id the highest the client has opened: every stream it
+        opened before runs to its end (a new call among them gets the drain's 503), any later one is
+        refused. Not 2^31-1 first (RFC 9113 6.8): a worker that is draining takes no new call whatever
+        the id, so a wider first promise would save no stream, and h2-based clients fail every stream
+        at or below the id they receive (docs/http.md, "Draining").
+
+        Built here rather than by h2's ``close_connection()``, which moves h2's state machine to CLOSED:
+        every stream still running would fail. Queued after what h2 has pending, in one write, so that
+        frames leave whole and in the order they were made."""
+        if self._last_stream_id is not None:
+            return
+        self._last_stream_id = self.connection.highest_inbound_stream_id
+        frame = GoAwayFrame(
+            0,
+            last_stream_id=self._last_stream_id,
+            error_code=h2.errors.ErrorCodes.NO_ERROR,
+            additional_data=GOAWAY_DEBUG_DATA,
+        )
+        await self.send(RawData(self.connection.data_to_send() + frame.serialize()))
+
+    def _idle(self) -> bool:
+        """No stream in progress, none with response bytes still to send (its END_STREAM included), and
+        no batch of frames half handled (it may still open streams the GOAWAY would let through)."""
+        return not (self.streams or self.stream_buffers or self._receiving)
+
+    async def _end_if_drained(self) -> None:
+        """Once draining, a connection ends with its last stream: GOAWAY (if it has not had one yet),
+        then close. One opened during the drain that never opened a stream is left alone: its first
+        request is on its way, and refusing it would send the client round to open another
+        connection, and another; it gets its 503 first."""
+        if (
+            self._draining.is_set()
+            and not self.closed
+            and self._idle()
+            and (self._announced or self.connection.highest_inbound_stream_id)
+        ):
+            await self._send_goaway()
+            await self.send(Closed())
+
+    def _beyond_goaway(self, stream_id: int) -> bool:
+        return self._last_stream_id is not None and stream_id > self._last_stream_id
 
     def queued(self, stream_id: int | None = None) -> int:
         """Response bytes waiting for the peer's window: on one stream, or on the whole connection."""
@@ -458,8 +567,17 @@ class _BoundedH2Protocol(H2Protocol):
     async def _send_data(self, stream_id: int) -> None:
         await super()._send_data(stream_id)
         self._room.unpark_all()  # bytes left, or the stream is gone: writers re-check their bound
+        await self._end_if_drained()  # its END_STREAM may have been the connection's last frame
 
     async def handle(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            self._receiving = True
+            try:
+                await super().handle(event)
+            finally:
+                self._receiving = False
+            await self._end_if_drained()  # the batch may have reset the last stream
+            return
         await super().handle(event)
         if isinstance(event, Closed):
             # hypercorn stops its send task on Closed but leaves the stream buffers open, so a response
@@ -484,6 +602,7 @@ class _BoundedH2Protocol(H2Protocol):
         else:
             await super()._close_stream(stream_id)
         self._room.unpark_all()
+        await self._end_if_drained()
 
     async def _tell_closed(self, stream: Any) -> None:
         """Hand a closed stream's ``http.disconnect`` to its app once its queue has room; bounded, since
@@ -503,9 +622,13 @@ class _BoundedH2Protocol(H2Protocol):
           app took it, so a body is held back by h2's own windows, not buffered.
         - DATA for a stream that is already gone is dropped: an app that answers before reading the
           whole body (a 503 while draining, a 413) ends its stream, and the body's late DATA frames made
-          hypercorn raise KeyError and end the whole connection, cutting every other stream on it."""
+          hypercorn raise KeyError and end the whole connection, cutting every other stream on it.
+        - A stream opened past the GOAWAY's last stream id (sent before the client saw it) is refused
+          with REFUSED_STREAM: nothing of it ran, so the client may send it again anywhere."""
         for event in events:
-            if isinstance(event, h2.events.DataReceived | h2.events.StreamEnded):
+            if isinstance(event, h2.events.RequestReceived) and self._beyond_goaway(event.stream_id):
+                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            elif isinstance(event, h2.events.DataReceived | h2.events.StreamEnded):
                 if self._app_has_room(event.stream_id):
                     await super()._handle_events([event])
                 else:

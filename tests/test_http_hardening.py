@@ -1,6 +1,6 @@
 """The HTTP transport against peers that misbehave: clients that stop reading, bursts of connections,
-rapid resets, keep-alive requests racing a drain (and, for comparison, a non-reading TCP-protocol client at
-SIGTERM). Real sockets on 127.0.0.1, real workers."""
+rapid resets, keep-alive requests racing a drain, h2 connections told GOAWAY by a drain (and, for
+comparison, a non-reading TCP-protocol client at SIGTERM). Real sockets on 127.0.0.1, real workers."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import pytest
 import trio
 import trio.testing
+from hyperframe.frame import Frame, GoAwayFrame
 
 from runtime import RequestContext, Worker, open_worker
 from runtime.testing import sample, worker_process
@@ -46,7 +48,11 @@ async def _connect(address: tuple[str, int]) -> trio.SocketStream:
 
 
 class H2Peer:
-    """The client side of h2 (the h2 state machine) on a raw socket, reading only when told to."""
+    """The client side of h2 (the h2 state machine) on a raw socket, reading only when told to.
+
+    GOAWAY frames are not given to h2 (its state machine goes CLOSED on one, python-hyper/h2#1181, and
+    would then reject the frames of the streams the server still finishes): they go in ``events``
+    as they are, in the order they came."""
 
     def __init__(self, stream: trio.SocketStream, window: int | None = None) -> None:
         self.stream = stream
@@ -56,7 +62,8 @@ class H2Peer:
             self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
             if window > 65535:  # the connection's window only grows (RFC 9113 6.9.2)
                 self.conn.increment_flow_control_window(window - 65535)
-        self.events: list[h2.events.Event] = []
+        self.events: list[h2.events.Event | GoAwayFrame] = []
+        self._unparsed = bytearray()
 
     async def flush(self) -> None:
         await self.stream.send_all(self.conn.data_to_send())
@@ -77,9 +84,46 @@ class H2Peer:
     async def read_until(self, kind: type, stream_id: int | None) -> None:
         """Read (without acknowledging data) until an event of ``kind`` arrives on ``stream_id``."""
         while not any(isinstance(e, kind) and _on(e, stream_id) for e in self.events):
-            data = await self.stream.receive_some(65536)
-            assert data, "the server closed the connection"
-            self.events += self.conn.receive_data(data)
+            assert await self._receive(), "the server closed the connection"
+
+    async def read_until_goaway(self) -> GoAwayFrame:
+        while not self.goaways():
+            assert await self._receive(), "the server closed the connection"
+        return self.goaways()[0]
+
+    async def read_until_closed(self) -> None:
+        while await self._receive():
+            pass
+
+    async def _receive(self) -> bool:
+        """Read once and hand h2 every complete frame but GOAWAY; False at the server's close."""
+        data = await _receive_or_eof(self.stream)
+        self._unparsed += data
+        while len(self._unparsed) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(self._unparsed[:9]))
+            if len(self._unparsed) < 9 + length:
+                break
+            raw, self._unparsed = bytes(self._unparsed[: 9 + length]), self._unparsed[9 + length :]
+            if isinstance(frame, GoAwayFrame):
+                frame.parse_body(memoryview(raw[9:]))
+                self.events.append(frame)
+            else:
+                self.events += self.conn.receive_data(raw)
+        return bool(data)
+
+    def goaways(self) -> list[GoAwayFrame]:
+        return [e for e in self.events if isinstance(e, GoAwayFrame)]
+
+    def of(self, kind: type, stream_id: int) -> list[Any]:
+        """The events of ``kind`` received on ``stream_id``."""
+        return [e for e in self.events if isinstance(e, kind) and _on(e, stream_id)]
+
+    def body(self, stream_id: int) -> bytes:
+        return b"".join(e.data for e in self.of(h2.events.DataReceived, stream_id))
+
+    def status(self, stream_id: int) -> bytes:
+        [response] = self.of(h2.events.ResponseReceived, stream_id)
+        return dict(response.headers)[b":status"]
 
 
 def _on(event: h2.events.Event, stream_id: int | None) -> bool:
@@ -309,6 +353,147 @@ async def _post_hold(address: tuple[str, int]) -> None:
     async with await trio.open_tcp_stream(*address) as stream:
         await stream.send_all(b"POST /v1/hold HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}")
         assert (await _read_reply(stream, bytearray())).status == 200
+
+
+class _Gates:
+    """What the GOAWAY tests hold: a stream after its first chunk, and a unary call that keeps phase 3
+    (which closes every connection) away until the test is done, so only the drain can close one."""
+
+    def __init__(self) -> None:
+        self.streaming, self.stream_release = trio.Event(), trio.Event()
+        self.holding, self.phase3 = trio.Event(), trio.Event()
+
+
+def _streaming_worker(gates: _Gates) -> Worker:
+    worker = _holding_worker(gates.phase3, gates.holding)
+
+    @worker.endpoint("count")
+    async def count(request: Any, ctx: RequestContext) -> Any:
+        for i in range(3):
+            yield {"i": i}
+            if i == 0:
+                gates.streaming.set()
+                await gates.stream_release.wait()
+
+    return worker
+
+
+COUNTED = b'data: {"i":0}\n\ndata: {"i":1}\n\ndata: {"i":2}\n\nevent: end\ndata: {"chunks":3}\n\n'
+
+
+async def _drain_held(handle: Any, gates: _Gates, nursery: trio.Nursery) -> None:
+    """Start the drain with a call in flight that holds phase 3 off (until ``gates.phase3``)."""
+    nursery.start_soon(_post_hold, handle.addresses["http"])
+    await gates.holding.wait()
+    handle.shutdown("test")
+    await handle.wait_intake_closed()
+
+
+def _assert_graceful(goaway: GoAwayFrame, last_stream_id: int) -> None:
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    assert goaway.last_stream_id == last_stream_id
+
+
+def _assert_whole(peer: H2Peer, stream_id: int) -> None:
+    assert peer.body(stream_id) == COUNTED and peer.of(h2.events.StreamEnded, stream_id)
+
+
+@pytest.mark.parametrize("early_goaway", [False, True], ids=["after-its-end", "early"])
+async def test_h2_stream_running_at_drain_start_ends_whole_then_goaway_and_close(early_goaway):
+    """A running stream gets all its chunks; GOAWAY comes after its end (early_goaway: before); then close."""
+    gates = _Gates()
+    transport = HttpTransport(port=0, early_goaway=early_goaway)
+    async with open_worker(_streaming_worker(gates), [transport]) as handle, trio.open_nursery() as nursery:
+        async with await trio.open_tcp_stream(*handle.addresses["http"]) as stream:
+            peer = H2Peer(stream)
+            running = peer.post("/v1/count", b"{}")
+            await peer.flush()
+            await gates.streaming.wait()
+            await _drain_held(handle, gates, nursery)
+            if early_goaway:
+                await peer.read_until_goaway()  # while the stream is held: sent at drain start
+            gates.stream_release.set()
+            await peer.read_until_closed()
+        gates.phase3.set()
+    [goaway] = peer.goaways()
+    _assert_graceful(goaway, last_stream_id=running)
+    _assert_whole(peer, running)
+    [end] = peer.of(h2.events.StreamEnded, running)
+    assert (peer.events.index(goaway) < peer.events.index(end)) is early_goaway
+
+
+@pytest.mark.parametrize("early_goaway", [False, True], ids=["after-its-end", "early"])
+async def test_new_h2_stream_on_a_draining_connection_is_refused_and_nothing_is_lost(early_goaway):
+    """A new stream on a busy connection in the drain: 503, or REFUSED_STREAM past an early GOAWAY."""
+    gates = _Gates()
+    transport = HttpTransport(port=0, early_goaway=early_goaway)
+    async with open_worker(_streaming_worker(gates), [transport]) as handle, trio.open_nursery() as nursery:
+        async with await trio.open_tcp_stream(*handle.addresses["http"]) as stream:
+            peer = H2Peer(stream)
+            running = peer.post("/v1/count", b"{}")
+            await peer.flush()
+            await gates.streaming.wait()
+            await _drain_held(handle, gates, nursery)
+            if early_goaway:
+                await peer.read_until_goaway()
+            late = peer.post("/v1/echo", b"{}")
+            await peer.flush()
+            await peer.read_until(h2.events.StreamReset if early_goaway else h2.events.StreamEnded, late)
+            gates.stream_release.set()
+            await peer.read_until_closed()
+        gates.phase3.set()
+    assert handle.binding("http", "echo").statistics().started == 0
+    _assert_whole(peer, running)
+    [goaway] = peer.goaways()
+    if early_goaway:
+        _assert_graceful(goaway, last_stream_id=running)
+        [reset] = peer.of(h2.events.StreamReset, late)
+        assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+    else:
+        _assert_graceful(goaway, last_stream_id=late)  # every stream it opened was answered
+        [response] = peer.of(h2.events.ResponseReceived, late)
+        assert peer.status(late) == b"503" and dict(response.headers)[b"retry-after"] == b"1"
+        assert json.loads(peer.body(late))["error"]["retryable"] is True
+
+
+async def test_an_idle_h2_connection_gets_goaway_and_is_closed_at_drain_start():
+    """An idle h2 connection gets GOAWAY (its last stream's id) and is closed while the drain still runs."""
+    gates = _Gates()
+    async with (
+        open_worker(_streaming_worker(gates), [HttpTransport(port=0)]) as handle,
+        trio.open_nursery() as nursery,
+        await trio.open_tcp_stream(*handle.addresses["http"]) as stream,
+    ):
+        peer = H2Peer(stream)
+        served = peer.post("/v1/echo", b"{}")
+        await peer.flush()
+        await peer.read_until(h2.events.StreamEnded, served)
+        await _drain_held(handle, gates, nursery)
+        await peer.read_until_closed()
+        in_flight = handle.statistics().in_flight  # the held call: phase 3 has not come
+        gates.phase3.set()
+    assert in_flight == 1
+    [goaway] = peer.goaways()
+    _assert_graceful(goaway, last_stream_id=served)
+
+
+async def test_an_h2_connection_opened_during_the_drain_gets_its_503_then_goaway():
+    """An h2 connection opened in the drain is answered 503 (not refused: no reconnect loop), then GOAWAY."""
+    gates = _Gates()
+    async with (
+        open_worker(_streaming_worker(gates), [HttpTransport(port=0)]) as handle,
+        trio.open_nursery() as nursery,
+    ):
+        await _drain_held(handle, gates, nursery)
+        async with await trio.open_tcp_stream(*handle.addresses["http"]) as stream:
+            peer = H2Peer(stream)
+            late = peer.post("/v1/echo", b"{}")
+            await peer.flush()
+            await peer.read_until_closed()
+        gates.phase3.set()
+    [goaway] = peer.goaways()
+    _assert_graceful(goaway, last_stream_id=late)
+    assert peer.status(late) == b"503" and peer.of(h2.events.StreamEnded, late)
 
 
 KEEP_ALIVE_CLIENTS = 60

@@ -2,9 +2,10 @@
 loop (runtime/_http_server.py) inside the worker's own nursery.
 
 The shutdown coordinator, not hypercorn, decides when streams end: in phase 1 the listener stays open and
-every new call is answered 503 with Retry-After (``Connection: close`` on HTTP/1.1); nothing is closed
-under a request that may be on the wire; phase 3 cancels the connection loop with the rest of the
-primary scope, and no send can outlive that (see docs/http.md).
+every new call is answered 503 with Retry-After (``Connection: close`` on HTTP/1.1); every h2 connection
+gets a graceful GOAWAY and closes once its streams have ended; no HTTP/1.1 connection is closed under a
+request that may be on the wire; phase 3 cancels the connection loop with the rest of the primary scope,
+and no send can outlive that (see docs/http.md).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class HttpTransport:
     stream_high_water: int = 64 * 1024
     # h2: bound on response bytes queued over all streams of one connection.
     connection_high_water: int = 1024 * 1024
+    # h2, at drain start: GOAWAY busy connections at once too, not when their last stream ends. Only for
+    # clients that finish running streams after a GOAWAY (Envoy, Go, nghttp2, curl): httpx fails them.
+    early_goaway: bool = False
     # Listen queue for bursts of new connections (capped by the kernel's net.core.somaxconn).
     backlog: int = 4096
     # TLS: with both set, the port speaks HTTPS only, and ALPN offers h2 then http/1.1.
@@ -76,7 +80,9 @@ class HttpTransport:
         return config
 
     def limits(self) -> HttpServerLimits:
-        return HttpServerLimits(self.backlog, self.stream_high_water, self.connection_high_water)
+        return HttpServerLimits(
+            self.backlog, self.stream_high_water, self.connection_high_water, self.early_goaway
+        )
 
     def _prepare(self, stream: trio.SocketStream) -> None:
         if self.keepalive is not None:
@@ -96,7 +102,16 @@ class HttpTransport:
             stream_high_water=self.stream_high_water,
         )
         config, limits = self.hypercorn_config(), self.limits()
-        serve = partial(serve_http, app, config, limits, self.host, self.port, prepare=self._prepare)
+        serve = partial(
+            serve_http,
+            app,
+            config,
+            limits,
+            self.host,
+            self.port,
+            prepare=self._prepare,
+            draining=binding.intake_closed,
+        )
         async with trio.open_nursery() as nursery:
             address: tuple[str, int] = await nursery.start(serve)
             binding.runtime.logger.info(
