@@ -55,7 +55,7 @@ class Size:
     settle_s: float  # load before the change (the "before" sample) and after it
 
 
-SIZES = {"full": Size(3, 32, 50, 10, 3.0), "short": Size(2, 8, 20, 10, 1.0)}
+SIZES = {"full": Size(3, 32, 50, 10, 3.0), "short": Size(2, 8, 20, 10, 0.5)}
 
 
 @dataclass
@@ -141,6 +141,18 @@ class Fleet:
         worker: WorkerProcess = await self._nursery.start(self._run)
         return worker
 
+    async def start_many(self, count: int) -> list[WorkerProcess]:
+        """``count`` new workers started at once (a Deployment's first pods, or a scale-out)."""
+        workers: list[WorkerProcess] = []
+
+        async def one() -> None:
+            workers.append(await self.start())
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                nursery.start_soon(one)
+        return workers
+
     async def _run(self, *, task_status: trio.TaskStatus[WorkerProcess]) -> None:
         env = {"INGRESS_MOCKER_LOAD_S": MODEL_LOAD_S}
         async with worker_process(*self._args, env=env) as worker:
@@ -163,7 +175,7 @@ async def rolling_tcp(size: Size) -> tuple[Ledger, list[int], RetryBudget]:
     ledger, budget = Ledger(), RetryBudget()
     async with trio.open_nursery() as processes, AsyncExitStack() as stack:
         fleet = Fleet(processes, ())
-        workers = [await fleet.start() for _ in range(size.workers)]
+        workers = await fleet.start_many(size.workers)
         pool = await stack.enter_async_context(
             TcpPool.connect(map(tcp_address, workers), retry_budget=budget, heartbeat_interval=1.0)
         )
@@ -184,7 +196,7 @@ async def scale_tcp(size: Size) -> tuple[Ledger, list[int], RetryBudget]:
     ledger, budget = Ledger(), RetryBudget()
     async with trio.open_nursery() as processes, AsyncExitStack() as stack:
         fleet = Fleet(processes, ())
-        workers = [await fleet.start() for _ in range(4)]
+        workers = await fleet.start_many(4)
         pool = await stack.enter_async_context(
             TcpPool.connect(map(tcp_address, workers), retry_budget=budget, heartbeat_interval=1.0)
         )
@@ -195,17 +207,11 @@ async def scale_tcp(size: Size) -> tuple[Ledger, list[int], RetryBudget]:
             await fleet.stop(leaving)  # 4 -> 1
             pool.update(map(tcp_address, workers))
             await trio.sleep(size.settle_s)  # one worker carries the whole load for a while
-            async with trio.open_nursery() as nursery:  # 1 -> 4: three start (and load) at once
-                for _ in range(3):
-                    nursery.start_soon(_join, fleet, workers)
+            workers += await fleet.start_many(3)  # 1 -> 4: three start (and load their model) at once
             pool.update(map(tcp_address, workers))
             await pool.wait_usable(4)
         await fleet.stop(workers)
     return ledger, fleet.exit_codes, budget
-
-
-async def _join(fleet: Fleet, workers: list[WorkerProcess]) -> None:
-    workers.append(await fleet.start())
 
 
 async def rolling_nats(size: Size) -> tuple[Ledger, list[int], RetryBudget]:
@@ -215,7 +221,7 @@ async def rolling_nats(size: Size) -> tuple[Ledger, list[int], RetryBudget]:
         try:
             async with trio.open_nursery() as processes, AsyncExitStack() as stack:
                 fleet = Fleet(processes, ("--nats", url, "--namespace", "roll"))
-                workers = [await fleet.start() for _ in range(size.workers)]
+                workers = await fleet.start_many(size.workers)
                 client = await stack.enter_async_context(
                     NatsClient.connect(url, namespace="roll", retry_budget=budget)
                 )
