@@ -1,7 +1,7 @@
 """Retries on the calling side, one rule for every client (``NatsClient``, the pooled ``TcpPool``):
 a retryable error that came before the first chunk is tried again, with backoff, while the client's
 retry budget allows; once a chunk was delivered, nothing is ever retried (the caller would see output
-twice). docs/operations.md "Retries".
+twice). docs/operations.md "Clients that survive scale-in".
 """
 
 from __future__ import annotations

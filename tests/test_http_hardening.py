@@ -9,6 +9,8 @@ import json
 import signal
 import socket
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import h2.config
@@ -389,6 +391,25 @@ async def _drain_held(handle: Any, gates: _Gates, nursery: trio.Nursery) -> None
     await handle.wait_intake_closed()
 
 
+@asynccontextmanager
+async def _busy_h2_connection_in_drain(early_goaway: bool) -> AsyncIterator[tuple[Any, _Gates, H2Peer, int]]:
+    """An h2 connection whose stream is held after its first chunk when the drain starts (with an early
+    GOAWAY: once it has come); phase 3 is held off until the block ends."""
+    gates = _Gates()
+    transport = HttpTransport(port=0, early_goaway=early_goaway)
+    async with open_worker(_streaming_worker(gates), [transport]) as handle, trio.open_nursery() as nursery:
+        async with await trio.open_tcp_stream(*handle.addresses["http"]) as stream:
+            peer = H2Peer(stream)
+            running = peer.post("/v1/count", b"{}")
+            await peer.flush()
+            await gates.streaming.wait()
+            await _drain_held(handle, gates, nursery)
+            if early_goaway:
+                await peer.read_until_goaway()  # while the stream is held: sent at drain start
+            yield handle, gates, peer, running
+        gates.phase3.set()
+
+
 def _assert_graceful(goaway: GoAwayFrame, last_stream_id: int) -> None:
     assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
     assert goaway.last_stream_id == last_stream_id
@@ -401,20 +422,9 @@ def _assert_whole(peer: H2Peer, stream_id: int) -> None:
 @pytest.mark.parametrize("early_goaway", [False, True], ids=["after-its-end", "early"])
 async def test_h2_stream_running_at_drain_start_ends_whole_then_goaway_and_close(early_goaway):
     """A running stream gets all its chunks; GOAWAY comes after its end (early_goaway: before); then close."""
-    gates = _Gates()
-    transport = HttpTransport(port=0, early_goaway=early_goaway)
-    async with open_worker(_streaming_worker(gates), [transport]) as handle, trio.open_nursery() as nursery:
-        async with await trio.open_tcp_stream(*handle.addresses["http"]) as stream:
-            peer = H2Peer(stream)
-            running = peer.post("/v1/count", b"{}")
-            await peer.flush()
-            await gates.streaming.wait()
-            await _drain_held(handle, gates, nursery)
-            if early_goaway:
-                await peer.read_until_goaway()  # while the stream is held: sent at drain start
-            gates.stream_release.set()
-            await peer.read_until_closed()
-        gates.phase3.set()
+    async with _busy_h2_connection_in_drain(early_goaway) as (_, gates, peer, running):
+        gates.stream_release.set()
+        await peer.read_until_closed()
     [goaway] = peer.goaways()
     _assert_graceful(goaway, last_stream_id=running)
     _assert_whole(peer, running)
@@ -425,23 +435,12 @@ async def test_h2_stream_running_at_drain_start_ends_whole_then_goaway_and_close
 @pytest.mark.parametrize("early_goaway", [False, True], ids=["after-its-end", "early"])
 async def test_new_h2_stream_on_a_draining_connection_is_refused_and_nothing_is_lost(early_goaway):
     """A new stream on a busy connection in the drain: 503, or REFUSED_STREAM past an early GOAWAY."""
-    gates = _Gates()
-    transport = HttpTransport(port=0, early_goaway=early_goaway)
-    async with open_worker(_streaming_worker(gates), [transport]) as handle, trio.open_nursery() as nursery:
-        async with await trio.open_tcp_stream(*handle.addresses["http"]) as stream:
-            peer = H2Peer(stream)
-            running = peer.post("/v1/count", b"{}")
-            await peer.flush()
-            await gates.streaming.wait()
-            await _drain_held(handle, gates, nursery)
-            if early_goaway:
-                await peer.read_until_goaway()
-            late = peer.post("/v1/echo", b"{}")
-            await peer.flush()
-            await peer.read_until(h2.events.StreamReset if early_goaway else h2.events.StreamEnded, late)
-            gates.stream_release.set()
-            await peer.read_until_closed()
-        gates.phase3.set()
+    async with _busy_h2_connection_in_drain(early_goaway) as (handle, gates, peer, running):
+        late = peer.post("/v1/echo", b"{}")
+        await peer.flush()
+        await peer.read_until(h2.events.StreamReset if early_goaway else h2.events.StreamEnded, late)
+        gates.stream_release.set()
+        await peer.read_until_closed()
     assert handle.binding("http", "echo").statistics().started == 0
     _assert_whole(peer, running)
     [goaway] = peer.goaways()
