@@ -52,10 +52,13 @@ async def retry_before_first_chunk(
     *,
     max_attempts: int = MAX_ATTEMPTS,
     first_backoff: float = FIRST_BACKOFF,
+    worth_retrying: Callable[[IngressError], bool] = lambda error: bool(error.retryable),
 ) -> AsyncGenerator[T, None]:
     """Yield the chunks of ``attempt(0)``; if it raises a retryable ``IngressError`` before its first
     chunk, try ``attempt(1)``, and so on (the number lets a client pick another worker), while the
-    budget allows. Any other error, and any error after a chunk, is raised as it is."""
+    budget allows. Any other error, and any error after a chunk, is raised as it is.
+    ``worth_retrying`` lets a client keep a retryable error of its own for the caller (a pool that
+    has already waited for a worker as long as it may)."""
     budget.request_made()
     for number in range(max_attempts):
         delivered = False
@@ -68,6 +71,6 @@ async def retry_before_first_chunk(
             return
         except IngressError as error:
             last = number == max_attempts - 1
-            if delivered or not error.retryable or last or not budget.try_spend():
+            if delivered or not worth_retrying(error) or last or not budget.try_spend():
                 raise
         await trio.sleep(first_backoff * 2**number)

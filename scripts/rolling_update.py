@@ -177,7 +177,7 @@ async def rolling_tcp(size: Size) -> tuple[Ledger, list[int], RetryBudget]:
         fleet = Fleet(processes, ())
         workers = await fleet.start_many(size.workers)
         pool = await stack.enter_async_context(
-            TcpPool.connect(map(tcp_address, workers), retry_budget=budget, heartbeat_interval=1.0)
+            TcpPool.connect(map(tcp_address, workers), retry_budget=budget)
         )
         await pool.wait_usable(size.workers)
         request = {"max_tokens": size.tokens, "itl_ms": size.itl_ms}
@@ -198,7 +198,7 @@ async def scale_tcp(size: Size) -> tuple[Ledger, list[int], RetryBudget]:
         fleet = Fleet(processes, ())
         workers = await fleet.start_many(4)
         pool = await stack.enter_async_context(
-            TcpPool.connect(map(tcp_address, workers), retry_budget=budget, heartbeat_interval=1.0)
+            TcpPool.connect(map(tcp_address, workers), retry_budget=budget)
         )
         await pool.wait_usable(4)
         request = {"max_tokens": size.tokens, "itl_ms": size.itl_ms}

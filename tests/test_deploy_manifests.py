@@ -14,7 +14,7 @@ from runtime.plugins import discover
 
 DEPLOYMENT = Path(__file__).parent.parent / "deploy" / "kubernetes" / "deployment.yaml"
 # Beyond the drain: kill_grace (1 s), the engine's stop and phase 3 need a few seconds before SIGKILL.
-MIN_MARGIN_S = 5
+MIN_MARGIN_S = 10
 
 
 def _text() -> str:
@@ -43,7 +43,7 @@ def _serve_args():
 
 
 def test_grace_period_covers_the_shutdown_delay_and_the_drain():
-    """terminationGracePeriodSeconds >= --shutdown-delay + --drain-timeout + 5 s, or the kubelet's
+    """terminationGracePeriodSeconds >= --shutdown-delay + --drain-timeout + 10 s, or the kubelet's
     SIGKILL would cut the drain (editing one number without the other fails here)."""
     grace = int(re.search(r"terminationGracePeriodSeconds:\s*(\d+)", _text()).group(1))
     given = {arg.partition("=")[0] for arg in _container_args()}

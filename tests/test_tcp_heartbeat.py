@@ -15,6 +15,7 @@ from runtime import BadRequest, ErrorCode, IngressError
 from runtime.testing import sample
 from transports.tcp import TcpClient
 from transports.tcp import _protocol as codec
+from transports.tcp._client import _load_report
 
 TEST_TIMEOUT = 10
 
@@ -59,17 +60,19 @@ def test_before_version_4_ping_is_refused_where_it_is_made_and_where_it_arrives(
 
 
 @pytest.mark.parametrize(
-    ("frame_type", "payload", "says"),
+    ("frame_type", "stream_id", "payload", "says"),
     [
-        (codec.FrameType.PING, b"short", "exactly 8"),
-        (codec.FrameType.PING, b"123456789", "exactly 8"),
-        (codec.FrameType.PONG, b"1234567", "starts with the 8"),
+        (codec.FrameType.PING, 0, b"short", "exactly 8"),
+        (codec.FrameType.PING, 0, b"123456789", "exactly 8"),
+        (codec.FrameType.PONG, 0, b"1234567", "starts with the 8"),
+        (codec.FrameType.PING, 1, b"12345678", "only allowed on stream 0"),
+        (codec.FrameType.PONG, 3, b"12345678", "only allowed on stream 0"),
     ],
 )
-def test_a_malformed_ping_or_pong_is_a_protocol_error(frame_type, payload, says):
-    """The opaque value is exactly 8 bytes: anything else is refused with a message that says so."""
+def test_a_malformed_ping_or_pong_is_a_protocol_error(frame_type, stream_id, payload, says):
+    """8 opaque bytes on stream 0: anything else is refused with a message that says so."""
     _, server = _pair()
-    server.receive_data(codec.HEADER.pack(len(payload), frame_type, 0) + payload)
+    server.receive_data(codec.HEADER.pack(len(payload), frame_type, stream_id) + payload)
     with pytest.raises(codec.RemoteProtocolError, match=says):
         _next(server)
 
@@ -147,13 +150,54 @@ async def test_a_hung_version_4_client_is_closed_and_its_handler_cancelled(autoj
             await probe.finished.wait()
             events = await _read_until(hung, hung_conn, codec.ConnectionClosed)
             await old.send_all(old_conn.send(codec.Request(1, "context", "", 0, (), b"")))
+            closed_at = trio.current_time()
             answer = await _read_until(old, old_conn, codec.End)
-            took = trio.current_time()
         labels = {"endpoint": "tokens", "transport": "tcp", "reason": "heartbeat"}
         disconnects = sample(handle.runtime, "ingress_client_disconnects_total", **labels)
     assert probe.cancelled and disconnects == 1
     assert [type(e) for e in events] == [codec.Ping, codec.ConnectionClosed]
-    assert answer == codec.End(1) and took < 15 * 4  # the silent v3 client outlived three sweeps
+    assert answer == codec.End(1)  # the silent v3 client outlived the three sweeps
+    assert closed_at == pytest.approx(45, abs=1)  # silent at 15 s, pinged at 30 s, closed at 45 s
+
+
+async def test_the_client_answers_the_workers_pings_without_a_heartbeat_of_its_own():
+    """A TcpClient that never pings still answers the worker's PINGs: it outlives a hung neighbour."""
+    probe = Probe()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            serving(probe, heartbeat_interval=0.5) as (_, address),
+            TcpClient.connect(*address, heartbeat_interval=None) as client,
+            raw_connection(address) as (hung, hung_conn),
+        ):
+            await _read_until(hung, hung_conn, codec.ConnectionClosed)  # two to three sweeps
+            answer = await client.call("context")
+            usable = client.usable
+    assert usable and answer["peer"]
+
+
+def test_a_load_report_a_client_cannot_trust_is_no_report():
+    """Reports of the wrong shape or types, or nested past the parser, are ignored, not crashed on."""
+    assert _load_report(b'{"in_flight": 2, "ready": true}') == {"in_flight": 2, "ready": True}
+    for raw in (b"", b"[]", b"not json", b'{"in_flight": null}', b'{"in_flight": -1}', b'{"ready": 1}'):
+        assert _load_report(raw) is None, raw
+    assert _load_report(b"[" * 100_000 + b"]" * 100_000) is None
+
+
+async def test_a_ping_flood_from_a_client_that_does_not_read_is_bounded_and_harmless():
+    """50,000 PINGs unread: the worker drops PONGs past its bound, serves others, and the flooder too."""
+    probe = Probe()
+    flood = b"".join(
+        codec.HEADER.pack(8, codec.FrameType.PING, 0) + i.to_bytes(8, "big") for i in range(50_000)
+    )
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(probe) as (_, address), raw_connection(address) as (stream, conn):
+            await stream.send_all(flood)
+            async with TcpClient.connect(*address) as other:
+                assert (await other.call("context"))["peer"]
+            await stream.send_all(conn.send(codec.Request(1, "context", "", 0, (), b"")))
+            events = await _read_until(stream, conn, codec.End, keep=True)
+    pongs = [e for e in events if isinstance(e, codec.Pong)]
+    assert 0 < len(pongs) < 50_000 and isinstance(events[-1], codec.End)
 
 
 async def test_a_client_that_answers_pings_is_never_closed():
@@ -206,8 +250,11 @@ async def test_a_version_3_worker_is_used_without_ping():
     assert answer == "hi" and client._codec.version == 3 and "Ping" not in seen
 
 
-async def _read_until(stream: trio.SocketStream, conn: codec.Connection, kind: type) -> object:
-    """Read events until one of ``kind`` and return it (for ConnectionClosed, every event so far)."""
+async def _read_until(
+    stream: trio.SocketStream, conn: codec.Connection, kind: type, *, keep: bool = False
+) -> object:
+    """Read events until one of ``kind`` and return it (for ConnectionClosed, or with ``keep``, every
+    event so far)."""
     events = []
     while True:
         event = conn.next_event()
@@ -216,4 +263,4 @@ async def _read_until(stream: trio.SocketStream, conn: codec.Connection, kind: t
             continue
         events.append(event)
         if isinstance(event, kind):
-            return events if kind is codec.ConnectionClosed else event
+            return events if keep or kind is codec.ConnectionClosed else event

@@ -15,7 +15,8 @@ import trio
 import trio.testing
 
 from runtime import ErrorCode, IngressError, Overloaded, RetryBudget, Worker, WorkerConfig, open_worker
-from transports.tcp import TcpPool, TcpTransport
+from runtime.testing import worker_process
+from transports.tcp import TcpClient, TcpPool, TcpTransport
 from transports.tcp import _protocol as codec
 
 TEST_TIMEOUT = 20
@@ -38,6 +39,10 @@ class Fleet:
             self.served[name] += 1
             if refuse:
                 raise Overloaded("this worker refuses everything", retryable=True)
+            return name
+
+        @worker.endpoint("echo")
+        async def echo(request, ctx):
             return name
 
         @worker.endpoint("hold")
@@ -100,6 +105,60 @@ async def test_streams_go_to_the_least_loaded_worker():
     assert spread == {"A": 4, "B": 4} and len(results) == 8
 
 
+async def test_other_callers_load_from_the_report_counts_too():
+    """A carries three streams of another client: the pool's next three go to B (its report says so)."""
+    fleet, results = Fleet(), []
+    with trio.fail_after(TEST_TIMEOUT):
+        async with fleet_of(fleet, "A", "B") as workers:
+            (_, a), (_, b) = workers["A"], workers["B"]
+            async with TcpClient.connect(*a) as other, trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(_drain_stream, other)
+                await fleet.wait(lambda: fleet.holding["A"] == 3)
+                async with TcpPool.connect([a, b]) as pool, trio.open_nursery() as streams:
+                    await pool.wait_usable(2)
+                    await _hold_streams(pool, fleet, streams, 3, results)
+                    spread = dict(fleet.holding)
+                    fleet.release.set()
+    assert spread == {"A": 3, "B": 3}
+
+
+async def _drain_stream(client: TcpClient) -> None:
+    async for _ in client.stream("hold", {}):
+        pass
+
+
+async def test_a_worker_still_loading_its_model_gets_nothing_until_it_is_ready():
+    """A restarting worker (engine loading) is asked for its load at connect: no request is sent to it
+    (no retry spent) until it reports ready, which the pool notices without waiting for a heartbeat."""
+    fleet = Fleet()
+    budget = RetryBudget()
+    loading = {"INGRESS_MOCKER_LOAD_S": "1.5"}
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            fleet_of(fleet, "B") as workers,
+            worker_process("--tcp", "127.0.0.1:0", wait_ready=False, env=loading) as mocker,
+        ):
+            await mocker.wait_event("worker.listening")
+            addresses = [mocker.addresses["tcp"], workers["B"][1]]
+            async with TcpPool.connect(addresses, retry_budget=budget) as pool:
+                await pool.wait_usable(1)
+                answers = [await pool.call("who") for _ in range(10)]
+                with trio.fail_after(5):  # the load, plus a recheck: not the 10 s heartbeat
+                    await pool.wait_usable(2)
+                echoed = await _echo_on_mocker(pool)
+    assert answers == ["B"] * 10 and budget.retries == 0 and fleet.served["B"] == 10
+    assert echoed
+
+
+async def _echo_on_mocker(pool: TcpPool) -> bool:
+    """The mocker (ready now) takes requests: its ``echo`` answers with the request, B's with "B"."""
+    for _ in range(30):  # ties are broken at random: the mocker is picked now and then
+        if await pool.call("echo", {"x": 1}) != "B":
+            return True
+    return False
+
+
 async def test_a_draining_worker_finishes_its_streams_and_new_ones_go_elsewhere():
     """GOAWAY: A (less loaded) is draining, so every new call goes to B; A's running stream ends whole."""
     fleet, results = Fleet(), []
@@ -147,6 +206,8 @@ async def breaking_worker(after_chunk: bool, requests: list[int]) -> AsyncIterat
                 conn.receive_data(await stream.receive_some(65536))
             elif isinstance(event, codec.Hello):
                 await stream.send_all(conn.send(conn.local_hello))
+            elif isinstance(event, codec.Ping):
+                await stream.send_all(conn.send(codec.Pong(event.opaque, b'{"ready":true,"in_flight":0}')))
             elif isinstance(event, codec.Request):
                 requests.append(event.stream_id)
                 if after_chunk:
@@ -206,6 +267,21 @@ async def test_an_address_removed_takes_no_new_streams_and_closes_after_its_last
     assert listed == {f"{a[0]}:{a[1]}", f"{b[0]}:{b[1]}"} and after == {f"{b[0]}:{b[1]}"}
 
 
+async def test_an_address_removed_and_given_back_while_it_finishes_is_served_again():
+    """update() without A, then with A again before its last stream ended: A takes calls again."""
+    fleet, results = Fleet(), []
+    with trio.fail_after(TEST_TIMEOUT):
+        async with fleet_of(fleet, "A") as workers:
+            a = workers["A"][1]
+            async with TcpPool.connect([a], wait_for_worker=5) as pool, trio.open_nursery() as nursery:
+                await _hold_streams(pool, fleet, nursery, 1, results)
+                pool.update([])
+                pool.update([a])
+                answer = await pool.call("who")
+                fleet.release.set()
+    assert answer == "A" and results == [[{"worker": "A", "i": 0}]]
+
+
 async def test_with_no_reachable_worker_a_request_fails_retryably_and_says_why():
     """Nothing listens: after wait_for_worker, UNAVAILABLE (retryable) naming the address and the cause."""
     with socket.socket() as probe:
@@ -217,3 +293,4 @@ async def test_with_no_reachable_worker_a_request_fails_retryably_and_says_why()
                 await pool.call("who")
     assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retryable
     assert f"127.0.0.1:{port}: cannot connect" in caught.value.message
+    assert pool.retry_budget.retries == 0  # having waited, retrying at once would only wait again

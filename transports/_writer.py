@@ -131,6 +131,15 @@ class FrameWriter:
         if not self._running:
             self._spawn()
 
+    def write_control(self, data: bytes) -> bool:
+        """Queue a small answer that must not wait (a PONG), unless the connection is closed or twice
+        the bound is already queued: then it is dropped (False), so a peer that asks without reading
+        cannot grow our memory, and the reader never blocks on it."""
+        if self._closed or len(self._buffer) >= 2 * self._high_water:
+            return False
+        self.write_nowait(data)
+        return True
+
     def start(self, nursery: trio.Nursery, on_broken: Callable[[], None]) -> None:
         """Write in ``nursery`` (the connection's) from now on; ``on_broken`` is called (synchronously)
         if the peer stops accepting bytes. What was queued before goes out now."""

@@ -138,7 +138,14 @@ class NatsClient:
         if answer is None:
             who = f"worker {worker_id}" if worker_id else f"any worker of namespace {self.namespace!r}"
             raise Unavailable(f"no answer on {subject} within {patience:g} s: is {who} up?", retryable=True)
-        report: dict[str, Any] = json.loads(answer)
+        try:
+            report = json.loads(answer)
+        except (ValueError, RecursionError):
+            report = None
+        if not isinstance(report, dict):
+            raise Unavailable(
+                f"the answer on {subject} is not a status object: {answer[:80]!r}", retryable=False
+            )
         return report
 
     def exchange(

@@ -177,6 +177,8 @@ class TcpClient:
                 finally:
                     nursery.cancel_scope.cancel(reason="client closed")
         finally:
+            # Whatever still waits on this connection (a stream, a PING) hears that it is over.
+            client._connection_lost("the client closed the connection")
             client._writer.close()
             await trio.aclose_forcefully(stream)
 
@@ -217,6 +219,11 @@ class TcpClient:
     def usable(self) -> bool:
         """Whether new streams may open here: the connection is up and the worker is not draining."""
         return self._lost is None and self._codec.goaway_received is None
+
+    @property
+    def version(self) -> int:
+        """The protocol version this connection speaks (the lower of the two sides')."""
+        return self._codec.version
 
     @property
     def open_streams(self) -> int:
@@ -321,7 +328,7 @@ class TcpClient:
             elif isinstance(event, codec.GoAway):
                 self._goaway.set()
             elif isinstance(event, codec.Ping):
-                self._writer.write_nowait(self._codec.send(codec.Pong(event.opaque)))
+                self._writer.write_control(self._codec.send(codec.Pong(event.opaque)))
             elif isinstance(event, codec.Pong):
                 self._pong_received(event)
             elif isinstance(event, codec.Error):
@@ -358,11 +365,7 @@ class TcpClient:
             pending.answered.set()
 
     def _pong_received(self, pong: codec.Pong) -> None:
-        report: dict[str, Any] | None = None
-        if pong.report:
-            with contextlib.suppress(ValueError):  # a report we cannot read is no report
-                decoded = json.loads(pong.report)
-                report = decoded if isinstance(decoded, dict) else None
+        report = _load_report(pong.report)
         if report is not None:
             self.load, self.load_received_at = report, trio.current_time()
             self.streams_at_report = len(self._streams)
@@ -613,6 +616,23 @@ class ClientStream:
             # At interpreter shutdown or on a closed connection there is nobody left to tell.
             with contextlib.suppress(Exception):
                 self._finish(kill=True)
+
+
+def _load_report(raw: bytes) -> dict[str, Any] | None:
+    """A worker's load report, or None if there is none or it is not one (a report we cannot read is no
+    report: the fields a client acts on must have their documented types)."""
+    if not raw:
+        return None
+    try:
+        report = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(report, dict):
+        return None
+    in_flight, ready = report.get("in_flight", 0), report.get("ready", True)
+    if type(in_flight) is not int or in_flight < 0 or not isinstance(ready, bool):
+        return None
+    return report
 
 
 class _PendingPing:

@@ -29,7 +29,8 @@ import trio
 from runtime import IngressError, RetryBudget, Unavailable, retry_before_first_chunk
 from runtime._nursery import open_background_nursery
 
-from ._client import ClientExchange, TcpClient
+from ._client import HEARTBEAT_TIMEOUT, ClientExchange, TcpClient
+from ._protocol import HEARTBEAT_VERSION
 
 Address = tuple[str, int]
 # Waits between connection attempts to one address, doubling from the first to the last.
@@ -38,7 +39,8 @@ MAX_RECONNECT_BACKOFF = 2.0
 # How long a request waits for a usable worker (all of them draining, restarting or unreachable)
 # before it fails with a retryable UNAVAILABLE.
 WAIT_FOR_WORKER = 10.0
-# A worker turns ready (or not) in its load report, which wakes nobody: waiters look again this often.
+# A worker turns ready (or not) in its load report, which wakes nobody: waiters look again this often,
+# and a worker that reported not ready (its engine loading) is asked again this often.
 RECHECK_INTERVAL = 0.25
 
 
@@ -56,18 +58,30 @@ class _Worker:
     def usable(self) -> bool:
         if self.removed or self.client is None or not self.client.usable:
             return False
-        report = self.client.load
-        return report is None or bool(report.get("ready", True))
+        return _reported_ready(self.client)
 
     def load(self) -> int:
         """Streams on this worker: ours now, plus the other callers' from its last load report."""
         assert self.client is not None
         own = self.client.open_streams
         report = self.client.load
-        others = (
-            0 if report is None else max(0, int(report.get("in_flight", 0)) - self.client.streams_at_report)
-        )
+        others = 0 if report is None else max(0, report.get("in_flight", 0) - self.client.streams_at_report)
         return own + others
+
+
+def _reported_ready(client: TcpClient) -> bool:
+    """Ready by the worker's last load report; a worker too old to report (protocol version 3 or
+    lower) is taken as ready while connected."""
+    report = client.load
+    return report.get("ready", True) is True if report is not None else True
+
+
+class _NoUsableWorker(Unavailable):
+    """The pool waited ``wait_for_worker`` for a usable worker: retrying at once would only wait again."""
+
+
+def _worth_retrying(error: IngressError) -> bool:
+    return bool(error.retryable) and not isinstance(error, _NoUsableWorker)
 
 
 class TcpPool:
@@ -86,6 +100,7 @@ class TcpPool:
         self._connect_options = dict(connect_options)
         self._workers: dict[Address, _Worker] = {}
         self._changed = trio.Event()
+        self._closed = False
 
     @classmethod
     @asynccontextmanager
@@ -105,15 +120,19 @@ class TcpPool:
             try:
                 yield pool
             finally:
+                pool._closed = True  # a stream retried after this finds no worker at once
+                pool._wake()
                 nursery.cancel_scope.cancel(reason="pool closed")
 
     def update(self, addresses: Iterable[Address]) -> None:
         """The pool's addresses from now on: new ones are connected; the others take no new streams
         and are closed once their streams have ended."""
         wanted = {(host, int(port)) for host, port in addresses}
-        for address in wanted - self._workers.keys():
-            worker = self._workers[address] = _Worker(address)
-            self._nursery.start_soon(self._keep_connected, worker)
+        for address in wanted:
+            known = self._workers.get(address)
+            if known is None or known.removed:  # a removed one may still be finishing its streams
+                worker = self._workers[address] = _Worker(address)
+                self._nursery.start_soon(self._keep_connected, worker)
         for address, worker in self._workers.items():
             if address not in wanted and not worker.removed:
                 worker.removed = True
@@ -163,7 +182,7 @@ class TcpPool:
                 async for chunk in chunks:
                     yield chunk
 
-        return retry_before_first_chunk(attempt, self.retry_budget)
+        return retry_before_first_chunk(attempt, self.retry_budget, worth_retrying=_worth_retrying)
 
     async def call(self, endpoint: str, request: Any = None, **options: Any) -> Any:
         """Call a unary endpoint and return its one answer (retried like a stream)."""
@@ -190,7 +209,7 @@ class TcpPool:
         """The least-loaded usable worker, one not tried yet for this request if there is one (ties
         broken at random, so that callers starting together spread out)."""
         with trio.move_on_at(give_up_at):
-            while True:
+            while not self._closed:
                 usable = [w for w in self._workers.values() if w.usable]
                 fresh = [w for w in usable if w.address not in tried] or usable
                 if fresh:
@@ -200,8 +219,10 @@ class TcpPool:
                     return worker.client
                 with trio.move_on_after(RECHECK_INTERVAL):
                     await self._changed.wait()
+        if self._closed:
+            raise Unavailable("the pool was closed", retryable=False)
         states = "; ".join(f"{w.address[0]}:{w.address[1]}: {self._state(w)}" for w in self._workers.values())
-        raise Unavailable(
+        raise _NoUsableWorker(
             f"no usable worker within {self._wait_for_worker:g} s ({states or 'no addresses'})",
             retryable=True,
         )
@@ -223,6 +244,7 @@ class TcpPool:
         while not worker.removed:
             try:
                 async with TcpClient.connect(*worker.address, **self._connect_options) as client:
+                    await self._first_report(client)
                     worker.client = client
                     backoff = FIRST_RECONNECT_BACKOFF
                     self._wake()
@@ -239,14 +261,36 @@ class TcpPool:
         if self._workers.get(worker.address) is worker:
             del self._workers[worker.address]
 
+    async def _first_report(self, client: TcpClient) -> None:
+        """Ask a new connection's worker for its load at once (version 4): a worker that just restarted
+        is still loading its model, and must not look like the least-loaded one meanwhile."""
+        if client.version >= HEARTBEAT_VERSION:
+            with trio.move_on_after(self._connect_options.get("heartbeat_timeout", HEARTBEAT_TIMEOUT)):
+                await client.ping()
+
     async def _watch(self, worker: _Worker, client: TcpClient) -> None:
         """Until the connection is lost, or the address was removed and its last stream ended; wakes
-        the pool's waiters when the worker says GOAWAY or reports (not) ready."""
+        the pool's waiters when the worker says GOAWAY or turns ready."""
         async with trio.open_nursery() as watchers:
             watchers.start_soon(self._wake_after, client.wait_goaway)
             watchers.start_soon(self._retire, worker, client, watchers.cancel_scope)
+            watchers.start_soon(self._follow_readiness, client)
             await client.wait_lost()
             watchers.cancel_scope.cancel()
+
+    async def _follow_readiness(self, client: TcpClient) -> None:
+        """While the worker reports not ready, ask again every RECHECK_INTERVAL (the heartbeat alone
+        would notice it turning ready only at its next PING); once ready, the heartbeat keeps watch."""
+        while True:
+            await trio.sleep(RECHECK_INTERVAL)
+            if not _reported_ready(client):
+                with trio.move_on_after(RECHECK_INTERVAL * 4):
+                    try:
+                        await client.ping()
+                    except Unavailable:
+                        return  # lost: _watch sees it too
+                if _reported_ready(client):
+                    self._wake()
 
     async def _wake_after(self, event: Any) -> None:
         await event()

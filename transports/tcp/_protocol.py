@@ -351,6 +351,8 @@ class Connection:
             raise RemoteProtocolError(f"expected HELLO first, got {frame_type.name}")
         if frame_type is FrameType.HELLO:
             return self._receive_hello(stream_id, payload)
+        if stream_id != 0 and frame_type in (FrameType.PING, FrameType.PONG):
+            raise RemoteProtocolError(f"{frame_type.name} is only allowed on stream 0")
         if stream_id == 0:
             return self._receive_connection_frame(frame_type, payload)
         if self._client_exchange_frame(frame_type, self.peer_role):

@@ -17,6 +17,7 @@ sweep has still heard nothing: a client whose process hangs while its kernel sti
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -47,6 +48,8 @@ RECEIVE_SIZE = 65536
 # Error messages travel in a frame and may echo caller input: cap their UTF-8 size so an ERROR always
 # fits the smallest frame limit a peer may announce (codec.MIN_MAX_FRAME_SIZE), whatever the text.
 MAX_ERROR_MESSAGE_BYTES = 900
+# How old a load report a PONG may carry (seconds): fresh enough for a router, cheap under a PING flood.
+REPORT_MAX_AGE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +95,7 @@ class TcpTransport:
                 if self.heartbeat_interval is not None:
                     connections.start_soon(_sweep_heartbeats, self.heartbeat_interval, open_connections)
                 await serve_accepting(
-                    partial(self._serve_connection, binding, open_connections),
+                    partial(self._serve_connection, binding, open_connections, _LoadReports(binding)),
                     listeners,
                     handler_nursery=connections,
                     logger=binding.runtime.logger,
@@ -103,11 +106,15 @@ class TcpTransport:
                 await trio.aclose_forcefully(listener)
 
     async def _serve_connection(
-        self, binding: TransportBinding, registry: set[_ServerConnection], stream: trio.SocketStream
+        self,
+        binding: TransportBinding,
+        registry: set[_ServerConnection],
+        reports: _LoadReports,
+        stream: trio.SocketStream,
     ) -> None:
         if self.keepalive is not None:
             enable_keepalive(stream.socket, self.keepalive)
-        connection = _ServerConnection(self, binding, stream)
+        connection = _ServerConnection(self, binding, stream, reports)
         registry.add(connection)
         try:
             await connection.run()
@@ -129,6 +136,26 @@ async def _close_intake(
     accept_scope.cancel(reason="intake closed")
     for connection in connections:
         connection.announce_goaway()
+
+
+class _LoadReports:
+    """The worker's load report as a PONG carries it, encoded at most once per REPORT_MAX_AGE: a client
+    that floods PINGs costs a frame each, not a status serialisation each."""
+
+    def __init__(self, binding: TransportBinding) -> None:
+        self._binding = binding
+        self._encoded = b""
+        self._at = -math.inf
+
+    def encoded(self) -> bytes:
+        status = self._binding.status
+        if status is None:
+            return b""
+        now = trio.current_time()
+        if now - self._at >= REPORT_MAX_AGE:
+            self._encoded = json.dumps(status(), separators=(",", ":")).encode()
+            self._at = now
+        return self._encoded
 
 
 async def _sweep_heartbeats(interval: float, connections: set[_ServerConnection]) -> None:
@@ -153,14 +180,22 @@ class _ServerConnection:
         "heard",
         "peer",
         "ping_outstanding",
+        "reports",
         "scope",
         "stream",
         "transport",
         "writer",
     )
 
-    def __init__(self, transport: TcpTransport, binding: TransportBinding, stream: trio.SocketStream) -> None:
+    def __init__(
+        self,
+        transport: TcpTransport,
+        binding: TransportBinding,
+        stream: trio.SocketStream,
+        reports: _LoadReports,
+    ) -> None:
         self.transport = transport
+        self.reports = reports
         self.binding = binding
         self.stream = stream
         self.codec = codec.Connection(
@@ -253,7 +288,7 @@ class _ServerConnection:
             elif isinstance(event, codec.Kill | codec.Stop):
                 self._signal_stream(event)
             elif isinstance(event, codec.Ping):
-                await self.writer.write(self._pong(event), flush=True)
+                self.writer.write_control(self._pong(event))
             elif isinstance(event, codec.Pong):
                 self.ping_outstanding = False
             elif isinstance(event, codec.ConnectionClosed):
@@ -341,9 +376,7 @@ class _ServerConnection:
     def _pong(self, ping: codec.Ping) -> bytes:
         """The answer to a PING, with the worker's load report (the /status object) if it fits the
         client's frame limit (a worker with very many endpoints answers with none)."""
-        report = b""
-        if self.binding.status is not None:
-            report = json.dumps(self.binding.status(), separators=(",", ":")).encode()
+        report = self.reports.encoded()
         assert self.codec.peer_hello is not None
         if len(report) + codec.PING_OPAQUE_SIZE > self.codec.peer_hello.max_frame_size:
             report = b""
