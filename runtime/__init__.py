@@ -7,6 +7,11 @@ or ``open_worker``; see docs/architecture.md for how the pieces fit.
 from ._admission import Admission as Admission
 from ._admission import AdmissionStatistics as AdmissionStatistics
 from ._admission import Rejected as Rejected
+from ._auth import ANONYMOUS as ANONYMOUS
+from ._auth import Authenticator as Authenticator
+from ._auth import Credentials as Credentials
+from ._auth import Principal as Principal
+from ._auth import TokenFile as TokenFile
 from ._config import EXIT_DRAIN_FORCED as EXIT_DRAIN_FORCED
 from ._config import EXIT_ENGINE_FAILED as EXIT_ENGINE_FAILED
 from ._config import EXIT_FAILURE as EXIT_FAILURE
@@ -36,9 +41,11 @@ from ._errors import IngressError as IngressError
 from ._errors import InternalError as InternalError
 from ._errors import NotFound as NotFound
 from ._errors import Overloaded as Overloaded
+from ._errors import PermissionDenied as PermissionDenied
 from ._errors import RemoteError as RemoteError
 from ._errors import ShuttingDown as ShuttingDown
 from ._errors import StartupFailed as StartupFailed
+from ._errors import Unauthenticated as Unauthenticated
 from ._errors import Unavailable as Unavailable
 from ._errors import describe as describe
 from ._exchange import Inbox as Inbox
@@ -46,6 +53,7 @@ from ._inflight import GlobalInFlight as GlobalInFlight
 from ._inflight import InFlight as InFlight
 from ._inflight import InFlightStatistics as InFlightStatistics
 from ._intake import DRAINING as DRAINING
+from ._intake import Admitted as Admitted
 from ._intake import Call as Call
 from ._intake import Caller as Caller
 from ._intake import refuse as refuse
@@ -69,6 +77,7 @@ from ._worker import WorkerHandle as WorkerHandle
 from ._worker import open_worker as open_worker
 
 __all__ = [
+    "ANONYMOUS",
     "DEFAULT_BACKLOG",
     "DRAINING",
     "EXIT_DRAIN_FORCED",
@@ -78,11 +87,14 @@ __all__ = [
     "EXIT_USAGE",
     "Admission",
     "AdmissionStatistics",
+    "Admitted",
+    "Authenticator",
     "BadRequest",
     "Call",
     "Caller",
     "CallerGone",
     "Cancelled",
+    "Credentials",
     "DeadlineExceeded",
     "Endpoint",
     "EndpointBinding",
@@ -100,6 +112,8 @@ __all__ = [
     "Metrics",
     "NotFound",
     "Overloaded",
+    "PermissionDenied",
+    "Principal",
     "Readiness",
     "Rejected",
     "RemoteError",
@@ -111,8 +125,10 @@ __all__ = [
     "ShutdownResult",
     "ShuttingDown",
     "StartupFailed",
+    "TokenFile",
     "Transport",
     "TransportBinding",
+    "Unauthenticated",
     "Unavailable",
     "Worker",
     "WorkerHandle",

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from ._auth import AUTHORIZATION, TokenFile
 from ._config import EXIT_ENGINE_FAILED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, WorkerConfig
 from ._errors import BadRequest, EngineStartFailed, IngressError, StartupFailed
 from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
@@ -36,6 +37,16 @@ from .plugins import (
 )
 
 DEFAULT_APP = "runtime.mocker:worker"
+
+
+def token_file(path: str) -> TokenFile:
+    """``--auth-tokens``: the file, read and checked now (a bad line is a usage error naming it)."""
+    try:
+        return TokenFile(path)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # `ingress call --timeout`: how much longer than the deadline it waits for the worker's own answer.
 DEADLINE_GRACE = 1.0
 _DEFAULTS = WorkerConfig()
@@ -116,6 +127,13 @@ def _parser(plugins: Sequence[TransportPlugin], environment: bool = True) -> arg
         help="keep serving this long after a shutdown signal, with /ready already 503",
     )
     serve.add_argument(
+        "--auth-tokens",
+        type=token_file,
+        metavar="FILE",
+        help="require a credential on every request: one a line, TOKEN TENANT [SCOPE,...] [weight=N]; "
+        "re-read on SIGUSR1 (docs/security.md)",
+    )
+    serve.add_argument(
         "--log-format", choices=LOG_FORMATS, default="auto", help="auto: console on a TTY, JSON otherwise"
     )
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="the lowest level logged")
@@ -146,6 +164,11 @@ def _parser(plugins: Sequence[TransportPlugin], environment: bool = True) -> arg
         _add_arguments(plugin, partial(plugin.add_call_arguments, target=target), group)
     call.add_argument("--timeout", type=seconds, metavar="S", help="deadline for the whole call")
     call.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    call.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="the credential, sent as Authorization: Bearer TOKEN on every transport",
+    )
     call.set_defaults(run=_call)
 
     status = commands.add_parser(
@@ -311,7 +334,10 @@ def _serve(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> int:
         return EXIT_FAILURE
     transports = _transports(args, plugins)
     config = WorkerConfig(
-        drain_timeout=args.drain_timeout, shutdown_delay=args.shutdown_delay, access_log=args.access_log
+        drain_timeout=args.drain_timeout,
+        shutdown_delay=args.shutdown_delay,
+        access_log=args.access_log,
+        authenticator=args.auth_tokens,
     )
     try:
         return worker.run(transports, config, metrics_address=args.metrics)
@@ -355,6 +381,8 @@ def _call(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> int:
     except ValueError as exc:
         raise UsageError(f"the request ({source}) is not valid JSON: {exc}") from exc
     metadata = dict(_pair(item) for item in args.metadata)
+    if args.token is not None:
+        metadata[AUTHORIZATION] = f"Bearer {args.token}"
     plugin, target = _call_target(args, plugins)
     configure_logging("console", "warning", sys.stderr)
     if args.duplex:

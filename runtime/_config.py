@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._auth import Authenticator
 
 # Exit codes. FORCED is deliberately not 1 (generic failure), 137 (SIGKILL) or 143 (SIGTERM default):
 # an operator must be able to tell "drained, but had to kill requests" from a crash or an OOM kill.
@@ -34,6 +38,9 @@ class WorkerConfig:
     # After the drain (phase 2), how long the lifespan's shutdown (the engine's stop) may take before
     # phase 3 cancels it.
     engine_stop_timeout: float = 30.0
+    # Who may call (docs/security.md): every request's credential goes through it (``TokenFile``, or
+    # your own check); None: nobody is asked for one, and every caller is ``anonymous``.
+    authenticator: Authenticator | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -66,6 +73,8 @@ class EndpointOptions:
     # and hold a caller back once this many bytes of its messages wait for the handler.
     input_timeout: float | None = None
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    # Scopes a caller's credential must carry (PERMISSION_DENIED otherwise; docs/security.md).
+    scopes: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:

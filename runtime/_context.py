@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._auth import ANONYMOUS, Principal
 from ._errors import Cancelled, IngressError
 
 if TYPE_CHECKING:
@@ -72,6 +73,9 @@ class RequestContext:
     peer: str | None = None
     deadline: float = math.inf
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # Who the request runs for (docs/security.md): the authenticated caller, or ``anonymous`` when the
+    # worker checks no credentials. The credential itself is nowhere on the context.
+    principal: Principal = ANONYMOUS
     # When the transport took the request, in trio.current_time() terms.
     accepted_at: float = field(default_factory=trio.current_time)
     _scope: trio.CancelScope = field(default_factory=trio.CancelScope, repr=False)

@@ -21,6 +21,8 @@ class ErrorCode(enum.IntEnum):
     CANCELLED = 6
     SHUTTING_DOWN = 7
     INTERNAL = 8
+    UNAUTHENTICATED = 9  # no credential, or one that is not valid (docs/security.md)
+    PERMISSION_DENIED = 10  # a valid credential without a scope the endpoint requires
 
 
 # Codes whose meaning is "this worker did not start the work": a retry elsewhere is always safe.
@@ -96,6 +98,24 @@ class InternalError(IngressError):
     code = ErrorCode.INTERNAL
 
 
+class Unauthenticated(IngressError):
+    """No credential, or one that is not valid. Never retryable: the same credential fails anywhere."""
+
+    code = ErrorCode.UNAUTHENTICATED
+
+    def __init__(self, message: str, *, retryable: bool | None = False) -> None:
+        super().__init__(message, retryable=retryable)
+
+
+class PermissionDenied(IngressError):
+    """A valid credential without a scope the endpoint requires. Never retryable."""
+
+    code = ErrorCode.PERMISSION_DENIED
+
+    def __init__(self, message: str, *, retryable: bool | None = False) -> None:
+        super().__init__(message, retryable=retryable)
+
+
 class RemoteError(IngressError):
     """Raised by a client when the worker answered with an error.
 
@@ -124,6 +144,8 @@ ERROR_CLASSES: dict[ErrorCode, type[IngressError]] = {
         Cancelled,
         ShuttingDown,
         InternalError,
+        Unauthenticated,
+        PermissionDenied,
     )
 }
 

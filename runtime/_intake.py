@@ -7,7 +7,9 @@ payload and its ``ResponseSink``. Everything between the wire and the handler ha
 dispatcher, the same way for every transport:
 
 - ``open``: endpoint lookup (NOT_FOUND), refusal while starting or draining (UNAVAILABLE, retryable),
-  the caller's own limit (OVERLOADED, retryable), the request context, and accept: from this moment
+  the caller's credential (UNAUTHENTICATED, PERMISSION_DENIED; taken out of the metadata whatever the
+  outcome, runtime/_auth.py), the caller's own limit (OVERLOADED, retryable), the request context with
+  its principal, and accept: from this moment
   the request is counted in flight, so the drain can never see zero while its task is being started.
   A refusal is an ``IngressError`` the transport answers through its sink; rejections are counted here.
 - ``run``: decoding of the payload and deadline (BAD_REQUEST), admission, the handler, one outcome,
@@ -20,15 +22,34 @@ dispatcher, the same way for every transport:
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
 
+from ._auth import ANONYMOUS, Credentials, Principal, authorize, credentials_from
 from ._context import KillReason, RequestContext, new_request_id
 from ._dispatch import answer_error, dispatch_payload, settle_unrun
 from ._endpoint import EndpointBinding, ResponseSink, TransportBinding
-from ._errors import BadRequest, IngressError, Overloaded, Unavailable
+from ._errors import (
+    BadRequest,
+    IngressError,
+    InternalError,
+    Overloaded,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from ._exchange import Inbox
 
 DRAINING = "worker is draining; send new requests elsewhere"
 STARTING = "worker is starting (its engine is not up yet); retry shortly or send the request elsewhere"
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What ``Caller.check`` found: the binding, the principal, and the metadata without the credential."""
+
+    binding: EndpointBinding
+    principal: Principal
+    metadata: dict[str, str]
 
 
 class Caller:
@@ -53,11 +74,16 @@ class Caller:
         self.max_calls = max_calls
         self._calls: dict[Hashable, Call] = {}
 
-    def check(self, endpoint: str) -> EndpointBinding:
-        """The binding a request for ``endpoint`` would run on, or the refusal: NOT_FOUND, or
-        UNAVAILABLE while starting or draining (counted). For a transport that must read more of the
-        request before it can ``open`` it (HTTP's body), so that a refusal needs nothing more from the
-        caller."""
+    def check(self, endpoint: str, metadata: Mapping[str, str] | None = None) -> Admitted:
+        """The binding a request for ``endpoint`` would run on and who it runs for, or the refusal:
+        NOT_FOUND, UNAVAILABLE while starting or draining, UNAUTHENTICATED, PERMISSION_DENIED (each
+        counted). For a transport that must read more of the request before it can ``open`` it (HTTP's
+        body), so that a refusal needs nothing more from the caller: pass the result to ``open``."""
+        binding = self._binding(endpoint)
+        credentials, rest = credentials_from(metadata or {})
+        return Admitted(binding, self._principal(binding, credentials), rest)
+
+    def _binding(self, endpoint: str) -> EndpointBinding:
         binding = self._transport.lookup(endpoint)  # NotFound
         if not binding.accepting:
             binding.metrics.rejection("unavailable")
@@ -67,6 +93,23 @@ class Caller:
             raise Unavailable(STARTING, retryable=True)
         return binding
 
+    def _principal(self, binding: EndpointBinding, credentials: Credentials) -> Principal:
+        """Who the request runs for: the worker's authenticator's answer (anonymous without one), with
+        the endpoint's scopes checked. A check that fails unexpectedly (a bug in a user's hook) refuses
+        the request as INTERNAL, logged, rather than letting it through."""
+        authenticator = self._transport.runtime.config.authenticator
+        try:
+            principal = ANONYMOUS if authenticator is None else authenticator.authenticate(credentials)
+            authorize(principal, binding.name, binding.endpoint.options.scopes)
+        except (Unauthenticated, PermissionDenied) as refusal:
+            binding.metrics.rejection(refusal.code.name.lower())
+            raise
+        except Exception:
+            binding.metrics.rejection("auth_error")
+            self._transport.runtime.logger.exception("auth.check_failed", endpoint=binding.name)
+            raise InternalError("the worker could not check the credential") from None
+        return principal
+
     def open(
         self,
         key: Hashable,
@@ -75,9 +118,16 @@ class Caller:
         request_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
         peer: str | None = None,
+        admitted: Admitted | None = None,
     ) -> Call:
-        """Take a request for ``endpoint``; raises the ``IngressError`` to answer if it is refused."""
-        binding = self.check(endpoint)
+        """Take a request for ``endpoint``; raises the ``IngressError`` to answer if it is refused.
+        ``admitted``: what ``check`` said for this request already (its credential is not checked twice;
+        the worker's state is)."""
+        if admitted is None:
+            admitted = self.check(endpoint, metadata)
+        else:
+            self._binding(endpoint)  # still accepting: the drain may have begun since
+        binding = admitted.binding
         if self.max_calls is not None and len(self._calls) >= self.max_calls:
             binding.metrics.rejection("stream_limit")
             raise Overloaded(f"more than {self.max_calls} concurrent requests from one caller (stream limit)")
@@ -91,7 +141,8 @@ class Caller:
             transport=self._transport.name,
             runtime=self._transport.runtime,
             peer=peer or self.peer,
-            metadata=metadata if metadata is not None else {},
+            metadata=admitted.metadata,
+            principal=admitted.principal,
         )
         binding.accept(ctx)  # counted in flight from now, before the transport spawns anything
         call = Call(self, key, binding, ctx)

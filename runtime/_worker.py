@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -127,11 +127,13 @@ class Worker:
         duplex: bool = False,
         input_timeout: float | None = None,
         max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+        scopes: Iterable[str] = (),
     ) -> Callable[[Handler], Handler]:
         """Decorator registering an endpoint; the name defaults to the function's. ``duplex=True``: a
-        full-duplex exchange, an async generator taking ``(messages, ctx)`` (docs/exchanges.md)."""
+        full-duplex exchange, an async generator taking ``(messages, ctx)`` (docs/exchanges.md).
+        ``scopes``: what a caller's credential must grant (docs/security.md)."""
         options = EndpointOptions(
-            max_concurrency, max_queue, inactivity_timeout, input_timeout, max_input_bytes
+            max_concurrency, max_queue, inactivity_timeout, input_timeout, max_input_bytes, frozenset(scopes)
         )
 
         def register(handler: Handler) -> Handler:
@@ -230,7 +232,7 @@ class Worker:
         try:
             async with self._asyncio_loop(), trio.open_nursery() as primary:
                 if handle_signals:
-                    await primary.start(watch_signals, coordinator)
+                    await primary.start(watch_signals, coordinator, runtime)
                 # A shutdown asked for while the engine or the transports are still coming up (say, a
                 # NATS server that is not there yet) stops the start-up: nothing was accepted.
                 with trio.CancelScope() as startup:

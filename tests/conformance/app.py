@@ -10,7 +10,8 @@ Endpoints (the request is a JSON object unless said otherwise):
 - ``fail`` (unary): raises the error its request describes.
 - ``limited`` (unary, ``max_concurrency=1, max_queue=0``): holds until ``probe.release``, answers "done".
 - ``stalling`` (stream, ``inactivity_timeout=STALL_TIMEOUT``): yields one chunk, then holds.
-- ``context`` (unary): reports what the handler saw: time remaining, metadata, request id.
+- ``context`` (unary): reports what the handler saw: time remaining, metadata, request id, principal.
+- ``admin`` (unary, ``scopes={"admin"}``): answers "ok" to a caller whose credential grants ``admin``.
 
 Every gated handler records on the probe that it was cancelled (``probe.cancelled``), closed early by a
 stop (``probe.closed``) and that its ``finally`` ran (``probe.finished``).
@@ -121,7 +122,12 @@ def build_worker(probe: Probe) -> Worker:
             "remaining": None if math.isinf(remaining) else remaining,  # JSON has no Infinity
             "metadata": dict(ctx.metadata),
             "id": ctx.id,
+            "principal": {"subject": ctx.principal.subject, "tenant": ctx.principal.tenant},
         }
+
+    @worker.endpoint("admin", scopes={"admin"})
+    async def admin(request: Any, ctx: RequestContext) -> str:
+        return "ok"
 
     return worker
 

@@ -59,6 +59,8 @@ HTTP_STATUS = {
     "CANCELLED": 499,
     "SHUTTING_DOWN": 503,
     "INTERNAL": 500,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
 }
 # Seconds a client should wait before retrying a 429 or a 503 (docs/http.md, Headers and Draining).
 HTTP_RETRY_AFTER = "1"
@@ -575,6 +577,8 @@ def _check_error_status(status: int, headers: httpx.Headers, error: dict[str, An
     Retry-After on (exactly) the retryable ones."""
     assert status == HTTP_STATUS[error["code"]], (status, error)
     assert headers.get("retry-after") == (HTTP_RETRY_AFTER if error["retryable"] else None), (headers, error)
+    # RFC 9110 11.6.1: a 401 says how to authenticate (docs/security.md).
+    assert (status == 401) == headers.get("www-authenticate", "").startswith("Bearer "), (status, headers)
 
 
 class HttpDriver(Driver):

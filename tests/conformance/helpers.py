@@ -24,3 +24,9 @@ def total(driver: Any, metric: str, endpoint: str) -> float:
 def chunks(count: int, start: int = 0) -> list[dict[str, int]]:
     """What ``tokens`` yields: ``{"i": i}`` for each i."""
     return [{"i": i} for i in range(start, start + count)]
+
+
+def rejections(driver: Any, endpoint: str, reason: str) -> float:
+    """``ingress_rejections_total`` of ``endpoint`` on the driver's transport for ``reason``."""
+    found = samples(driver.handle, "ingress_rejections_total", driver.transport, "endpoint", "reason")
+    return found.get((endpoint, reason), 0.0)

@@ -21,8 +21,8 @@ NATS_NO_CONTROL_YET = (
 
 async def test_deadline_metadata_and_request_id_reach_the_handler(driver):
     """The caller's timeout (5 s) becomes a finite deadline no later than that; metadata and the request
-    id arrive intact."""
-    metadata = {"authorization": "Bearer t0k", "x-tenant": "acme"}
+    id arrive intact, except a credential, which never reaches the handler (docs/security.md)."""
+    metadata = {"x-trace": "t-1", "x-tenant": "acme"}
     with trio.fail_after(TEST_TIMEOUT):
         reply = await driver.call(
             "context", {}, timeout_ms=5000, request_id="rid-conformance-1", metadata=metadata
@@ -32,6 +32,8 @@ async def test_deadline_metadata_and_request_id_reach_the_handler(driver):
     assert seen["remaining"] is not None and 0 < seen["remaining"] <= 5
     assert seen["id"] == "rid-conformance-1"
     assert metadata.items() <= seen["metadata"].items()  # HTTP passes every request header on
+    credential = await driver.call("context", {}, metadata={"authorization": "Bearer t0k", **metadata})
+    assert "authorization" not in {key.lower() for key in credential.chunks[0]["metadata"]}
 
 
 async def test_no_deadline_when_the_caller_sets_none(driver):

@@ -20,9 +20,11 @@ from typing import Any
 import trio
 
 from runtime import (
+    Admitted,
     BadRequest,
     Call,
     Caller,
+    ErrorCode,
     IngressError,
     NotFound,
     TransportBinding,
@@ -100,12 +102,12 @@ class IngressApp:
         try:
             # Refused before the body is read: a draining worker's 503 closes an HTTP/1.1 connection
             # without waiting for a body, and nothing counts in flight while a client uploads.
-            binding = self.caller.check(endpoint)
+            admitted = self.caller.check(endpoint, headers)
         except IngressError as error:
             await self._refuse_unread(receive, sink, error, headers, http1)
             return
-        if binding.endpoint.duplex:
-            await self._exchange(scope, receive, sink, endpoint, request_id, headers)
+        if admitted.binding.endpoint.duplex:
+            await self._exchange(scope, receive, sink, endpoint, request_id, admitted)
             return
         body_error: IngressError | None = None
         try:
@@ -120,8 +122,8 @@ class IngressApp:
                 object(),  # every call is its own; the routes find it by request id
                 endpoint,
                 request_id=request_id,
-                metadata=headers,
                 peer=f"{client[0]}:{client[1]}" if client else None,
+                admitted=admitted,
             )
         except IngressError as error:  # the drain began while the body was arriving
             await refuse(sink, error)
@@ -138,7 +140,7 @@ class IngressApp:
         sink: _HttpSink,
         endpoint: str,
         request_id: str,
-        headers: dict[str, str],
+        admitted: Admitted,
     ) -> None:
         """A full-duplex exchange: the request body streams into the handler (NDJSON lines) while the
         answers stream out; the end of the body is the caller's half-close."""
@@ -148,11 +150,11 @@ class IngressApp:
                 object(),
                 endpoint,
                 request_id=request_id,
-                metadata=headers,
                 peer=f"{client[0]}:{client[1]}" if client else None,
+                admitted=admitted,
             )
         except IngressError as error:  # the drain began since check()
-            await self._refuse_unread(receive, sink, error, headers, _is_http1(scope))
+            await self._refuse_unread(receive, sink, error, admitted.metadata, _is_http1(scope))
             return
         timeout_ms = call.ctx.metadata.get(TIMEOUT_HEADER)
         async with trio.open_nursery() as nursery:
@@ -376,6 +378,8 @@ async def _error(
     headers = list(extra or [])
     if retryable and not any(name == b"retry-after" for name, _ in headers):
         headers.append((b"retry-after", RETRY_AFTER))
+    if error.code is ErrorCode.UNAUTHENTICATED:
+        headers.append((b"www-authenticate", protocol.WWW_AUTHENTICATE))
     await _respond(send, status, protocol.JSON, protocol.error_document(error, retryable), headers)
 
 

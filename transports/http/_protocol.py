@@ -20,7 +20,11 @@ STATUS_FOR_CODE = {
     ErrorCode.CANCELLED: 499,  # nginx's "client closed request"; a stream killed by its caller
     ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.PERMISSION_DENIED: 403,
 }
+# With every 401 (RFC 9110 11.6.1, RFC 6750 3): how to authenticate.
+WWW_AUTHENTICATE = b'Bearer realm="trio-ingress"'
 # Seconds a client should wait before retrying a 429 or 503 (on this worker or, better, another).
 RETRY_AFTER = b"1"
 TIMEOUT_HEADER = "x-request-timeout-ms"
