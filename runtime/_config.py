@@ -75,6 +75,8 @@ class EndpointOptions:
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
     # Scopes a caller's credential must carry (PERMISSION_DENIED otherwise; docs/security.md).
     scopes: frozenset[str] = frozenset()
+    # The most requests one tenant may run at once (docs/security.md "Fair admission"); inf: no cap.
+    max_concurrency_per_tenant: float = math.inf
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -85,5 +87,7 @@ class EndpointOptions:
             raise ValueError("inactivity_timeout must be positive seconds or None")
         if self.input_timeout is not None and not self.input_timeout > 0:
             raise ValueError("input_timeout must be positive seconds or None")
+        if self.max_concurrency_per_tenant < 1:
+            raise ValueError("max_concurrency_per_tenant must be at least 1")
         if not 1 <= self.max_input_bytes <= 0xFFFFFFFF:  # a TCP WINDOW_UPDATE carries it in 32 bits
             raise ValueError("max_input_bytes must be from 1 to 2**32-1")

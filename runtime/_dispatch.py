@@ -173,12 +173,12 @@ class _Run:
             with ctx._scope:
                 if ctx.deadline != math.inf:  # the setter costs even when nothing changes
                     ctx._scope.deadline = ctx.deadline
-                admission = self.binding.admission
-                await admission.acquire(ctx.deadline)
+                admission, principal = self.binding.admission, ctx.principal
+                await admission.acquire(ctx.deadline, principal.tenant, principal.weight)
                 try:
                     await self._run_handler(request)
                 finally:
-                    admission.release()
+                    admission.release(principal.tenant)
             await self._after_handler()
         except CallerGone:
             self._caller_gone()

@@ -128,12 +128,20 @@ class Worker:
         input_timeout: float | None = None,
         max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
         scopes: Iterable[str] = (),
+        max_concurrency_per_tenant: float = math.inf,
     ) -> Callable[[Handler], Handler]:
         """Decorator registering an endpoint; the name defaults to the function's. ``duplex=True``: a
         full-duplex exchange, an async generator taking ``(messages, ctx)`` (docs/exchanges.md).
-        ``scopes``: what a caller's credential must grant (docs/security.md)."""
+        ``scopes``: what a caller's credential must grant; ``max_concurrency_per_tenant``: how many
+        requests one tenant may run at once (docs/security.md)."""
         options = EndpointOptions(
-            max_concurrency, max_queue, inactivity_timeout, input_timeout, max_input_bytes, frozenset(scopes)
+            max_concurrency,
+            max_queue,
+            inactivity_timeout,
+            input_timeout,
+            max_input_bytes,
+            frozenset(scopes),
+            max_concurrency_per_tenant,
         )
 
         def register(handler: Handler) -> Handler:
@@ -205,7 +213,9 @@ class Worker:
         runtime = RuntimeContext(self.name, config or WorkerConfig(), Metrics(), get_logger(worker=self.name))
         global_inflight = GlobalInFlight()
         admissions = {
-            ep.name: Admission(ep.options.max_concurrency, ep.options.max_queue)
+            ep.name: Admission(
+                ep.options.max_concurrency, ep.options.max_queue, ep.options.max_concurrency_per_tenant
+            )
             for ep in self._endpoints.values()
         }
         for name, admission in admissions.items():

@@ -97,7 +97,10 @@ def bind_for_test(worker: Worker, config: WorkerConfig | None = None) -> TestBin
     runtime = RuntimeContext(worker.name, config or WorkerConfig(), Metrics(), get_logger(worker=worker.name))
     global_inflight = GlobalInFlight()
     endpoints = worker.endpoints
-    admissions = {n: Admission(e.options.max_concurrency, e.options.max_queue) for n, e in endpoints.items()}
+    admissions = {
+        n: Admission(e.options.max_concurrency, e.options.max_queue, e.options.max_concurrency_per_tenant)
+        for n, e in endpoints.items()
+    }
     transport = bind_transport("test", runtime, endpoints, admissions, global_inflight)
     return TestBinding(transport, global_inflight, admissions)
 

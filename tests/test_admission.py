@@ -104,3 +104,99 @@ def test_invalid_limits_are_refused():
         Admission(max_concurrency=0)
     with pytest.raises(ValueError, match="max_queue"):
         Admission(max_queue=-1)
+
+
+async def _timed_request(
+    admission: Admission, tenant: str, work: float, waits: dict[str, list[float]], weight: float = 1.0
+) -> None:
+    """One request of ``tenant``: wait for a slot (recording how long), then hold it for ``work`` s."""
+    start = trio.current_time()
+    async with admission.slot(tenant=tenant, weight=weight):
+        waits.setdefault(tenant, []).append(trio.current_time() - start)
+        await trio.sleep(work)
+
+
+async def test_a_bursting_tenant_delays_another_by_its_fair_share_only(autojump_clock):
+    """Tenant A queues 50 one-second requests; B's one request, arriving later, waits about one of
+    them, not all 50 (FIFO would make it wait 50 s)."""
+    admission = Admission(max_concurrency=1, max_queue=100)
+    waits: dict[str, list[float]] = {}
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(_timed_request, admission, "A", 1.0, waits)
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.5)
+        nursery.start_soon(_timed_request, admission, "B", 1.0, waits)
+    assert waits["B"][0] <= 1.5  # the rest of A's running request, then B's turn
+    assert max(waits["A"]) >= 49  # A's own burst still runs to the end, in order
+
+
+async def test_weights_share_the_slots_in_proportion(autojump_clock):
+    """A (weight 3) and B (weight 1), 40 requests each queued at once: of the first 20 served, 15 are A's."""
+    admission = Admission(max_concurrency=1, max_queue=100)
+    served: list[str] = []
+
+    async def one(tenant: str, weight: float) -> None:
+        async with admission.slot(tenant=tenant, weight=weight):
+            served.append(tenant)
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, "first", 1.0)  # holds the slot while the others queue
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(40):
+            nursery.start_soon(one, "A", 3.0)
+            nursery.start_soon(one, "B", 1.0)
+        await trio.testing.wait_all_tasks_blocked()
+    assert abs(served[1:21].count("A") - 15) <= 1
+
+
+async def _hold_as(admission: Admission, release: trio.Event, log: list[str], tenant: str, name: str) -> None:
+    """``_hold`` for one tenant: logs the start or the rejection (reason, and whether retryable)."""
+    try:
+        async with admission.slot(tenant=tenant):
+            log.append(f"start {name}")
+            await release.wait()
+    except Rejected as rejected:
+        log.append(f"rejected {name} {rejected.reason} {rejected.resolve_retryable(chunks_sent=0)}")
+
+
+async def test_a_full_queue_makes_room_for_a_tenant_with_fewer_waiters(autojump_clock):
+    """A fills the queue; B's request takes A's newest place (A's is refused OVERLOADED, retryable,
+    reason tenant_share); a second A request, still the longest queue, is refused outright."""
+    admission = Admission(max_concurrency=1, max_queue=4)
+    release = trio.Event()
+    log: list[str] = []
+    async with trio.open_nursery() as nursery:
+        for tenant, name in (
+            ("A", "a0"),
+            ("A", "a1"),
+            ("A", "a2"),
+            ("A", "a3"),
+            ("A", "a4"),
+            ("B", "b0"),
+            ("A", "a5"),
+        ):
+            nursery.start_soon(_hold_as, admission, release, log, tenant, name)
+            await trio.testing.wait_all_tasks_blocked()
+        assert log == ["start a0", "rejected a4 tenant_share True", "rejected a5 overloaded True"]
+        release.set()
+    assert log[3:] == ["start a1", "start b0", "start a2", "start a3"]  # FIFO would serve b0 last
+
+
+@pytest.mark.parametrize(("max_queue", "third"), [(10, "queued"), (0, "rejected a2 tenant_limit True")])
+async def test_a_tenant_limit_keeps_slots_for_the_others(max_queue, third, autojump_clock):
+    """max 4 running, 2 per tenant: A's third request waits (or, with no queue, is refused naming the
+    tenant limit) while B starts at once on a free slot."""
+    admission = Admission(max_concurrency=4, max_queue=max_queue, tenant_limit=2)
+    release = trio.Event()
+    log: list[str] = []
+    async with trio.open_nursery() as nursery:
+        for tenant, name in (("A", "a0"), ("A", "a1"), ("A", "a2"), ("B", "b0")):
+            nursery.start_soon(_hold_as, admission, release, log, tenant, name)
+            await trio.testing.wait_all_tasks_blocked()
+        assert log[:2] == ["start a0", "start a1"] and "start b0" in log
+        assert next((line for line in log if "a2" in line), "queued") == third
+        assert admission.statistics().queued == (1 if max_queue else 0)
+        release.set()
+    assert ("start a2" in log) == bool(max_queue)  # the queued one ran once a slot of A's was freed
