@@ -102,6 +102,12 @@ def _parser(plugins: Sequence[TransportPlugin], environment: bool = True) -> arg
         help="serve TLS with this certificate on every transport that can (HTTP: HTTPS with ALPN h2)",
     )
     serve.add_argument("--keyfile", type=readable_file, metavar="PEM", help="the private key of --certfile")
+    serve.add_argument(
+        "--client-ca",
+        type=readable_file,
+        metavar="PEM",
+        help="mutual TLS: require a client certificate signed by this CA (its subject names the caller)",
+    )
     for plugin in plugins:
         _add_arguments(
             plugin, plugin.add_serve_arguments, serve.add_argument_group(f"{plugin.name} transport")
@@ -162,6 +168,7 @@ def _parser(plugins: Sequence[TransportPlugin], environment: bool = True) -> arg
     for plugin in plugins:
         group = call.add_argument_group(f"{plugin.name} transport")
         _add_arguments(plugin, partial(plugin.add_call_arguments, target=target), group)
+    _client_tls_arguments(call)
     call.add_argument("--timeout", type=seconds, metavar="S", help="deadline for the whole call")
     call.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     call.add_argument(
@@ -183,9 +190,22 @@ def _parser(plugins: Sequence[TransportPlugin], environment: bool = True) -> arg
         if hasattr(plugin, "status_target"):
             group = status.add_argument_group(f"{plugin.name} transport")
             _add_arguments(plugin, partial(plugin.add_call_arguments, target=target), group)
+    _client_tls_arguments(status)
     status.add_argument("--timeout", type=seconds, default=5.0, metavar="S", help="give up after this long")
     status.set_defaults(run=_status)
     return parser
+
+
+def _client_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """The client side of TLS, shared by every transport that speaks it (HTTPS, TCP over TLS)."""
+    group = parser.add_argument_group("TLS")
+    group.add_argument(
+        "--cafile", type=readable_file, metavar="PEM", help="TLS: trust this CA (HTTPS, or TCP over TLS)"
+    )
+    group.add_argument(
+        "--certfile", type=readable_file, metavar="PEM", help="mutual TLS: present this client certificate"
+    )
+    group.add_argument("--keyfile", type=readable_file, metavar="PEM", help="the private key of --certfile")
 
 
 def _status(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> int:
@@ -357,7 +377,9 @@ def _transports(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) ->
         )
     if (args.certfile is None) != (args.keyfile is None):
         raise UsageError("--certfile and --keyfile go together")
-    tls = TlsFiles(args.certfile, args.keyfile) if args.certfile is not None else None
+    if args.client_ca is not None and args.certfile is None:
+        raise UsageError("--client-ca (mutual TLS) needs --certfile and --keyfile")
+    tls = TlsFiles(args.certfile, args.keyfile, args.client_ca) if args.certfile is not None else None
     chosen = [(plugin, plugin.transport(args, tls)) for plugin in plugins]
     if all(transport is None for _, transport in chosen):  # no transport flag at all: the defaults
         chosen = [(plugin, plugin.default_transport(args, tls)) for plugin in plugins]
@@ -367,7 +389,7 @@ def _transports(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) ->
         able = " or ".join(f"--{plugin.name}" for plugin in plugins if plugin.serves_tls) or "no transport"
         raise UsageError(
             f"--certfile/--keyfile serve TLS on {able}, which is not given "
-            "(the other listeners have no TLS here yet; --nats-tls-ca connects to NATS over TLS)"
+            "(NATS keeps its own TLS: --nats-tls-ca connects to NATS over TLS)"
         )
     return [transport for _, transport in selected]
 

@@ -63,10 +63,13 @@ from hypercorn.utils import parse_socket_addr
 from hyperframe.frame import GoAwayFrame
 
 from ._listeners import DEFAULT_BACKLOG, open_listeners, serve_accepting
+from ._tls import certified_principal
 
 # The hypercorn releases this loop was written and tested against (pyproject.toml pins the same range):
 # it subclasses and drives hypercorn's protocol layer, which hypercorn may change in any release.
 TESTED_HYPERCORN = ("0.18",)
+# The key of a connection's client-certificate principal in each request's ASGI scope["state"].
+CERTIFIED = "ingress.certified"
 # Bytes asked of the kernel per read (hypercorn's MAX_RECV).
 MAX_RECV = 64 * 1024
 # Bytes queued for the socket beyond which a sender (a response, h2's sender) waits: with the socket's
@@ -236,7 +239,9 @@ class Connection:
         async with trio.open_nursery() as writing:
             writing.start_soon(self._write_loop)
             async with TaskGroup() as task_group:
-                state = ConnectionState({})
+                # Under mutual TLS, who the client certificate names reaches each request's scope
+                # ("state"), for the core's authentication (runtime/_intake.py).
+                state = ConnectionState({CERTIFIED: certified_principal(self.stream)})
                 args = (self.app, self.config, self.context, task_group, state, self._ssl, client, server)
                 self.protocol = _ProtocolSwitch((*args, self.send), self.limits, alpn, self._drain.started)
                 await self.protocol.initiate()

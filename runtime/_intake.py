@@ -55,7 +55,7 @@ class Admitted:
 class Caller:
     """The open calls of one caller, keyed by whatever the transport names them with."""
 
-    __slots__ = ("_calls", "_transport", "exchanges", "max_calls", "peer")
+    __slots__ = ("_calls", "_transport", "certified", "exchanges", "max_calls", "peer")
 
     def __init__(
         self,
@@ -72,16 +72,21 @@ class Caller:
         self.exchanges = exchanges
         # More open calls than this at once are refused OVERLOADED (say, streams on one connection).
         self.max_calls = max_calls
+        # Who a verified client certificate says the caller is (mutual TLS), for every request of it.
+        self.certified: Principal | None = None
         self._calls: dict[Hashable, Call] = {}
 
-    def check(self, endpoint: str, metadata: Mapping[str, str] | None = None) -> Admitted:
+    def check(
+        self, endpoint: str, metadata: Mapping[str, str] | None = None, certified: Principal | None = None
+    ) -> Admitted:
         """The binding a request for ``endpoint`` would run on and who it runs for, or the refusal:
         NOT_FOUND, UNAVAILABLE while starting or draining, UNAUTHENTICATED, PERMISSION_DENIED (each
         counted). For a transport that must read more of the request before it can ``open`` it (HTTP's
         body), so that a refusal needs nothing more from the caller: pass the result to ``open``."""
         binding = self._binding(endpoint)
         credentials, rest = credentials_from(metadata or {})
-        return Admitted(binding, self._principal(binding, credentials), rest)
+        principal = self._principal(binding, credentials, certified or self.certified)
+        return Admitted(binding, principal, rest)
 
     def _binding(self, endpoint: str) -> EndpointBinding:
         binding = self._transport.lookup(endpoint)  # NotFound
@@ -93,13 +98,23 @@ class Caller:
             raise Unavailable(STARTING, retryable=True)
         return binding
 
-    def _principal(self, binding: EndpointBinding, credentials: Credentials) -> Principal:
-        """Who the request runs for: the worker's authenticator's answer (anonymous without one), with
-        the endpoint's scopes checked. A check that fails unexpectedly (a bug in a user's hook) refuses
+    def _principal(
+        self, binding: EndpointBinding, credentials: Credentials, certified: Principal | None
+    ) -> Principal:
+        """Who the request runs for: a token's principal (the worker's authenticator's answer), else a
+        verified client certificate's, else anonymous where no authenticator asks for a credential;
+        then the endpoint's scopes. A check that fails unexpectedly (a bug in a user's hook) refuses
         the request as INTERNAL, logged, rather than letting it through."""
         authenticator = self._transport.runtime.config.authenticator
         try:
-            principal = ANONYMOUS if authenticator is None else authenticator.authenticate(credentials)
+            if credentials.present and authenticator is not None:
+                principal = authenticator.authenticate(credentials)
+            elif certified is not None:
+                principal = certified
+            elif authenticator is not None:
+                principal = authenticator.authenticate(credentials)  # no credential: it says what to send
+            else:
+                principal = ANONYMOUS
             authorize(principal, binding.name, binding.endpoint.options.scopes)
         except (Unauthenticated, PermissionDenied) as refusal:
             binding.metrics.rejection(refusal.code.name.lower())

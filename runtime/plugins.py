@@ -16,6 +16,7 @@ so that ``ingress --help`` does not pay for every transport's dependencies.
 from __future__ import annotations
 
 import argparse
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -105,10 +106,12 @@ class PluginFailed(Exception):
 
 @dataclass(frozen=True, slots=True)
 class TlsFiles:
-    """The shared ``--certfile``/``--keyfile``: a plug-in that serves TLS uses them for its listener."""
+    """The shared ``--certfile``/``--keyfile`` (and ``--client-ca``: mutual TLS): a plug-in that serves
+    TLS uses them for its listener."""
 
     certfile: str
     keyfile: str
+    client_ca: str | None = None
 
 
 @runtime_checkable
@@ -195,6 +198,19 @@ def positive_int(text: str) -> int:
     if not text.isascii() or not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client side of ``call``/``status``'s shared ``--cafile``/``--certfile``/``--keyfile``: a TLS
+    context when any is given (a CA to trust, a client certificate for mutual TLS), else None."""
+    cafile, certfile, keyfile = (getattr(args, name, None) for name in ("cafile", "certfile", "keyfile"))
+    if cafile is None and certfile is None:
+        return None
+    if (certfile is None) != (keyfile is None):
+        raise UsageError("--certfile and --keyfile go together")
+    from ._tls import client_context
+
+    return client_context(cafile, certfile, keyfile)
 
 
 def readable_file(text: str) -> str:

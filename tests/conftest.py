@@ -29,3 +29,74 @@ def self_signed(tmp_path):
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     return str(cert), str(key)
+
+
+@pytest.fixture
+def mutual_tls(tmp_path):
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (CN=router-1, O=acme)
+    signed by it, and a client certificate signed by nobody the worker trusts: paths by name."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    paths = {
+        name: str(tmp_path / f"{name}.pem")
+        for name in ("ca", "ca_key", "server", "server_key", "client", "client_key", "rogue", "rogue_key")
+    }
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl(
+        "req",
+        "-x509",
+        *key,
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        paths["ca_key"],
+        "-out",
+        paths["ca"],
+    )
+    openssl(
+        "req",
+        "-x509",
+        *key,
+        "-days",
+        "1",
+        "-subj",
+        "/CN=rogue",
+        "-keyout",
+        paths["rogue_key"],
+        "-out",
+        paths["rogue"],
+    )
+    for name, subject, extension in (
+        ("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1"),
+        ("client", "/CN=router-1/O=acme", "extendedKeyUsage=clientAuth"),
+    ):
+        request, extensions = str(tmp_path / f"{name}.csr"), tmp_path / f"{name}.ext"
+        extensions.write_text(extension + "\n")
+        openssl("req", *key, "-subj", subject, "-keyout", paths[f"{name}_key"], "-out", request)
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            request,
+            "-CA",
+            paths["ca"],
+            "-CAkey",
+            paths["ca_key"],
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            str(extensions),
+            "-out",
+            paths[name],
+        )
+    return paths

@@ -31,7 +31,7 @@ from runtime import (
     new_request_id,
     refuse,
 )
-from runtime._http_server import discard_body
+from runtime._http_server import CERTIFIED, discard_body
 from runtime._ops_server import OPS_PATHS, OpsApp
 
 from .._writer import FrameWriter
@@ -102,7 +102,7 @@ class IngressApp:
         try:
             # Refused before the body is read: a draining worker's 503 closes an HTTP/1.1 connection
             # without waiting for a body, and nothing counts in flight while a client uploads.
-            admitted = self.caller.check(endpoint, headers)
+            admitted = self.caller.check(endpoint, headers, scope.get("state", {}).get(CERTIFIED))
         except IngressError as error:
             await self._refuse_unread(receive, sink, error, headers, http1)
             return

@@ -38,11 +38,12 @@ async def http_stream(
     request: Any,
     metadata: Mapping[str, str] | None = None,
     *,
-    cafile: str | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Any]:
     """POST ``request`` to ``/v1/{endpoint}`` and yield each chunk (one for a unary endpoint).
-    ``cafile`` trusts that CA for https (a self-signed worker certificate, say)."""
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cafile) if cafile else True
+    ``tls``: the context for https (``runtime._tls.client_context``: a CA to trust, a client
+    certificate for mutual TLS); None: the system's CAs."""
+    verify: ssl.SSLContext | bool = tls or True
     headers = {"content-type": "application/json", "accept": protocol.NDJSON, **(metadata or {})}
     # No httpx timeout: a stream may run for minutes; the caller's scope (--timeout) bounds it.
     async with httpx.AsyncClient(
@@ -62,9 +63,9 @@ async def http_stream(
             raise Unavailable(f"the worker at {url} went away mid-answer: {exc}", retryable=False) from exc
 
 
-async def http_status(url: str, *, cafile: str | None = None) -> dict[str, Any]:
+async def http_status(url: str, *, tls: ssl.SSLContext | None = None) -> dict[str, Any]:
     """GET ``/status``: the worker's live state (served on its HTTP port and its ops listener)."""
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cafile) if cafile else True
+    verify: ssl.SSLContext | bool = tls or True
     async with httpx.AsyncClient(base_url=parse_base_url(url), verify=verify, timeout=None) as client:
         try:
             response = await client.get("/status")
@@ -82,7 +83,7 @@ async def http_exchange(
     metadata: Mapping[str, str],
     answer: Callable[[Any], None],
     *,
-    cafile: str | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """An exchange over HTTP: the messages go out as the NDJSON lines of a streamed request body (its
     end is the half-close), and ``answer`` gets each answer as its line arrives. httpx sends the whole
@@ -92,7 +93,7 @@ async def http_exchange(
         async for message in messages:
             yield json.dumps(message).encode() + b"\n"
 
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cafile) if cafile else True
+    verify: ssl.SSLContext | bool = tls or True
     headers = {"content-type": protocol.NDJSON, "accept": protocol.NDJSON, **metadata}
     async with httpx.AsyncClient(
         base_url=parse_base_url(url), verify=verify, http2=True, timeout=None

@@ -16,8 +16,8 @@ from runtime.plugins import (
     TlsFiles,
     UsageError,
     address,
+    client_tls,
     positive_int,
-    readable_file,
 )
 
 DEFAULT_ADDRESS = ("127.0.0.1", 8000)
@@ -54,22 +54,19 @@ class HttpPlugin:
 
     def add_call_arguments(self, parser: Any, target: Any) -> None:
         target.add_argument("--http", metavar="URL", help="e.g. http://127.0.0.1:8000 or https://host:8443")
-        parser.add_argument(
-            "--cafile", type=readable_file, metavar="PEM", help="with an https --http URL: trust this CA"
-        )
 
     def call_target(self, args: argparse.Namespace) -> CallTarget | None:
         if args.http is None:
             return None
         from ._client import http_stream
 
-        url = _base_url(args.http)
+        url, tls = _base_url(args.http), client_tls(args)
 
         async def stream(
             endpoint: str, request: Any, metadata: Mapping[str, str], deadline: float | None
         ) -> AsyncIterator[Any]:
             timed = _with_deadline(metadata, deadline)
-            async for chunk in http_stream(url, endpoint, request, timed, cafile=args.cafile):
+            async for chunk in http_stream(url, endpoint, request, timed, tls=tls):
                 yield chunk
 
         return stream
@@ -82,7 +79,7 @@ class HttpPlugin:
             return None
         from ._client import http_exchange
 
-        url = _base_url(args.http)
+        url, tls = _base_url(args.http), client_tls(args)
 
         async def exchange(
             endpoint: str,
@@ -92,7 +89,7 @@ class HttpPlugin:
             answer: Callable[[Any], None],
         ) -> None:
             timed = _with_deadline(metadata, deadline)
-            await http_exchange(url, endpoint, messages, timed, answer, cafile=args.cafile)
+            await http_exchange(url, endpoint, messages, timed, answer, tls=tls)
 
         return exchange
 
@@ -101,8 +98,8 @@ class HttpPlugin:
             return None
         from ._client import http_status
 
-        url, cafile = _base_url(args.http), args.cafile
-        return lambda: http_status(url, cafile=cafile)
+        url, tls = _base_url(args.http), client_tls(args)
+        return lambda: http_status(url, tls=tls)
 
 
 def _base_url(text: str) -> str:
@@ -127,8 +124,15 @@ def _with_deadline(metadata: Mapping[str, str], deadline: float | None) -> Mappi
 def _transport(address: tuple[str, int], args: argparse.Namespace, tls: TlsFiles | None) -> Transport:
     from ._server import HttpTransport
 
-    certfile, keyfile = (tls.certfile, tls.keyfile) if tls is not None else (None, None)
-    return HttpTransport(*address, certfile=certfile, keyfile=keyfile, backlog=args.http_backlog)
+    if tls is None:
+        return HttpTransport(*address, backlog=args.http_backlog)
+    return HttpTransport(
+        *address,
+        certfile=tls.certfile,
+        keyfile=tls.keyfile,
+        client_ca=tls.client_ca,
+        backlog=args.http_backlog,
+    )
 
 
 plugin = HttpPlugin()

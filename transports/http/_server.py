@@ -11,6 +11,7 @@ and no send can outlive that (see docs/http.md).
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from functools import partial
 
@@ -55,11 +56,16 @@ class HttpTransport:
     # TLS: with both set, the port speaks HTTPS only, and ALPN offers h2 then http/1.1.
     certfile: str | None = None
     keyfile: str | None = None
+    # Mutual TLS: require a client certificate signed by this CA; its subject names the caller when no
+    # token does (docs/security.md).
+    client_ca: str | None = None
     name: str = "http"
 
     def __post_init__(self) -> None:
         if (self.certfile is None) != (self.keyfile is None):
             raise ValueError("TLS needs both certfile and keyfile (or neither, for cleartext)")
+        if self.client_ca is not None and self.certfile is None:
+            raise ValueError("client_ca (mutual TLS) needs certfile and keyfile too")
         if self.backlog < 1:
             raise ValueError(f"backlog must be at least 1, got {self.backlog}")
 
@@ -77,6 +83,8 @@ class HttpTransport:
         if self.certfile is not None:
             config.certfile, config.keyfile = self.certfile, self.keyfile
             config.alpn_protocols = ["h2", "http/1.1"]
+            if self.client_ca is not None:
+                config.ca_certs, config.verify_mode = self.client_ca, ssl.CERT_REQUIRED
         return config
 
     def limits(self) -> HttpServerLimits:

@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import json
 import math
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -54,7 +55,7 @@ class TcpClient:
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
         *,
         max_frame_size: int,
         write_high_water: int,
@@ -95,8 +96,13 @@ class TcpClient:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         heartbeat_interval: float | None = HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+        tls: ssl.SSLContext | None = None,
     ) -> AsyncIterator[TcpClient]:
         """Connect, handshake, and serve the connection for the duration of the block.
+
+        ``tls``: speak TLS with this context (``runtime._tls.client_context(cafile, certfile,
+        keyfile)`` trusts a CA and presents a client certificate); the worker's name is checked
+        against ``host``. The TLS handshake counts against ``handshake_timeout``.
 
         A worker that closes the connection or stays silent instead of answering the HELLO (within
         ``handshake_timeout`` seconds) raises ``Unavailable``, retryable: nothing was sent.
@@ -117,6 +123,7 @@ class TcpClient:
                     keepalive,
                     handshake_timeout,
                     heartbeat,
+                    tls,
                     version,
                 ) as client:
                     yield client
@@ -135,16 +142,20 @@ class TcpClient:
         keepalive: float | None,
         handshake_timeout: float,
         heartbeat: tuple[float, float] | None,
+        tls: ssl.SSLContext | None,
         version: int,
     ) -> AsyncIterator[TcpClient]:
         try:
-            stream = await trio.open_tcp_stream(host, port)
+            raw = await trio.open_tcp_stream(host, port)
         except OSError as exc:
             raise Unavailable(
                 f"cannot connect to {host}:{port}: {exc.strerror or exc}", retryable=True
             ) from exc
         if keepalive is not None:
-            enable_keepalive(stream.socket, keepalive)
+            enable_keepalive(raw.socket, keepalive)
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = raw
+        if tls is not None:
+            stream = trio.SSLStream(raw, tls, server_hostname=host)  # the handshake runs on first use
         client = cls(
             stream, max_frame_size=max_frame_size, write_high_water=write_high_water, version=version
         )
@@ -154,7 +165,13 @@ class TcpClient:
                 try:
                     with trio.fail_after(handshake_timeout):
                         await client._handshake()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, codec.RemoteProtocolError) as exc:
+                except trio.BrokenResourceError as exc:
+                    if isinstance(exc.__cause__, ssl.SSLError):
+                        raise _tls_failed(host, port, exc.__cause__) from exc
+                    raise Unavailable(
+                        f"{host}:{port} closed the connection during the handshake: {exc}", retryable=True
+                    ) from exc
+                except (trio.ClosedResourceError, codec.RemoteProtocolError) as exc:
                     # Typically a worker that closed its listener with us still in the accept backlog,
                     # or that reached phase 3 of its drain before it read our HELLO.
                     raise Unavailable(
@@ -633,6 +650,17 @@ def _load_report(raw: bytes) -> dict[str, Any] | None:
     if type(in_flight) is not int or in_flight < 0 or not isinstance(ready, bool):
         return None
     return report
+
+
+def _tls_failed(host: str, port: int, error: ssl.SSLError) -> Unavailable:
+    """A TLS handshake that failed: a certificate not trusted, no client certificate where one is
+    required. Not retryable: the same settings fail the same way; the message says what to check."""
+    reason = getattr(error, "verify_message", None) or error.reason or str(error)
+    return Unavailable(
+        f"TLS handshake with {host}:{port} failed: {reason} (check the CA the client trusts, --cafile, and "
+        "the worker's certificate; for mutual TLS, the client's --certfile/--keyfile)",
+        retryable=False,
+    )
 
 
 class _PendingPing:

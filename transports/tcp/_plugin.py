@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from runtime import Transport, Unavailable
-from runtime.plugins import CallTarget, DuplexTarget, StatusTarget, TlsFiles, address, run_exchange
+from runtime.plugins import (
+    CallTarget,
+    DuplexTarget,
+    StatusTarget,
+    TlsFiles,
+    address,
+    client_tls,
+    run_exchange,
+)
 
 DEFAULT_ADDRESS = ("127.0.0.1", 9000)
 
 
 class TcpPlugin:
     name = "tcp"
-    serves_tls = False
+    serves_tls = True
 
     def add_serve_arguments(self, parser: Any) -> None:
         parser.add_argument(
@@ -27,49 +36,53 @@ class TcpPlugin:
     def transport(self, args: argparse.Namespace, tls: TlsFiles | None) -> Transport | None:
         if args.tcp is None:
             return None
-        from ._server import TcpTransport
-
-        return TcpTransport(*args.tcp)
+        return _transport(args.tcp, tls)
 
     def default_transport(self, args: argparse.Namespace, tls: TlsFiles | None) -> Transport | None:
-        from ._server import TcpTransport
-
-        return TcpTransport(*DEFAULT_ADDRESS)
+        return _transport(DEFAULT_ADDRESS, tls)
 
     def add_call_arguments(self, parser: Any, target: Any) -> None:
         target.add_argument("--tcp", type=address, metavar="HOST:PORT", help="default 127.0.0.1:9000")
 
     def call_target(self, args: argparse.Namespace) -> CallTarget | None:
-        return None if args.tcp is None else _stream_to(args.tcp)
+        return None if args.tcp is None else _stream_to(args.tcp, client_tls(args))
 
     def default_call_target(self, args: argparse.Namespace) -> CallTarget | None:
-        return _stream_to(DEFAULT_ADDRESS)
+        return _stream_to(DEFAULT_ADDRESS, client_tls(args))
 
     def duplex_target(self, args: argparse.Namespace) -> DuplexTarget | None:
-        return _exchange_with(args.tcp or DEFAULT_ADDRESS)
+        return _exchange_with(args.tcp or DEFAULT_ADDRESS, client_tls(args))
 
     def status_target(self, args: argparse.Namespace) -> StatusTarget | None:
-        return None if args.tcp is None else _status_of(args.tcp)
+        return None if args.tcp is None else _status_of(args.tcp, client_tls(args))
 
 
-def _stream_to(address: tuple[str, int]) -> CallTarget:
+def _transport(address: tuple[str, int], tls: TlsFiles | None) -> Transport:
+    from ._server import TcpTransport
+
+    if tls is None:
+        return TcpTransport(*address)
+    return TcpTransport(*address, certfile=tls.certfile, keyfile=tls.keyfile, client_ca=tls.client_ca)
+
+
+def _stream_to(address: tuple[str, int], tls: ssl.SSLContext | None) -> CallTarget:
     async def stream(
         endpoint: str, request: Any, metadata: Mapping[str, str], deadline: float | None
     ) -> AsyncIterator[Any]:
         from ._client import TcpClient
 
-        async with TcpClient.connect(*address) as client:
+        async with TcpClient.connect(*address, tls=tls) as client:
             async for chunk in client.stream(endpoint, request, metadata=dict(metadata), deadline=deadline):
                 yield chunk
 
     return stream
 
 
-def _status_of(address: tuple[str, int]) -> StatusTarget:
+def _status_of(address: tuple[str, int], tls: ssl.SSLContext | None) -> StatusTarget:
     async def status() -> dict[str, Any]:
         from ._client import TcpClient
 
-        async with TcpClient.connect(*address, heartbeat_interval=None) as client:
+        async with TcpClient.connect(*address, heartbeat_interval=None, tls=tls) as client:
             report = await client.ping()
         if report is None:
             raise Unavailable(f"the worker at {address[0]}:{address[1]} sent no load report", retryable=False)
@@ -78,7 +91,7 @@ def _status_of(address: tuple[str, int]) -> StatusTarget:
     return status
 
 
-def _exchange_with(address: tuple[str, int]) -> DuplexTarget:
+def _exchange_with(address: tuple[str, int], tls: ssl.SSLContext | None) -> DuplexTarget:
     async def exchange(
         endpoint: str,
         messages: AsyncIterator[Any],
@@ -89,7 +102,7 @@ def _exchange_with(address: tuple[str, int]) -> DuplexTarget:
         from ._client import TcpClient
 
         async with (
-            TcpClient.connect(*address) as client,
+            TcpClient.connect(*address, tls=tls) as client,
             client.exchange(endpoint, metadata=dict(metadata), deadline=deadline) as session,
         ):
             await run_exchange(session, messages, answer)

@@ -287,7 +287,7 @@ class Connection:
 
     # ---- receiving ----------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes read from the socket; ``b""`` means the peer closed its side."""
         if self._eof and data:
             raise LocalProtocolError("received data after end of stream")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import ssl
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -38,6 +39,7 @@ from runtime import (
     refuse,
     serve_accepting,
 )
+from runtime._tls import certified_principal, server_context
 
 from .._keepalive import enable_keepalive
 from .._writer import FrameWriter, WriterClosed
@@ -75,7 +77,19 @@ class TcpTransport:
     # Version 4: a client silent for one interval is pinged; silent for the next one too, it is
     # considered hung and its connection closed (found within two to three intervals). None: off.
     heartbeat_interval: float | None = 15.0
+    # TLS (docs/security.md): with both set, the port speaks TLS only (the handshake is bounded by
+    # handshake_timeout); ``client_ca`` also requires a client certificate signed by that CA, whose
+    # subject names the caller when no token does (mutual TLS).
+    certfile: str | None = None
+    keyfile: str | None = None
+    client_ca: str | None = None
     name: str = "tcp"
+
+    def __post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("TLS needs both certfile and keyfile (or neither, for cleartext)")
+        if self.client_ca is not None and self.certfile is None:
+            raise ValueError("client_ca (mutual TLS) needs certfile and keyfile too")
 
     async def serve(
         self,
@@ -84,9 +98,18 @@ class TcpTransport:
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen until cancelled; reports the bound (host, port)."""
+        # First: a certificate that does not load must fail the start-up before any socket is bound.
+        tls = None
+        if self.certfile is not None and self.keyfile is not None:
+            tls = server_context(self.certfile, self.keyfile, self.client_ca)
         listeners = await open_listeners(self.host, self.port, self.backlog)
         address = listeners[0].socket.getsockname()[:2]
-        binding.runtime.logger.info("tcp.listening", address=f"{address[0]}:{address[1]}")
+        binding.runtime.logger.info(
+            "tcp.listening",
+            address=f"{address[0]}:{address[1]}",
+            tls=tls is not None,
+            mutual=bool(self.client_ca),
+        )
         open_connections: set[_ServerConnection] = set()
         async with trio.open_nursery() as connections:
             task_status.started(address)
@@ -95,7 +118,7 @@ class TcpTransport:
                 if self.heartbeat_interval is not None:
                     connections.start_soon(_sweep_heartbeats, self.heartbeat_interval, open_connections)
                 await serve_accepting(
-                    partial(self._serve_connection, binding, open_connections, _LoadReports(binding)),
+                    partial(self._serve_connection, binding, open_connections, _LoadReports(binding), tls),
                     listeners,
                     handler_nursery=connections,
                     logger=binding.runtime.logger,
@@ -110,11 +133,15 @@ class TcpTransport:
         binding: TransportBinding,
         registry: set[_ServerConnection],
         reports: _LoadReports,
-        stream: trio.SocketStream,
+        tls: ssl.SSLContext | None,
+        raw: trio.SocketStream,
     ) -> None:
         if self.keepalive is not None:
-            enable_keepalive(stream.socket, self.keepalive)
-        connection = _ServerConnection(self, binding, stream, reports)
+            enable_keepalive(raw.socket, self.keepalive)
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = raw
+        if tls is not None:
+            stream = trio.SSLStream(raw, tls, server_side=True)  # the handshake runs on the first read
+        connection = _ServerConnection(self, binding, stream, reports, _peer_name(raw))
         registry.add(connection)
         try:
             await connection.run()
@@ -191,8 +218,9 @@ class _ServerConnection:
         self,
         transport: TcpTransport,
         binding: TransportBinding,
-        stream: trio.SocketStream,
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
         reports: _LoadReports,
+        peer: str,
     ) -> None:
         self.transport = transport
         self.reports = reports
@@ -204,7 +232,7 @@ class _ServerConnection:
             max_streams=transport.max_streams_per_connection,
         )
         self.writer = FrameWriter(stream, transport.write_high_water)
-        self.peer = _peer_name(stream)
+        self.peer = peer
         # The core's registry of this connection's open streams, keyed by stream id.
         self.caller = Caller(binding, peer=self.peer, max_calls=transport.max_streams_per_connection)
         self._log: Any = None  # bound on first use: most connections never log
@@ -242,7 +270,8 @@ class _ServerConnection:
         """Serve frames until the peer leaves; returns why: closed, reset or protocol_error."""
         try:
             with trio.fail_after(self.transport.handshake_timeout):
-                await self._handshake()
+                await self._handshake()  # TLS's first, if any: it runs inside the first read
+            self.caller.certified = certified_principal(self.stream)
             # Exchanges stream their input only with a client that speaks version 2; an older one gives
             # an exchange all of its input in the REQUEST (NDJSON lines).
             self.caller.exchanges = self.codec.version >= codec.EXCHANGES_VERSION
