@@ -140,6 +140,11 @@ def _parser(plugins: Sequence[TransportPlugin], environment: bool = True) -> arg
         "re-read on SIGUSR1 (docs/security.md)",
     )
     serve.add_argument(
+        "--metrics-scope",
+        metavar="SCOPE",
+        help="/metrics answers only a credential granting SCOPE (with --auth-tokens; probes stay open)",
+    )
+    serve.add_argument(
         "--log-format", choices=LOG_FORMATS, default="auto", help="auto: console on a TTY, JSON otherwise"
     )
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="the lowest level logged")
@@ -353,11 +358,14 @@ def _serve(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) -> int:
             print(f"ingress: {exc} (--log-level debug shows the traceback)", file=sys.stderr)
         return EXIT_FAILURE
     transports = _transports(args, plugins)
+    if args.metrics_scope is not None and args.auth_tokens is None:
+        raise UsageError("--metrics-scope needs --auth-tokens: without them no credential could grant it")
     config = WorkerConfig(
         drain_timeout=args.drain_timeout,
         shutdown_delay=args.shutdown_delay,
         access_log=args.access_log,
         authenticator=args.auth_tokens,
+        metrics_scope=args.metrics_scope,
     )
     try:
         return worker.run(transports, config, metrics_address=args.metrics)

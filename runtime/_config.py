@@ -41,6 +41,9 @@ class WorkerConfig:
     # Who may call (docs/security.md): every request's credential goes through it (``TokenFile``, or
     # your own check); None: nobody is asked for one, and every caller is ``anonymous``.
     authenticator: Authenticator | None = None
+    # When set, /metrics answers only a credential granting this scope (401/403 otherwise); /health,
+    # /ready and /status stay open for probes (docs/security.md).
+    metrics_scope: str | None = None
 
     def __post_init__(self) -> None:
         for name in (

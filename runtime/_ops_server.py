@@ -20,10 +20,14 @@ import trio
 from hypercorn.config import Config
 from prometheus_client import CollectorRegistry, make_asgi_app
 
+from ._auth import ANONYMOUS, authorize, credentials_from
+from ._config import WorkerConfig
+from ._errors import ErrorCode, IngressError, PermissionDenied, Unauthenticated
 from ._http_server import HttpServerLimits, serve_http
 from ._readiness import Readiness
 
 OPS_PATHS = frozenset({"/health", "/ready", "/metrics", "/status"})
+WWW_AUTHENTICATE = b'Bearer realm="trio-ingress"'
 _ALLOWED = b"GET, HEAD"
 # The ops port sees a scraper and two probes: a small backlog and a short idle time are plenty.
 OPS_LIMITS = HttpServerLimits(backlog=128)
@@ -41,10 +45,13 @@ class OpsApp:
         readiness: Readiness,
         registry: CollectorRegistry,
         status: Callable[[], dict[str, Any]] | None = None,
+        config: WorkerConfig | None = None,
     ) -> None:
         self._readiness = readiness
         self._metrics = make_asgi_app(registry)
         self._status = status
+        # With config.metrics_scope, /metrics wants a credential granting it (docs/security.md).
+        self._config = config
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -55,7 +62,16 @@ class OpsApp:
         elif method not in ("GET", "HEAD"):
             await _text(send, 405, b"only GET and HEAD are served here\n", [(b"allow", _ALLOWED)])
         elif path == "/metrics":
-            await self._metrics(scope, receive, send)
+            refusal = _metrics_refusal_for(self._config, scope)
+            if refusal is None:
+                await self._metrics(scope, receive, send)
+            else:
+                extra = (
+                    [(b"www-authenticate", WWW_AUTHENTICATE)]
+                    if refusal.code is ErrorCode.UNAUTHENTICATED
+                    else []
+                )
+                await _text(send, 401 if extra else 403, refusal.message.encode() + b"\n", extra)
         elif path == "/health":
             await _text(send, 200, b"ok\n")
         elif path == "/status":
@@ -67,6 +83,21 @@ class OpsApp:
         else:
             why = "; ".join(f"{name}: {reason}" for name, reason in sorted(self._readiness.reasons().items()))
             await _text(send, 503, f"not ready: {why}\n".encode())
+
+
+def _metrics_refusal_for(config: WorkerConfig | None, scope: dict[str, Any]) -> IngressError | None:
+    if config is None or config.metrics_scope is None:
+        return None
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+    credentials, _ = credentials_from(headers)
+    try:
+        principal = (
+            ANONYMOUS if config.authenticator is None else config.authenticator.authenticate(credentials)
+        )
+        authorize(principal, "/metrics", frozenset({config.metrics_scope}))
+    except (Unauthenticated, PermissionDenied) as refusal:
+        return refusal
+    return None
 
 
 async def _text(

@@ -454,7 +454,7 @@ async def _start_transports(
 ) -> None:
     """Start the ops server and every transport in ``primary``; StartupFailed names the culprit."""
     if metrics_address is not None:
-        app = OpsApp(handle.readiness, handle.runtime.metrics.registry, handle.status)
+        app = OpsApp(handle.readiness, handle.runtime.metrics.registry, handle.status, handle.runtime.config)
         try:
             handle.addresses["metrics"] = await primary.start(serve_ops, *metrics_address, app)
         except Exception as exc:

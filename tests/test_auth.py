@@ -14,9 +14,19 @@ import httpx
 import pytest
 import trio
 
-from runtime import EXIT_OK, Credentials, Principal, TokenFile, Unauthenticated
+from runtime import (
+    EXIT_OK,
+    Credentials,
+    Principal,
+    TokenFile,
+    Unauthenticated,
+    WorkerConfig,
+    open_worker,
+)
 from runtime._auth import credentials_from, parse_tokens
+from runtime.mocker import create_mocker
 from runtime.testing import worker_process
+from transports.http import HttpTransport
 
 FIRST, SECOND = "first-2f7c9e1a", "second-8b04d3aa"
 
@@ -135,3 +145,31 @@ async def _cli_call(tcp: str, token: str) -> subprocess.CompletedProcess[str]:
     return await trio.to_thread.run_sync(
         lambda: subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
     )
+
+
+async def test_metrics_can_be_protected_while_probes_stay_open(tmp_path: Path):
+    """metrics_scope: /metrics wants a credential granting it (401 with WWW-Authenticate, 403 without
+    the scope, 200 with it) on the ops listener and the HTTP port; /health, /ready and /status stay open."""
+    path = tmp_path / "tokens"
+    path.write_text(f"{FIRST} ops metrics\n{SECOND} acme\n")
+    config = WorkerConfig(authenticator=TokenFile(str(path)), metrics_scope="metrics")
+    async with (
+        open_worker(
+            create_mocker("ops-auth"), [HttpTransport(port=0)], config, metrics_address=("127.0.0.1", 0)
+        ) as handle,
+        httpx.AsyncClient() as client,
+    ):
+        for name in ("metrics", "http"):
+            base = "http://{}:{}".format(*handle.addresses[name])
+            anonymous = await client.get(f"{base}/metrics")
+            unscoped = await client.get(f"{base}/metrics", headers={"authorization": f"Bearer {SECOND}"})
+            scoped = await client.get(f"{base}/metrics", headers={"authorization": f"Bearer {FIRST}"})
+            probes = [
+                (await client.get(f"{base}{path}")).status_code for path in ("/health", "/ready", "/status")
+            ]
+            assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith(
+                "Bearer "
+            )
+            assert unscoped.status_code == 403 and "metrics" in unscoped.text
+            assert scoped.status_code == 200 and "ingress_" in scoped.text
+            assert probes == [200, 200, 200]

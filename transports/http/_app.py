@@ -59,7 +59,9 @@ class IngressApp:
         self.max_body_size = max_body_size
         self.body_timeout = body_timeout
         self.stream_high_water = stream_high_water
-        self.ops = OpsApp(binding.readiness, binding.runtime.metrics.registry, binding.status)
+        self.ops = OpsApp(
+            binding.readiness, binding.runtime.metrics.registry, binding.status, binding.runtime.config
+        )
         # Every running call of the listener, for the stop and kill routes (which may come on another
         # connection); each call watches its own connection for the client leaving. An exchange's input
         # is its request body, streamed in as it arrives (NDJSON: one message a line).
