@@ -25,7 +25,7 @@ from runtime import (
 )
 from runtime._auth import credentials_from, parse_tokens
 from runtime.mocker import create_mocker
-from runtime.testing import worker_process
+from runtime.testing import nats_server, worker_process
 from transports.http import HttpTransport
 
 FIRST, SECOND = "first-2f7c9e1a", "second-8b04d3aa"
@@ -173,3 +173,27 @@ async def test_metrics_can_be_protected_while_probes_stay_open(tmp_path: Path):
             assert unscoped.status_code == 403 and "metrics" in unscoped.text
             assert scoped.status_code == 200 and "ingress_" in scoped.text
             assert probes == [200, 200, 200]
+
+
+async def test_a_clients_token_rides_on_every_request_of_tcp_and_nats(tmp_path: Path):
+    """TcpClient.connect(token=) and NatsClient.connect(token=): every request carries it; a stream's
+    own metadata may still override it."""
+    from transports.nats import NatsClient, NatsTransport
+    from transports.tcp import TcpClient, TcpTransport
+
+    path = tmp_path / "tokens"
+    path.write_text(f"{FIRST} acme\n")
+    config = WorkerConfig(authenticator=TokenFile(str(path)))
+    async with (
+        nats_server() as nats_url,
+        open_worker(
+            create_mocker("token-test"), [TcpTransport(port=0), NatsTransport(nats_url)], config
+        ) as handle,
+    ):
+        async with TcpClient.connect(*handle.addresses["tcp"], token=FIRST) as tcp:
+            by_tcp = await tcp.call("echo", {"x": 1})
+            with pytest.raises(Unauthenticated):
+                await tcp.call("echo", {}, metadata={"authorization": "Bearer other"})
+        async with NatsClient.connect(nats_url, token=FIRST) as nats:
+            by_nats = await nats.call("echo", {"x": 2})
+    assert by_tcp == {"x": 1} and by_nats == {"x": 2}

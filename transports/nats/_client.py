@@ -34,6 +34,7 @@ from runtime import (
     remote_error,
     retry_before_first_chunk,
 )
+from runtime._auth import AUTHORIZATION
 
 from . import _aio as aio
 from . import _protocol as protocol
@@ -48,8 +49,12 @@ DEFAULT_STALL_TIMEOUT = 10.0
 
 
 class NatsClient:
-    def __init__(self, client: Any, namespace: str, stall_timeout: float, budget: RetryBudget) -> None:
+    def __init__(
+        self, client: Any, namespace: str, stall_timeout: float, budget: RetryBudget, token: str | None = None
+    ) -> None:
         self._client = client
+        # Every request's credential, if the client was given one (docs/security.md).
+        self._credential = {} if token is None else {AUTHORIZATION: f"Bearer {token}"}
         self.namespace = namespace
         self.stall_timeout = stall_timeout
         self.retry_budget = budget
@@ -66,9 +71,11 @@ class NatsClient:
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         retry_budget: RetryBudget | None = None,
         connect_options: Mapping[str, Any] | None = None,
+        token: str | None = None,
     ) -> AsyncIterator[NatsClient]:
         """Connect for the duration of the block (the block owns its trio-asyncio loop). A malformed
-        ``url`` is ``ValueError`` at once."""
+        ``url`` is ``ValueError`` at once. ``token``: the credential every request carries
+        (``Meta-authorization: Bearer TOKEN``, docs/security.md)."""
         protocol.check_url(url)
         async with aio.open_loop():
             try:
@@ -79,7 +86,7 @@ class NatsClient:
                     raise Unavailable(message, retryable=False) from exc
                 raise Unavailable(f"cannot connect to {url}: {exc}", retryable=True) from exc
             try:
-                yield cls(client, namespace, stall_timeout, retry_budget or RetryBudget())
+                yield cls(client, namespace, stall_timeout, retry_budget or RetryBudget(), token)
             finally:
                 with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                     await aio.close(client)
@@ -172,7 +179,8 @@ class NatsClient:
             remaining = effective - trio.current_time()
             headers[protocol.TIMEOUT_MS] = str(max(1, math.ceil(remaining * 1000)))
             headers[protocol.DEADLINE] = f"{time.time() + remaining:.3f}"
-        headers.update({protocol.METADATA_PREFIX + k: v for k, v in (metadata or {}).items()})
+        merged = {**self._credential, **(metadata or {})}
+        headers.update({protocol.METADATA_PREFIX + k: v for k, v in merged.items()})
         return headers
 
     async def _publish_request(self, endpoint: str, data: bytes, headers: dict[str, str], inbox: str) -> None:

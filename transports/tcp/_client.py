@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 from runtime import BadRequest, ErrorCode, ExchangeEnded, IngressError, RemoteError, Unavailable, remote_error
+from runtime._auth import AUTHORIZATION
 from runtime._nursery import open_background_nursery
 
 from .._keepalive import enable_keepalive
@@ -65,6 +66,7 @@ class TcpClient:
         self._codec = codec.Connection(codec.Role.CLIENT, max_frame_size=max_frame_size, version=version)
         self._writer = FrameWriter(stream, write_high_water)
         self._ids = itertools.count(1)
+        self._credential: dict[str, str] = {}
         self._streams: dict[int, trio.MemorySendChannel[Any]] = {}
         self._slots: trio.Semaphore | None = None
         self._lost: IngressError | None = None
@@ -97,8 +99,12 @@ class TcpClient:
         heartbeat_interval: float | None = HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         tls: ssl.SSLContext | None = None,
+        token: str | None = None,
     ) -> AsyncIterator[TcpClient]:
         """Connect, handshake, and serve the connection for the duration of the block.
+
+        ``token``: the credential every stream of this connection carries (``authorization: Bearer
+        TOKEN`` in its metadata, docs/security.md), unless a stream's own metadata says otherwise.
 
         ``tls``: speak TLS with this context (``runtime._tls.client_context(cafile, certfile,
         keyfile)`` trusts a CA and presents a client certificate); the worker's name is checked
@@ -126,6 +132,8 @@ class TcpClient:
                     tls,
                     version,
                 ) as client:
+                    if token is not None:
+                        client._credential = {AUTHORIZATION: f"Bearer {token}"}
                     yield client
                     return
             except _OlderWorker as older:
@@ -270,7 +278,7 @@ class TcpClient:
         ``await end()`` (half-close), and iterate the answers, all at once, from different tasks if
         you like. Use it as an ``async with`` block: leaving early kills the exchange."""
         return ClientExchange(
-            self, endpoint, b"", deadline, dict(metadata or {}), request_id or uuid.uuid4().hex
+            self, endpoint, b"", deadline, self._metadata(metadata), request_id or uuid.uuid4().hex
         )
 
     def stream(
@@ -285,7 +293,7 @@ class TcpClient:
         """Open a stream (lazily, on first iteration); ``deadline`` is in ``trio.current_time()`` terms."""
         payload = json.dumps(request, separators=(",", ":")).encode()
         return ClientStream(
-            self, endpoint, payload, deadline, dict(metadata or {}), request_id or uuid.uuid4().hex
+            self, endpoint, payload, deadline, self._metadata(metadata), request_id or uuid.uuid4().hex
         )
 
     async def call(self, endpoint: str, request: Any = None, **options: Any) -> Any:
@@ -297,6 +305,10 @@ class TcpClient:
                 f"endpoint {endpoint!r} sent {len(chunks)} chunks; use stream() for streaming endpoints"
             )
         return chunks[0]
+
+    def _metadata(self, metadata: Mapping[str, str] | None) -> dict[str, str]:
+        """A stream's metadata: the connection's credential (``token``), then the caller's own."""
+        return {**self._credential, **(metadata or {})}
 
     # ---- connection internals -------------------------------------------------------------------------
 
