@@ -98,13 +98,19 @@ async def _metrics(address: tuple[str, int], names: tuple[str, ...], *, label: s
     return sums
 
 
-def run_cli(doc: str | None, main: Callable[[bool, int], Awaitable[int]]) -> None:
-    """The chaos scripts' shared command line: ``--short`` for CI, ``--seed`` for a reproducible run."""
+def run_cli(doc: str | None, main: Callable[..., Awaitable[int]], *, secure: bool = False) -> None:
+    """The chaos scripts' shared command line: ``--short`` for CI, ``--seed`` for a reproducible run, and
+    where the script supports it ``--secure`` (authentication and TLS on: ``main(short, seed, secure)``)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short", action="store_true", help="a small, fast run for CI")
     parser.add_argument("--seed", type=int, default=1, help="random seed, for a reproducible run")
+    if secure:
+        parser.add_argument(
+            "--secure", action="store_true", help="with --auth-tokens and TLS on (scripts/_secure.py)"
+        )
     options = parser.parse_args()
-    sys.exit(trio.run(main, options.short, options.seed))
+    extra = (options.secure,) if secure else ()
+    sys.exit(trio.run(main, options.short, options.seed, *extra))
 
 
 async def record_stream(

@@ -21,6 +21,7 @@ and exits 1 on any violation.
 
     python scripts/chaos_tcp.py            # full run (~30 s)
     python scripts/chaos_tcp.py --short    # CI run (a few seconds)
+    python scripts/chaos_tcp.py --secure   # the same with --auth-tokens and TLS on (scripts/_secure.py)
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import random
 import signal
 import socket
 import struct
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from _chaos import (
@@ -42,6 +45,7 @@ from _chaos import (
     record_stream,
     run_cli,
 )
+from _secure import secured
 
 from runtime import IngressError
 from runtime.testing import worker_process
@@ -65,6 +69,8 @@ class Load:
     streams_per_connection: int
     exchanges_per_connection: int
     cut_share: float
+    # With --secure: the TLS context and the token every connection uses.
+    connect_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def per_round(self) -> int:
@@ -136,7 +142,7 @@ async def run_connection(
 ) -> None:
     """One connection with several streams and exchanges; ``cut`` ("close" or "reset") cuts it mid-stream."""
     try:
-        async with TcpClient.connect(*address) as client:
+        async with TcpClient.connect(*address, **load.connect_options) as client:
             with trio.CancelScope() as connection_scope:
                 first_chunk = trio.Event()
                 async with trio.open_nursery() as cutter:
@@ -162,7 +168,7 @@ async def cut_later(
 ) -> None:
     await first_chunk.wait()
     await trio.sleep(rng.random() * 0.2)
-    sock = client._stream.socket
+    sock = getattr(client._stream, "transport_stream", client._stream).socket  # under TLS too
     if how == "reset":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     # Like a crashed router: the socket goes first, so no KILL frame gets out; the worker must notice
@@ -183,19 +189,26 @@ async def drive(
             await trio.sleep(rng.random() * 0.01)  # staggered, so some connect during the drain
 
 
-async def main(short: bool, seed: int) -> int:
+async def main(short: bool, seed: int, secure: bool) -> int:
     rng = random.Random(seed)
-    load = Load(16, 4, 2, 0.3) if short else Load(64, 8, 4, 0.3)
     tally = Tally()
     report: dict[str, object] = {"stage": "starting"}
-    try:
-        return await _run(load, tally, report, rng)
-    except trio.TooSlowError:
-        print(f"chaos_tcp: HUNG at stage {report['stage']}: {dict(tally.outcomes)} running={tally.running}")
-        return 1
+    with secured() if secure else nullcontext() as security:
+        options = {"tls": security.tls, "token": security.token} if security else {}
+        load = Load(16, 4, 2, 0.3, options) if short else Load(64, 8, 4, 0.3, options)
+        serve_args = security.serve_args if security else ()
+        try:
+            return await _run(load, tally, report, rng, serve_args)
+        except trio.TooSlowError:
+            print(
+                f"chaos_tcp: HUNG at stage {report['stage']}: {dict(tally.outcomes)} running={tally.running}"
+            )
+            return 1
 
 
-async def _run(load: Load, tally: Tally, report: dict[str, object], rng: random.Random) -> int:
+async def _run(
+    load: Load, tally: Tally, report: dict[str, object], rng: random.Random, serve_args: tuple[str, ...]
+) -> int:
     with trio.fail_after(RUN_TIMEOUT):
         args = (
             "--tcp",
@@ -205,6 +218,7 @@ async def _run(load: Load, tally: Tally, report: dict[str, object], rng: random.
             "--no-access-log",
             "--drain-timeout",
             "30",
+            *serve_args,
         )
         async with worker_process(*args) as worker:
             tcp, metrics = worker.addresses["tcp"], worker.addresses["metrics"]
@@ -246,10 +260,9 @@ async def _run(load: Load, tally: Tally, report: dict[str, object], rng: random.
     if phase2["in_flight"] != 0:
         tally.violations.append(f"in-flight was {phase2['in_flight']} at the end of phase 2")
     exchanges = 2 * load.connections * load.exchanges_per_connection
-    return tally.report(
-        "chaos_tcp", 2 * load.connections * load.streams_per_connection, report, exchanges=exchanges
-    )
+    name = "chaos_tcp (auth+TLS)" if serve_args else "chaos_tcp"
+    return tally.report(name, 2 * load.connections * load.streams_per_connection, report, exchanges=exchanges)
 
 
 if __name__ == "__main__":
-    run_cli(__doc__, main)
+    run_cli(__doc__, main, secure=True)
