@@ -105,16 +105,8 @@ class Caller:
         verified client certificate's, else anonymous where no authenticator asks for a credential;
         then the endpoint's scopes. A check that fails unexpectedly (a bug in a user's hook) refuses
         the request as INTERNAL, logged, rather than letting it through."""
-        authenticator = self._transport.runtime.config.authenticator
         try:
-            if credentials.present and authenticator is not None:
-                principal = authenticator.authenticate(credentials)
-            elif certified is not None:
-                principal = certified
-            elif authenticator is not None:
-                principal = authenticator.authenticate(credentials)  # no credential: it says what to send
-            else:
-                principal = ANONYMOUS
+            principal = self._identify(credentials, certified)
             authorize(principal, binding.name, binding.endpoint.options.scopes)
         except (Unauthenticated, PermissionDenied) as refusal:
             binding.metrics.rejection(refusal.code.name.lower())
@@ -124,6 +116,25 @@ class Caller:
             self._transport.runtime.logger.exception("auth.check_failed", endpoint=binding.name)
             raise InternalError("the worker could not check the credential") from None
         return principal
+
+    def _identify(self, credentials: Credentials, certified: Principal | None) -> Principal:
+        authenticator = self._transport.runtime.config.authenticator
+        if credentials.present and authenticator is not None:
+            return authenticator.authenticate(credentials)
+        if certified is not None:
+            return certified
+        if authenticator is not None:
+            return authenticator.authenticate(credentials)  # no credential: it says what to send
+        return ANONYMOUS
+
+    def find_own(
+        self, endpoint: str, request_id: str, metadata: Mapping[str, str], certified: Principal | None = None
+    ) -> list[Call]:
+        """``find``, for a caller who must be the one the requests run for (HTTP's stop and kill
+        routes): its credential is checked like a request's (UNAUTHENTICATED), and only its own
+        requests are found, so another caller's look like none at all."""
+        principal = self._identify(credentials_from(metadata)[0], certified)
+        return [call for call in self.find(endpoint, request_id) if call.ctx.principal == principal]
 
     def open(
         self,

@@ -180,6 +180,8 @@ class Driver:
     has_timeout_text: ClassVar[bool] = True
     # The reason label of ingress_client_disconnects_total when ``disconnect`` is how a call ends.
     disconnect_reason: ClassVar[str] = "closed"
+    # Whether another call can address a running request by id (HTTP's stop and kill routes: ``signal``).
+    signal_routes: ClassVar[bool] = False
 
     def __init__(self, handle: WorkerHandle, probe: Probe) -> None:
         self.handle = handle
@@ -588,12 +590,18 @@ class HttpDriver(Driver):
 
     transport = "http"
     http2: ClassVar[bool]
+    signal_routes = True
 
     def __init__(self, handle: WorkerHandle, probe: Probe, client: httpx.AsyncClient) -> None:
         super().__init__(handle, probe)
         self.client = client
         host, port = handle.addresses["http"]
         self.base_url = f"http://{host}:{port}"
+
+    async def signal(self, endpoint: str, request_id: str, action: str, headers: Mapping[str, str]) -> int:
+        """POST /v1/{endpoint}/{request_id}/{action} with ``headers``, from a call of its own: the status."""
+        path = f"/v1/{quote(endpoint, safe='')}/{quote(request_id, safe='')}/{action}"
+        return (await self.client.post(path, headers=dict(headers))).status_code
 
     @classmethod
     @asynccontextmanager

@@ -81,3 +81,19 @@ async def test_a_credential_without_the_endpoints_scope_is_permission_denied(dri
     assert denied.status in (None, 403)
     assert allowed.ok and allowed.chunks == ["ok"]
     assert rejections(driver, "admin", "permission_denied") == 1
+
+
+@pytest.mark.needs("signal_routes", reason="HTTP addresses a running request by id from another call")
+async def test_only_the_caller_a_request_runs_for_may_stop_or_kill_it(driver):
+    """HTTP's stop/kill routes check the credential: none is 401, another tenant's finds nothing (404)."""
+    async with driver.open(
+        "tokens", {"n": 5, "hold_at": 1}, metadata=_bearer(GOOD), request_id="r-own-1"
+    ) as call:
+        await driver.probe.held.wait()
+        anonymous = await driver.signal("tokens", "r-own-1", "kill", {})
+        stranger = await driver.signal("tokens", "r-own-1", "kill", _bearer(ADMIN))
+        own = await driver.signal("tokens", "r-own-1", "stop", _bearer(GOOD))
+        driver.probe.release.set()
+        reply = await call.finish()
+    assert (anonymous, stranger, own) == (401, 404, 202)
+    assert reply.ok and not reply.code

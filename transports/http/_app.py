@@ -83,7 +83,7 @@ class IngressApp:
             await self._call(scope, receive, send, route.endpoint)
         elif route is not None:
             await self._discard_body(receive)
-            await self._signal(send, route)
+            await self._signal(scope, send, route)
         elif path in OPS_PATHS:
             await self.ops(scope, receive, send)  # the same app as the --metrics listener
         else:
@@ -215,10 +215,18 @@ class IngressApp:
                     self.caller.drop(call.key, "closed")
                 return
 
-    async def _signal(self, send: Send, route: protocol.Route) -> None:
-        """Stop or kill the running requests of ``route.endpoint`` with ``route.request_id``."""
+    async def _signal(self, scope: Scope, send: Send, route: protocol.Route) -> None:
+        """Stop or kill the running requests of ``route.endpoint`` with ``route.request_id`` that run for
+        this caller (its credential is checked as a request's would be)."""
         assert route.request_id is not None
-        calls = self.caller.find(route.endpoint, route.request_id)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            calls = self.caller.find_own(
+                route.endpoint, route.request_id, headers, scope.get("state", {}).get(CERTIFIED)
+            )
+        except IngressError as refusal:
+            await _error(send, protocol.status_for(refusal), refusal)
+            return
         for call in calls:
             if route.signal == "kill":
                 self.caller.kill(call.key)
