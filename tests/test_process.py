@@ -378,10 +378,17 @@ async def test_cli_call_over_https_with_the_workers_ca(self_signed):
 
 
 def test_tls_flags_that_cannot_apply_are_usage_errors(self_signed, tmp_path):
-    """TLS flags without --http, or naming a file that is not there, are exit 2 with a clear line."""
+    """TLS flags with no listener that serves TLS (NATS keeps its own), or naming a file that is not
+    there, are exit 2 with a clear line."""
     cert, key = self_signed
-    tcp_only = _cli("serve", "--tcp", "127.0.0.1:0", "--certfile", cert, "--keyfile", key)
-    assert tcp_only.returncode == EXIT_USAGE and "--http, which is not given" in tcp_only.stderr
+    nats_only = _cli("serve", "--nats", "nats://127.0.0.1:1", "--certfile", cert, "--keyfile", key)
+    assert nats_only.returncode == EXIT_USAGE and "which is not given" in nats_only.stderr
+    assert "NATS keeps its own TLS" in nats_only.stderr
+    client_ca_alone = _cli("serve", "--tcp", "127.0.0.1:0", "--client-ca", cert)
+    assert (
+        client_ca_alone.returncode == EXIT_USAGE
+        and "--client-ca (mutual TLS) needs" in client_ca_alone.stderr
+    )
     missing = _cli(
         "serve", "--http", "127.0.0.1:0", "--certfile", str(tmp_path / "nope.pem"), "--keyfile", key
     )
