@@ -15,16 +15,18 @@ client's stall detection); none may hang or end short without one.
 
     python scripts/chaos_nats.py            # full run
     python scripts/chaos_nats.py --short    # CI run
+    python scripts/chaos_nats.py --secure   # with --auth-tokens on (NATS keeps its own TLS)
 """
 
 from __future__ import annotations
 
 import random
 import signal
-from contextlib import AsyncExitStack, aclosing
+from contextlib import AsyncExitStack, aclosing, nullcontext
 
 import trio
 from _chaos import ExchangeLedger, Tally, check_engine_idle, record_exchange, record_stream, run_cli
+from _secure import Secure, secured
 
 from runtime.testing import WorkerProcess, start_nats_server, worker_process
 from transports.nats import NatsClient
@@ -43,14 +45,17 @@ async def one_stream(client: NatsClient, tally: Tally, rng: random.Random) -> No
 
 
 async def load(
-    url: str, tally: Tally, rng: random.Random, stop: trio.Event, concurrency: int
+    url: str, tally: Tally, rng: random.Random, stop: trio.Event, concurrency: int, token: str | None
 ) -> tuple[int, int]:
     """Keep ``concurrency`` streams and exchanges going until ``stop``; returns how many of each were
     started."""
     started = {"streams": 0, "exchanges": 0}
     ledger = ExchangeLedger()
     limiter = trio.Semaphore(concurrency)  # released by the job's task, not the one that acquired
-    async with NatsClient.connect(url, namespace="chaos") as client, trio.open_nursery() as nursery:
+    async with (
+        NatsClient.connect(url, namespace="chaos", token=token) as client,
+        trio.open_nursery() as nursery,
+    ):
         while not stop.is_set():
             await limiter.acquire()
             exchange = rng.random() < 1 / 3
@@ -69,13 +74,15 @@ async def load(
     return started["streams"], started["exchanges"]
 
 
-async def run(short: bool, seed: int) -> int:
+async def run(short: bool, seed: int, secure: Secure | None) -> int:
     rng = random.Random(seed)
     tally = Tally()
     report: dict[str, object] = {"exit_codes": []}
     concurrency = 8 if short else 32
     args = ("--namespace", "chaos", "--no-access-log", "--drain-timeout", "30", "--tcp", "127.0.0.1:0")
     args += ("--metrics", "127.0.0.1:0")
+    if secure is not None:
+        args += secure.auth_args
     started: list[tuple[int, int]] = []
     restarts = WORKERS if short else 2 * WORKERS
     with trio.fail_after(RUN_TIMEOUT):
@@ -91,7 +98,8 @@ async def run(short: bool, seed: int) -> int:
                 stop, load_done = trio.Event(), trio.Event()
 
                 async def drive() -> None:
-                    started.append(await load(url, tally, rng, stop, concurrency))
+                    token = secure.token if secure else None
+                    started.append(await load(url, tally, rng, stop, concurrency, token))
                     load_done.set()
 
                 nursery.start_soon(drive)
@@ -122,16 +130,18 @@ async def run(short: bool, seed: int) -> int:
     if bad_exits:
         tally.violations.append(f"workers exited {bad_exits}, not 0")
     streams, exchanges = started[0]
-    return tally.report("chaos_nats", streams, report, exchanges=exchanges)
+    name = "chaos_nats (auth)" if secure else "chaos_nats"
+    return tally.report(name, streams, report, exchanges=exchanges)
 
 
-async def main(short: bool, seed: int) -> int:
-    try:
-        return await run(short, seed)
-    except trio.TooSlowError:
-        print("chaos_nats: HUNG (the run did not finish within its time bound)")
-        return 1
+async def main(short: bool, seed: int, secure: bool) -> int:
+    with secured() if secure else nullcontext() as security:
+        try:
+            return await run(short, seed, security)
+        except trio.TooSlowError:
+            print("chaos_nats: HUNG (the run did not finish within its time bound)")
+            return 1
 
 
 if __name__ == "__main__":
-    run_cli(__doc__, main)
+    run_cli(__doc__, main, secure=True)
