@@ -122,7 +122,11 @@ class Admission:
 
     def _hold(self, tenant: str, change: int) -> None:
         if not math.isinf(self.tenant_limit):
-            self._holding[tenant] = self._holding.get(tenant, 0) + change
+            holding = self._holding.get(tenant, 0) + change
+            if holding:
+                self._holding[tenant] = holding
+            else:
+                self._holding.pop(tenant, None)  # one entry per tenant ever seen would only grow
 
     def _refusal(self, tenant: str) -> Rejected:
         if not self._below_limit(tenant) and self.max_queue == 0:
@@ -182,9 +186,14 @@ class Admission:
             self._forget(waiter)
 
     def _forget(self, waiter: _Waiter) -> None:
-        """``waiter`` is out of its queue: drop an empty queue, and the tenant's tag once it is idle."""
+        """``waiter`` is out of its queue: drop an empty queue, and the tenant's tag once it is idle; a
+        tenant's next tag follows its newest waiter still queued, so places given up (a deadline, a
+        cancellation, a displacement) are no debt."""
         self._queued -= 1
-        if not self._queues.get(waiter.tenant):
+        queue = self._queues.get(waiter.tenant)
+        if queue:
+            self._finish[waiter.tenant] = queue[-1].tag
+        else:
             self._queues.pop(waiter.tenant, None)
             self._finish.pop(waiter.tenant, None)
 
@@ -207,7 +216,8 @@ class Admission:
             return
         self._queues[waiter.tenant].popleft()
         self._forget(waiter)
-        self._virtual = waiter.tag
+        # Never backwards: under a tenant limit a waiter skipped for a while has an older tag.
+        self._virtual = max(self._virtual, waiter.tag)
         self._hold(waiter.tenant, 1)
         waiter.granted = True
         waiter.event.set()

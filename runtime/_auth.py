@@ -32,6 +32,7 @@ CREDENTIAL_KEYS = frozenset({AUTHORIZATION, API_KEY})
 # The one answer to a credential that is missing or not valid: it never says whether a token exists.
 MISSING = "this worker requires a credential: send Authorization: Bearer TOKEN (or X-Api-Key: TOKEN)"
 INVALID = "the credential is not valid"
+MAX_WEIGHT = 1000.0
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: what a bearer token may hold
 
 
@@ -45,6 +46,13 @@ class Principal:
     tenant: str
     scopes: frozenset[str] = frozenset()
     weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        # The fair queue divides by it, and a weight of 0, below it or NaN would starve everyone else.
+        if not 0 < self.weight <= MAX_WEIGHT:
+            raise ValueError(
+                f"a principal's weight must be above 0 and at most {MAX_WEIGHT:g}, got {self.weight!r}"
+            )
 
 
 ANONYMOUS = Principal("anonymous", "anonymous")
@@ -160,7 +168,7 @@ def _weight(text: str, where: str) -> float:
         weight = float(text)
     except ValueError:
         weight = 0.0
-    if not 0 < weight <= 1000 or weight != weight:
+    if not 0 < weight <= MAX_WEIGHT:
         raise ValueError(f"{where}: weight must be a number above 0 and at most 1000, got {text!r}")
     return weight
 

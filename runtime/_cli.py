@@ -399,6 +399,13 @@ def _transports(args: argparse.Namespace, plugins: Sequence[TransportPlugin]) ->
             f"--certfile/--keyfile serve TLS on {able}, which is not given "
             "(NATS keeps its own TLS: --nats-tls-ca connects to NATS over TLS)"
         )
+    uncertified = [f"--{plugin.name}" for plugin, _ in selected if not plugin.serves_tls]
+    if tls is not None and tls.client_ca is not None and uncertified and args.auth_tokens is None:
+        # Mutual TLS would close the TLS listeners while these took anyone: refuse rather than half-lock.
+        raise UsageError(
+            f"--client-ca requires client certificates, which {' and '.join(uncertified)} cannot carry: "
+            "add --auth-tokens so that requests there need a credential too"
+        )
     return [transport for _, transport in selected]
 
 

@@ -133,8 +133,20 @@ class Caller:
         """``find``, for a caller who must be the one the requests run for (HTTP's stop and kill
         routes): its credential is checked like a request's (UNAUTHENTICATED), and only its own
         requests are found, so another caller's look like none at all."""
-        principal = self._identify(credentials_from(metadata)[0], certified)
-        return [call for call in self.find(endpoint, request_id) if call.ctx.principal == principal]
+        try:
+            principal = self._identify(credentials_from(metadata)[0], certified)
+        except (Unauthenticated, PermissionDenied):
+            raise
+        except Exception:
+            self._transport.runtime.logger.exception("auth.check_failed", endpoint=endpoint)
+            raise InternalError("the worker could not check the credential") from None
+        # Who, not the token file's other fields (a reload may change a weight under a running request).
+        return [
+            call
+            for call in self.find(endpoint, request_id)
+            if (call.ctx.principal.subject, call.ctx.principal.tenant)
+            == (principal.subject, principal.tenant)
+        ]
 
     def open(
         self,

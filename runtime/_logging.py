@@ -18,6 +18,7 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+import structlog.tracebacks
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -39,6 +40,12 @@ class _LibraryHandler(logging.Handler):
             self.handleError(record)  # stdlib's contract: a broken log line must not raise into the caller
 
 
+# structlog's dict_tracebacks, without the frames' locals (see configure_logging).
+_DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog, and stdlib ``logging`` through it, for the process: ``fmt`` is auto, json or
     console; ``level`` a level name, applied to the runtime's lines and to every library's alike."""
@@ -50,8 +57,12 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     tty = out.isatty()
     if fmt == "auto":
         fmt = "console" if tty else "json"
+    # Tracebacks never carry the frames' local variables: a request's credential (docs/security.md),
+    # its payload or a user check's token would be printed with them (structlog shows them by default).
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=tty) if fmt == "console" else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=tty, exception_formatter=structlog.dev.plain_traceback)
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
     )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -59,7 +70,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     # The console renderer prints exc_info itself; JSON needs it as data.
-    final: list[Any] = [structlog.processors.dict_tracebacks, renderer] if fmt == "json" else [renderer]
+    final: list[Any] = [_DICT_TRACEBACKS, renderer] if fmt == "json" else [renderer]
     threshold = getattr(logging, level.upper())
     structlog.configure(
         processors=[*shared, *final],

@@ -97,6 +97,9 @@ def _metrics_refusal_for(config: WorkerConfig | None, scope: dict[str, Any]) -> 
         authorize(principal, "/metrics", frozenset({config.metrics_scope}))
     except (Unauthenticated, PermissionDenied) as refusal:
         return refusal
+    except Exception:  # a bug in a user's check: refuse, never serve (the traceback has no locals)
+        logging.getLogger(__name__).exception("auth.check_failed on /metrics")
+        return Unauthenticated("the worker could not check the credential")
     return None
 
 

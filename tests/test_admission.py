@@ -200,3 +200,40 @@ async def test_a_tenant_limit_keeps_slots_for_the_others(max_queue, third, autoj
         assert admission.statistics().queued == (1 if max_queue else 0)
         release.set()
     assert ("start a2" in log) == bool(max_queue)  # the queued one ran once a slot of A's was freed
+    assert admission.statistics().running == 0 and not admission._holding  # nothing leaked
+
+
+async def test_leaving_the_queue_under_a_tenant_limit_leaks_no_slot(autojump_clock):
+    """Under a tenant limit, waiters that time out, are cancelled or are displaced give everything back:
+    at the end nothing runs, nothing is held, and the other tenant was served throughout."""
+    admission = Admission(max_concurrency=2, max_queue=3, tenant_limit=1)
+    release = trio.Event()
+    log: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_hold_as, admission, release, log, "A", "a0")  # runs (A's one slot)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(Rejected, match="deadline"):  # queued behind A's limit until its deadline
+            await admission.acquire(trio.current_time() + 0.5, "A")
+        with trio.CancelScope() as cancelled:  # queued, then its caller goes away
+            async with trio.open_nursery() as leaving:
+                leaving.start_soon(_hold_as, admission, release, log, "A", "a1")
+                await trio.testing.wait_all_tasks_blocked()
+                cancelled.cancel()
+        for name in ("a2", "a3", "a4"):  # fill the queue; B's arrival displaces A's newest
+            nursery.start_soon(_hold_as, admission, release, log, "A", name)
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(_hold_as, admission, release, log, "B", "b0")
+        await trio.testing.wait_all_tasks_blocked()
+        assert "start b0" in log  # a free slot, and B below its limit: it never waited behind A
+        release.set()
+    assert admission.statistics().running == 0 and admission.statistics().queued == 0
+    assert not admission._holding and not admission._queues and not admission._finish
+
+
+def test_a_principal_weight_must_be_positive_and_bounded():
+    """A weight of 0, below it, NaN or huge is refused where it is made, before the fair queue divides."""
+    from runtime import Principal
+
+    for weight in (0.0, -1.0, float("nan"), 1e6):
+        with pytest.raises(ValueError, match="weight"):
+            Principal("s", "t", weight=weight)

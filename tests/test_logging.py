@@ -183,3 +183,25 @@ async def test_a_worker_process_writes_only_json_lines_with_library_lines_and_re
     library = [e for e in worker.events if e.get("logger") == "nats.aio.client"]
     assert len(library) == 3 and all(e["exception"][0]["exc_type"] == "ConnectionResetError" for e in library)
     assert len([e for e in worker.events if e.get("logger") == "trio_asyncio"]) == 3
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_tracebacks_never_carry_local_variables(restore_logging, fmt):
+    """A traceback in the log shows where, never the frames' locals: a request's credential or payload
+    held in a local (a user's auth check, say) must not reach the log."""
+    out = io.StringIO()
+    configure_logging(fmt, "info", out)
+
+    def check(token: str) -> None:
+        expected = "not-" + token
+        raise ValueError(f"bad length {len(token)} (want {len(expected)})")
+
+    secret = "-".join(("tok", "5f0c2a91b7"))  # not in any source line a traceback may quote
+    try:
+        check(secret)
+    except ValueError:
+        structlog.get_logger().exception("auth.check_failed")
+        logging.getLogger("hypercorn.error").exception("Error in ASGI Framework")
+    text = out.getvalue()
+    assert "auth.check_failed" in text and "ValueError" in text and "bad length" in text
+    assert secret not in text

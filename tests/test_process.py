@@ -384,6 +384,9 @@ def test_tls_flags_that_cannot_apply_are_usage_errors(self_signed, tmp_path):
     nats_only = _cli("serve", "--nats", "nats://127.0.0.1:1", "--certfile", cert, "--keyfile", key)
     assert nats_only.returncode == EXIT_USAGE and "which is not given" in nats_only.stderr
     assert "NATS keeps its own TLS" in nats_only.stderr
+    tls = ("--certfile", cert, "--keyfile", key, "--client-ca", cert)
+    half_locked = _cli("serve", "--http", "127.0.0.1:0", "--nats", "nats://127.0.0.1:1", *tls)
+    assert half_locked.returncode == EXIT_USAGE and "add --auth-tokens" in half_locked.stderr
     client_ca_alone = _cli("serve", "--tcp", "127.0.0.1:0", "--client-ca", cert)
     assert (
         client_ca_alone.returncode == EXIT_USAGE

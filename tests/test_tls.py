@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from runtime import EXIT_OK, IngressError, TokenFile, Worker, WorkerConfig, open_worker
+from runtime import EXIT_OK, IngressError, TokenFile, Unauthenticated, Worker, WorkerConfig, open_worker
 from runtime._tls import client_context
 from runtime.testing import worker_process
 from transports.http import HttpTransport
@@ -76,6 +76,10 @@ async def test_mutual_tls_on_tcp_names_the_caller_by_its_certificate_unless_a_to
             async with TcpClient.connect(*address, tls=certified) as client:
                 by_certificate = await client.call("whoami")
                 by_token = await client.call("whoami", metadata={"authorization": "Bearer tok-9f3e1c"})
+                with pytest.raises(
+                    Unauthenticated
+                ):  # a wrong token is refused, not excused by the certificate
+                    await client.call("whoami", metadata={"authorization": "Bearer wrong"})
             refused = []
             for context in (
                 client_context(mutual_tls["ca"]),

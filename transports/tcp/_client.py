@@ -104,7 +104,7 @@ class TcpClient:
         """Connect, handshake, and serve the connection for the duration of the block.
 
         ``token``: the credential every stream of this connection carries (``authorization: Bearer
-        TOKEN`` in its metadata, docs/security.md), unless a stream's own metadata says otherwise.
+        TOKEN`` in its metadata, docs/security.md), unless a stream's own ``authorization`` replaces it.
 
         ``tls``: speak TLS with this context (``runtime._tls.client_context(cafile, certfile,
         keyfile)`` trusts a CA and presents a client certificate); the worker's name is checked
