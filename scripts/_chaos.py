@@ -43,6 +43,11 @@ class Tally:
     def report(self, name: str, expected: int, details: dict[str, object], *, exchanges: int = 0) -> int:
         """Print the one summary line (and the first violations); the exit status for the script.
         ``expected`` streams and ``exchanges`` exchanges must each have one outcome or violation."""
+        refused = {
+            k: v for k, v in self.outcomes.items() if "UNAUTHENTICATED" in k or "PERMISSION_DENIED" in k
+        }
+        if refused:  # every script sends a valid credential when --secure turns authentication on
+            self.violations.append(f"requests refused for their credential: {refused}")
         total = sum(self.outcomes.values()) + len(self.violations)
         if total != expected + exchanges:
             self.violations.append(f"accounted for {total} streams and exchanges of {expected + exchanges}")

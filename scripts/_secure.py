@@ -23,6 +23,7 @@ class Secure:
     tls_args: tuple[str, ...]  # --certfile PEM --keyfile PEM
     token: str  # a valid credential (tenant "chaos")
     tls: ssl.SSLContext  # a client context trusting the certificate
+    cafile: str  # the certificate itself, for clients that build their own context (ALPN)
 
     @property
     def serve_args(self) -> tuple[str, ...]:
@@ -45,5 +46,9 @@ def secured() -> Iterator[Secure]:
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         yield Secure(
-            ("--auth-tokens", tokens), ("--certfile", cert, "--keyfile", key), token, client_context(cert)
+            ("--auth-tokens", tokens),
+            ("--certfile", cert, "--keyfile", key),
+            token,
+            client_context(cert),
+            cert,
         )

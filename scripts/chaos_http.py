@@ -25,6 +25,7 @@ exchange likewise, checked in sequence on both sides (scripts/_chaos.py, ``Excha
 
     python scripts/chaos_http.py            # full run
     python scripts/chaos_http.py --short    # CI run
+    python scripts/chaos_http.py --secure   # with --auth-tokens and TLS on (HTTPS, ALPN h2/http/1.1)
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ import json
 import random
 import signal
 import socket
+import ssl
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -58,8 +61,10 @@ from _chaos import (
     record_exchange,
     run_cli,
 )
+from _secure import Secure, secured
 
 from runtime import Unavailable, decode_error
+from runtime._tls import client_context
 from runtime.testing import worker_process
 
 STREAM_TIMEOUT = 60.0  # a stream still open this long after it started is a hang: a violation
@@ -87,9 +92,64 @@ class Load:
         return self.h1_streams + self.h2_streams + self.h1_exchanges + self.h2_exchanges
 
 
+class Wire:
+    """How this run's connections are made: cleartext, or (``--secure``) TLS with the run's certificate,
+    ALPN for the HTTP version, and the token on every request."""
+
+    def __init__(self) -> None:
+        self.secure: Secure | None = None
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.secure else "http"
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.secure.token}")] if self.secure else []
+
+    async def open(self, address: tuple[str, int], alpn: str) -> Stream:
+        """A connection; OSError if it cannot be made (the TLS handshake included: a listener closing)."""
+        stream = await trio.open_tcp_stream(*address)
+        if self.secure is None:
+            return stream
+        if alpn not in self._contexts:
+            self._contexts[alpn] = client_context(self.secure.cafile)
+            self._contexts[alpn].set_alpn_protocols([alpn])
+        tls = trio.SSLStream(stream, self._contexts[alpn], server_hostname=address[0])
+        try:
+            await tls.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await trio.aclose_forcefully(stream)
+            raise OSError(f"TLS handshake failed: {exc!r}") from exc
+        return tls
+
+
+WIRE = Wire()
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+@contextlib.asynccontextmanager
+async def _closing(stream: Stream) -> AsyncIterator[Stream]:
+    try:
+        yield stream
+    finally:
+        await _close(stream)
+
+
+async def _close(stream: Stream) -> None:
+    """Close, even a connection whose socket a cut already closed (TLS would try its close_notify)."""
+    with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+        await trio.aclose_forcefully(stream)
+
+
+def _raw_socket(stream: Stream) -> socket.socket:
+    return (stream.transport_stream if isinstance(stream, trio.SSLStream) else stream).socket  # type: ignore[return-value]
+
+
 def _request(max_tokens: int) -> bytes:
     body = json.dumps({"max_tokens": max_tokens, "itl_ms": 2}).encode()
-    head = f"POST /v1/generate HTTP/1.1\r\nhost: chaos\r\ncontent-length: {len(body)}\r\n\r\n"
+    extra = "".join(f"{name}: {value}\r\n" for name, value in WIRE.headers())
+    head = f"POST /v1/generate HTTP/1.1\r\nhost: chaos\r\n{extra}content-length: {len(body)}\r\n\r\n"
     return head.encode() + body
 
 
@@ -110,11 +170,11 @@ def _classify(body: bytes, max_tokens: int, status: int) -> str | None:
 async def h1_stream(address: tuple[str, int], tally: Tally, rng: random.Random, cut: str | None) -> None:
     max_tokens = rng.randint(20, 200)
     try:
-        stream = await trio.open_tcp_stream(*address)
+        stream = await WIRE.open(address, "http/1.1")
     except OSError:
         tally.outcomes["error:REFUSED"] += 1  # the listener is closed: explicit, safe to retry
         return
-    async with stream:
+    async with _closing(stream):
         with trio.move_on_after(STREAM_TIMEOUT) as timer:
             await stream.send_all(_request(max_tokens))
             data = bytearray()
@@ -151,7 +211,7 @@ def _complete_fixed_length(data: bytearray) -> bool:
     return len(body) >= int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
 
 
-async def _receive(stream: trio.SocketStream) -> bytes | None:
+async def _receive(stream: Stream) -> bytes | None:
     try:
         data = await stream.receive_some(65536)
     except trio.BrokenResourceError:
@@ -159,28 +219,30 @@ async def _receive(stream: trio.SocketStream) -> bytes | None:
     return data or None
 
 
-def _cut(stream: trio.SocketStream, how: str | None) -> None:
+def _cut(stream: Stream, how: str | None) -> None:
+    sock = _raw_socket(stream)  # under TLS too: the socket goes, no close_notify
     if how == "reset":
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    stream.socket.close()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 async def h2_stream(address: tuple[str, int], tally: Tally, rng: random.Random, cut: bool) -> None:
     """One stream per HTTP/2 connection, so cutting the connection cuts exactly that stream."""
     max_tokens = rng.randint(20, 200)
     try:
-        stream = await trio.open_tcp_stream(*address)
+        stream = await WIRE.open(address, "h2")
     except OSError:
         tally.outcomes["error:REFUSED"] += 1
         return
-    async with stream:
+    async with _closing(stream):
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
         headers = [
             (":method", "POST"),
             (":path", "/v1/generate"),
-            (":scheme", "http"),
+            (":scheme", WIRE.scheme),
             (":authority", "chaos"),
+            *WIRE.headers(),
         ]
         conn.send_headers(1, headers)
         conn.send_data(1, json.dumps({"max_tokens": max_tokens, "itl_ms": 2}).encode(), end_stream=True)
@@ -205,7 +267,7 @@ async def h2_stream(address: tuple[str, int], tally: Tally, rng: random.Random, 
                 if b'"token"' in body and body.count(b'"token"') == 1:
                     tally.stream_started()
                 if cut_after is not None and body.count(b'"token"') >= cut_after and outcome is None:
-                    stream.socket.close()
+                    _raw_socket(stream).close()
                     tally.outcomes["cut:h2-close"] += 1
                     return
                 await stream.send_all(conn.data_to_send())
@@ -246,22 +308,24 @@ class _NdjsonAnswers:
     def __init__(self, address: tuple[str, int], endpoint: str) -> None:
         self.address = address
         self.path = f"/v1/{endpoint}"
-        self.stream: trio.SocketStream | None = None
+        self.stream: Stream | None = None
         self._lines: collections.deque[bytes] = collections.deque()
         self._partial = b""
         self._status = 0
         self._ended = False
 
-    async def _connect(self) -> trio.SocketStream:
+    ALPN = "http/1.1"
+
+    async def _connect(self) -> Stream:
         try:
-            self.stream = await trio.open_tcp_stream(*self.address)
+            self.stream = await WIRE.open(self.address, self.ALPN)
         except OSError as exc:  # the listener is closed: nothing started, safe to retry
             raise Unavailable(f"connection refused: {exc}", retryable=True) from exc
         return self.stream
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self.stream is not None:
-            await trio.aclose_forcefully(self.stream)
+            await _close(self.stream)
 
     def __aiter__(self) -> _NdjsonAnswers:
         return self
@@ -311,7 +375,12 @@ class H1Exchange(_NdjsonAnswers):
 
     async def __aenter__(self) -> H1Exchange:
         stream = await self._connect()
-        headers = [("host", "chaos"), ("transfer-encoding", "chunked"), ("accept", "application/x-ndjson")]
+        headers = [
+            ("host", "chaos"),
+            ("transfer-encoding", "chunked"),
+            ("accept", "application/x-ndjson"),
+            *WIRE.headers(),
+        ]
         try:
             await stream.send_all(
                 self._h11.send(h11.Request(method="POST", target=self.path, headers=headers))
@@ -354,6 +423,8 @@ class H2Exchange(_NdjsonAnswers):
     """HTTP/2 through the h2 library: one stream, a DATA frame per message, the END_STREAM flag as the
     half-close. The sender and the reader both write (acknowledgements), one at a time."""
 
+    ALPN = "h2"
+
     def __init__(self, address: tuple[str, int], endpoint: str) -> None:
         super().__init__(address, endpoint)
         self._h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -362,7 +433,13 @@ class H2Exchange(_NdjsonAnswers):
     async def __aenter__(self) -> H2Exchange:
         await self._connect()
         self._h2.initiate_connection()
-        headers = [(":method", "POST"), (":path", self.path), (":scheme", "http"), (":authority", "chaos")]
+        headers = [
+            (":method", "POST"),
+            (":path", self.path),
+            (":scheme", WIRE.scheme),
+            (":authority", "chaos"),
+        ]
+        headers += WIRE.headers()
         self._h2.send_headers(1, [*headers, ("accept", "application/x-ndjson")])
         try:
             await self._flush()
@@ -453,7 +530,7 @@ async def slowloris(address: tuple[str, int], stop: trio.Event) -> None:
     """Dribble a request head one byte at a time until told to stop (or the worker closes on us)."""
     head = b"POST /v1/echo HTTP/1.1\r\nhost: chaos\r\nx-padding: " + b"a" * 10_000
     try:
-        async with await trio.open_tcp_stream(*address) as stream:
+        async with _closing(await WIRE.open(address, "http/1.1")) as stream:
             for byte in head:
                 if stop.is_set():
                     return
@@ -518,14 +595,17 @@ async def run(load: Load, tally: Tally, report: dict[str, object], rng: random.R
         args = (
             "--http",
             "127.0.0.1:0",
+            "--metrics",  # probes and scrapes: cleartext and open even when the HTTP port is not
+            "127.0.0.1:0",
             "--no-access-log",
             "--drain-timeout",
             "30",
             "--shutdown-delay",
             SHUTDOWN_DELAY,
+            *(WIRE.secure.serve_args if WIRE.secure else ()),
         )
         async with worker_process(*args) as worker, trio.open_nursery() as background:
-            http = worker.addresses["http"]
+            http, ops = worker.addresses["http"], worker.addresses["metrics"]
             stop_slowloris = trio.Event()
             for _ in range(load.slowloris):
                 background.start_soon(slowloris, http, stop_slowloris)
@@ -534,19 +614,19 @@ async def run(load: Load, tally: Tally, report: dict[str, object], rng: random.R
             streams, exchanges = await drive(http, load, tally, rng, trio.Event(), ledger)
             sent = collections.Counter(streams=streams, exchanges=exchanges)
             report["inflight_after_round1"], report["disconnects_counted"] = await inflight_from_metrics(
-                http, patience=SETTLE
+                ops, patience=SETTLE
             )
             if report["inflight_after_round1"] != 0:
                 tally.violations.append(f"in-flight is {report['inflight_after_round1']} after round 1")
             if tally.cut_count() and not report["disconnects_counted"]:
                 tally.violations.append("streams and exchanges were cut but the worker counted no disconnect")
-            report["exchange_messages_round1"] = await check_exchange_counters(http, ledger, tally)
-            await check_engine_idle(http, tally)
+            report["exchange_messages_round1"] = await check_exchange_counters(ops, ledger, tally)
+            await check_engine_idle(ops, tally)
             report["stage"] = "round 2"
             tally.start_round(load.per_round // 4)
             routed_away, ledger = trio.Event(), ExchangeLedger(drain_begun=trio.Event())
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(load_balancer, http, routed_away)
+                nursery.start_soon(load_balancer, ops, routed_away)
 
                 async def round_two() -> None:
                     streams, exchanges = await drive(http, load, tally, rng, routed_away, ledger)
@@ -564,18 +644,21 @@ async def run(load: Load, tally: Tally, report: dict[str, object], rng: random.R
             del report["stage"]
     if report["exit_code"] != 0:
         tally.violations.append(f"worker exited {report['exit_code']}, not 0")
-    return tally.report("chaos_http", sent["streams"], report, exchanges=sent["exchanges"])
+    name = "chaos_http (auth+TLS)" if WIRE.secure else "chaos_http"
+    return tally.report(name, sent["streams"], report, exchanges=sent["exchanges"])
 
 
-async def main(short: bool, seed: int) -> int:
+async def main(short: bool, seed: int, secure: bool) -> int:
     load = Load(24, 8, 8, 4, 0.3, 2) if short else Load(160, 48, 48, 16, 0.3, 8)
     tally, report = Tally(), {"stage": "starting"}
-    try:
-        return await run(load, tally, report, random.Random(seed))
-    except trio.TooSlowError:
-        print(f"chaos_http: HUNG at stage {report['stage']}: {dict(tally.outcomes)}")
-        return 1
+    with secured() if secure else contextlib.nullcontext() as security:
+        WIRE.secure = security
+        try:
+            return await run(load, tally, report, random.Random(seed))
+        except trio.TooSlowError:
+            print(f"chaos_http: HUNG at stage {report['stage']}: {dict(tally.outcomes)}")
+            return 1
 
 
 if __name__ == "__main__":
-    run_cli(__doc__, main)
+    run_cli(__doc__, main, secure=True)
