@@ -49,32 +49,20 @@ def mutual_tls(tmp_path):
         subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
     key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl(
-        "req",
-        "-x509",
-        *key,
-        "-days",
-        "1",
-        "-subj",
-        "/CN=test-ca",
-        "-keyout",
-        paths["ca_key"],
-        "-out",
-        paths["ca"],
-    )
-    openssl(
-        "req",
-        "-x509",
-        *key,
-        "-days",
-        "1",
-        "-subj",
-        "/CN=rogue",
-        "-keyout",
-        paths["rogue_key"],
-        "-out",
-        paths["rogue"],
-    )
+    for name, subject in (("ca", "/CN=test-ca"), ("rogue", "/CN=rogue")):  # self-signed, one trusted
+        openssl(
+            "req",
+            "-x509",
+            *key,
+            "-days",
+            "1",
+            "-subj",
+            subject,
+            "-keyout",
+            paths[f"{name}_key"],
+            "-out",
+            paths[name],
+        )
     for name, subject, extension in (
         ("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1"),
         ("client", "/CN=router-1/O=acme", "extendedKeyUsage=clientAuth"),
