@@ -83,9 +83,15 @@ class Caller:
         NOT_FOUND, UNAVAILABLE while starting or draining, UNAUTHENTICATED, PERMISSION_DENIED (each
         counted). For a transport that must read more of the request before it can ``open`` it (HTTP's
         body), so that a refusal needs nothing more from the caller: pass the result to ``open``."""
-        binding = self._binding(endpoint)
         credentials, rest = credentials_from(metadata or {})
-        principal = self._principal(binding, credentials, certified or self.certified)
+        # Who first: a caller without a valid credential learns nothing, not even which endpoints exist.
+        principal = self._authenticated(endpoint, credentials, certified or self.certified)
+        binding = self._binding(endpoint)
+        try:
+            authorize(principal, binding.name, binding.endpoint.options.scopes)
+        except PermissionDenied:
+            binding.metrics.rejection("permission_denied")
+            raise
         return Admitted(binding, principal, rest)
 
     def _binding(self, endpoint: str) -> EndpointBinding:
@@ -98,26 +104,28 @@ class Caller:
             raise Unavailable(STARTING, retryable=True)
         return binding
 
-    def _principal(
-        self, binding: EndpointBinding, credentials: Credentials, certified: Principal | None
+    def _authenticated(
+        self, endpoint: str, credentials: Credentials, certified: Principal | None
     ) -> Principal:
-        """Who the request runs for: a token's principal (the worker's authenticator's answer), else a
-        verified client certificate's, else anonymous where no authenticator asks for a credential;
-        then the endpoint's scopes. A check that fails unexpectedly (a bug in a user's hook) refuses
-        the request as INTERNAL, logged, rather than letting it through."""
+        """Who the request runs for (``_identify``), each refusal counted on the endpoint if it exists. A
+        check that fails unexpectedly (a bug in a user's hook) refuses the request as INTERNAL, logged,
+        rather than letting it through."""
+        binding = self._transport.endpoints.get(endpoint)
         try:
-            principal = self._identify(credentials, certified)
-            authorize(principal, binding.name, binding.endpoint.options.scopes)
+            return self._identify(credentials, certified)
         except (Unauthenticated, PermissionDenied) as refusal:
-            binding.metrics.rejection(refusal.code.name.lower())
+            if binding is not None:
+                binding.metrics.rejection(refusal.code.name.lower())
             raise
         except Exception:
-            binding.metrics.rejection("auth_error")
-            self._transport.runtime.logger.exception("auth.check_failed", endpoint=binding.name)
+            if binding is not None:
+                binding.metrics.rejection("auth_error")
+            self._transport.runtime.logger.exception("auth.check_failed", endpoint=endpoint)
             raise InternalError("the worker could not check the credential") from None
-        return principal
 
     def _identify(self, credentials: Credentials, certified: Principal | None) -> Principal:
+        """A token's principal (the worker's authenticator's answer), else a verified client
+        certificate's, else anonymous where no authenticator asks for a credential."""
         authenticator = self._transport.runtime.config.authenticator
         if credentials.present and authenticator is not None:
             return authenticator.authenticate(credentials)
@@ -133,13 +141,7 @@ class Caller:
         """``find``, for a caller who must be the one the requests run for (HTTP's stop and kill
         routes): its credential is checked like a request's (UNAUTHENTICATED), and only its own
         requests are found, so another caller's look like none at all."""
-        try:
-            principal = self._identify(credentials_from(metadata)[0], certified)
-        except (Unauthenticated, PermissionDenied):
-            raise
-        except Exception:
-            self._transport.runtime.logger.exception("auth.check_failed", endpoint=endpoint)
-            raise InternalError("the worker could not check the credential") from None
+        principal = self._authenticated(endpoint, credentials_from(metadata)[0], certified)
         # Who, not the token file's other fields (a reload may change a weight under a running request).
         return [
             call

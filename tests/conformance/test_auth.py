@@ -97,3 +97,11 @@ async def test_only_the_caller_a_request_runs_for_may_stop_or_kill_it(driver):
         reply = await call.finish()
     assert (anonymous, stranger, own) == (401, 404, 202)
     assert reply.ok and not reply.code
+
+
+@pytest.mark.deviates(nats="nobody subscribes to an unknown endpoint's subject: NATS answers 'no responders'")
+async def test_a_caller_without_a_credential_learns_no_endpoint_names(driver):
+    """Authentication comes first: an unknown endpoint without a credential is UNAUTHENTICATED, not a
+    NOT_FOUND that lists what the worker serves."""
+    reply = await driver.call("no-such-endpoint", {}, metadata={})
+    assert reply.code == "UNAUTHENTICATED" and "context" not in (reply.message or "")
