@@ -8,6 +8,7 @@ median of three rounds, alternating the servers; read the ratios.
 
     python scripts/bench_http.py            # full run
     python scripts/bench_http.py --quick    # smaller sizes, a smoke test
+    python scripts/bench_http.py --secure   # our worker with --auth-tokens and TLS (the baselines without)
 
 Goals (from the issue): SSE tokens/s at least uvicorn's; unary at least 0.9x the bare hypercorn-trio app.
 
@@ -29,6 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +39,9 @@ import h2.connection
 import h2.events
 import trio
 from _bench_loads import LoadSizes, Side, inference_loads, progress, rss_bytes
+from _secure import Secure, secured
 
+from runtime._tls import client_context
 from runtime.testing import WorkerProcess, spawn_process, worker_process
 
 BASELINES = pathlib.Path(__file__).with_name("bench_http_baselines.py")
@@ -59,16 +63,41 @@ FULL = Sizes(16, 1000, 32, 300)
 QUICK = Sizes(16, 200, 32, 50, LoadSizes((1, 64), (0, 20), 20, 64, 1.0), 100)
 
 
+# --secure: our worker serves with --auth-tokens and TLS (scripts/_secure.py); the clients speak TLS
+# and send the token to the addresses listed here (our worker's), the baselines stay cleartext.
+SECURE: Secure | None = None
+SECURED: set[tuple[str, int]] = set()
+
+
+async def _connect(address: tuple[str, int], alpn: str) -> Stream:
+    raw = await trio.open_tcp_stream(*address)
+    if SECURE is None or tuple(address) not in SECURED:
+        return raw
+    context = client_context(SECURE.cafile)
+    context.set_alpn_protocols([alpn])
+    return trio.SSLStream(raw, context, server_hostname=address[0])
+
+
+def _auth_headers(address: tuple[str, int]) -> list[tuple[str, str]]:
+    secured = SECURE is not None and tuple(address) in SECURED
+    return [("authorization", f"Bearer {SECURE.token}")] if secured and SECURE else []
+
+
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
 class H1:
     """A thin keep-alive HTTP/1.1 client: counts tokens, decodes nothing it does not have to."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: Stream, extra_headers: str = "") -> None:
         self.stream = stream
         self.buffer = bytearray()
+        self.extra_headers = extra_headers
 
     @classmethod
     async def open(cls, address: tuple[str, int]) -> H1:
-        return cls(await trio.open_tcp_stream(*address))
+        extra = "".join(f"{name}: {value}\r\n" for name, value in _auth_headers(address))
+        return cls(await _connect(address, "http/1.1"), extra)
 
     async def run(
         self, endpoint: str, body: dict[str, Any], on_first: Callable[[], None] | None = None
@@ -111,7 +140,7 @@ class H1:
         payload = json.dumps(body).encode()
         head = (
             f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(payload)}\r\n\r\n"
+            f"{self.extra_headers}content-length: {len(payload)}\r\n\r\n"
         )
         await self.stream.send_all(head.encode() + payload)
 
@@ -128,8 +157,10 @@ class H1:
 class H2:
     """A thin h2c (prior knowledge) client on the h2 library; many streams at once on one connection."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: Stream, secured: list[tuple[str, str]] | None = None) -> None:
         self.stream = stream
+        self.scheme = "https" if secured is not None else "http"
+        self.extra_headers = secured or []
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.bodies: dict[int, bytearray] = {}
         self.done: dict[int, trio.Event] = {}
@@ -137,7 +168,8 @@ class H2:
 
     @classmethod
     async def open(cls, address: tuple[str, int]) -> H2:
-        client = cls(await trio.open_tcp_stream(*address))
+        secured = _auth_headers(address) if SECURE is not None and tuple(address) in SECURED else None
+        client = cls(await _connect(address, "h2"), secured)
         client.conn.initiate_connection()
         await client.stream.send_all(client.conn.data_to_send())
         return client
@@ -151,7 +183,8 @@ class H2:
     async def post(self, path: str, body: dict[str, int]) -> int:
         stream_id = self.conn.get_next_available_stream_id()
         self.bodies[stream_id], self.done[stream_id] = bytearray(), trio.Event()
-        headers = [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "bench")]
+        headers = [(":method", "POST"), (":path", path), (":scheme", self.scheme), (":authority", "bench")]
+        headers += self.extra_headers
         self.conn.send_headers(stream_id, headers)
         self.conn.send_data(stream_id, json.dumps(body).encode(), end_stream=True)
         await self.flush()
@@ -251,16 +284,24 @@ async def bytes_per_parked_stream(server: WorkerProcess, count: int) -> float:
     return (after - before) / count
 
 
-async def main(sizes: Sizes) -> None:
+async def main(sizes: Sizes, secure: bool) -> None:
+    with secured() if secure else nullcontext() as security:
+        global SECURE
+        SECURE = security
+        await _measure(sizes, security.serve_args if security else ())
+
+
+async def _measure(sizes: Sizes, security_args: tuple[str, ...]) -> None:
     servers: dict[str, WorkerProcess] = {}
     rows = []
     with trio.fail_after(RUN_TIMEOUT):
         async with (
-            worker_process("--http", "127.0.0.1:0", "--no-access-log") as ours,
+            worker_process("--http", "127.0.0.1:0", "--no-access-log", *security_args) as ours,
             spawn_process([sys.executable, str(BASELINES), "hypercorn-trio"]) as bare,
             spawn_process([sys.executable, str(BASELINES), "uvicorn"]) as uvicorn,
         ):
             servers = {"ingress": ours, "hypercorn-trio": bare, "uvicorn": uvicorn}
+            SECURED.add(tuple(ours.addresses["http"]))
             for label, measure, protocol, names in [
                 ("SSE tokens/s", sse_tokens_per_second, "http/1.1", list(servers)),
                 ("SSE tokens/s", sse_tokens_per_second, "h2c", ["ingress", "hypercorn-trio"]),
@@ -285,9 +326,10 @@ async def main(sizes: Sizes) -> None:
         # be reused and hide the cost); the bare app's parked handlers outlive their callers anyway.
         progress("parked SSE streams")
         async with (
-            worker_process("--http", "127.0.0.1:0", "--no-access-log") as fresh_ours,
+            worker_process("--http", "127.0.0.1:0", "--no-access-log", *security_args) as fresh_ours,
             spawn_process([sys.executable, str(BASELINES), "hypercorn-trio"]) as fresh_bare,
         ):
+            SECURED.add(tuple(fresh_ours.addresses["http"]))
             loads.append(
                 (
                     f"bytes per parked SSE stream, {sizes.parked_streams} streams, http/1.1",
@@ -317,7 +359,12 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not a measurement")
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="our worker with --auth-tokens and TLS on (the baselines without)",
+    )
     args = parser.parse_args()
     if importlib.util.find_spec("uvicorn") is None:  # the baseline runs in its own process: say it here
         sys.exit("bench_http: uvicorn is the baseline and is not installed: pip install -e '.[test,bench]'")
-    trio.run(main, QUICK if args.quick else FULL)
+    trio.run(main, QUICK if args.quick else FULL, args.secure)

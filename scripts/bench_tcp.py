@@ -7,6 +7,7 @@ ratios are what to read. Clients on both sides are equally thin (they count fram
 
     python scripts/bench_tcp.py            # full run (about a minute)
     python scripts/bench_tcp.py --quick    # smaller sizes, for a smoke test
+    python scripts/bench_tcp.py --secure   # our worker with --auth-tokens and TLS (the baseline without)
 
 Goals (from the issue): streaming >= 1.0x the raw server, round trips >= 0.8x, disconnect p99 <= 5 ms,
 idle SIGTERM-to-exit < 0.5 s.
@@ -29,7 +30,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -44,6 +45,7 @@ from _bench_loads import (
     streamed_tokens_per_second,
     timed_concurrently,
 )
+from _secure import Secure, secured
 
 from runtime.testing import WorkerProcess, spawn_process, worker_process
 from transports.tcp import _protocol as codec
@@ -70,18 +72,25 @@ FULL = Sizes(200_000, 16, 25_000, 32, 1_000, 500, 200)
 QUICK = Sizes(20_000, 16, 2_000, 32, 100, 100, 40, LoadSizes((1, 64), (0, 20), 20, 64, 1.0))
 
 
+# --secure: the run's certificate and token (scripts/_secure.py); our worker serves with both on, the
+# raw baseline stays cleartext, so the ratios then include what security costs.
+SECURE: Secure | None = None
+
+
 class IngressConnection:
     """A thin client of our protocol: one stream at a time, frames counted, nothing decoded."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
         self.stream = stream
         self.buffer = bytearray()
         self.next_id = 1
         self.client = codec.Connection(codec.Role.CLIENT)
+        self.metadata = (("authorization", f"Bearer {SECURE.token}"),) if SECURE else ()
 
     @classmethod
     async def open(cls, address: tuple[str, int]) -> IngressConnection:
-        conn = cls(await trio.open_tcp_stream(*address))
+        raw = await trio.open_tcp_stream(*address)
+        conn = cls(trio.SSLStream(raw, SECURE.tls, server_hostname=address[0]) if SECURE else raw)
         await conn.stream.send_all(conn.client.send(conn.client.local_hello))
         await read_at_least(conn.stream, conn.buffer, len(codec.MAGIC) + codec.HEADER.size + 10)
         del conn.buffer[: len(codec.MAGIC) + codec.HEADER.size + 10]
@@ -90,7 +99,7 @@ class IngressConnection:
 
     async def run(self, endpoint: str, body: dict, on_first: Callable[[], None] | None = None) -> int:
         stream_id, self.next_id = self.next_id, self.next_id + 1
-        request = codec.Request(stream_id, endpoint, "", 0, (), json.dumps(body).encode())
+        request = codec.Request(stream_id, endpoint, "", 0, self.metadata, json.dumps(body).encode())
         await self.stream.send_all(self.client.send(request))
         chunks = taken = 0
         while True:
@@ -149,7 +158,9 @@ class RawConnection:
         await trio.aclose_forcefully(self.stream)
 
 
-async def read_at_least(stream: trio.SocketStream, buffer: bytearray, size: int) -> None:
+async def read_at_least(
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream], buffer: bytearray, size: int
+) -> None:
     """Fill ``buffer`` to ``size`` bytes; EOFError if the server closes first (so nothing spins)."""
     while len(buffer) < size:
         data = await stream.receive_some(65536)
@@ -236,8 +247,15 @@ async def sigterm_to_exit(
     return exited, completed
 
 
-async def main(sizes: Sizes) -> None:
-    ours_args = ("--tcp", "127.0.0.1:0", "--no-access-log")
+async def main(sizes: Sizes, secure: bool) -> None:
+    with secured() if secure else nullcontext() as security:
+        global SECURE
+        SECURE = security
+        await _measure(sizes, security.serve_args if security else ())
+
+
+async def _measure(sizes: Sizes, security_args: tuple[str, ...]) -> None:
+    ours_args = ("--tcp", "127.0.0.1:0", "--no-access-log", *security_args)
     rows: list[tuple[str, float, float, str]] = []
     with trio.fail_after(RUN_TIMEOUT):
         async with worker_process(*ours_args) as ours, spawn_process(RAW_SERVER) as raw:
@@ -278,7 +296,7 @@ async def main(sizes: Sizes) -> None:
                 tag="",
             )
         async with (
-            worker_process("--tcp", "127.0.0.1:0", "--log-level", "info") as ours,
+            worker_process("--tcp", "127.0.0.1:0", "--log-level", "info", *security_args) as ours,
             spawn_process(RAW_SERVER) as raw,
         ):
             progress("disconnect latency")
@@ -328,7 +346,8 @@ async def main(sizes: Sizes) -> None:
                 "all complete",
             )
         )
-    print(f"{'metric':66} {'ingress':>12} {'raw trio':>12} {'ratio':>7}  goal")
+    ours_name = "ingress+sec" if security_args else "ingress"
+    print(f"{'metric':66} {ours_name:>12} {'raw trio':>12} {'ratio':>7}  goal")
     for label, ours_value, raw_value, goal in rows:
         ratio = ours_value / raw_value if raw_value else float("nan")
         print(f"{label:66} {ours_value:12.1f} {raw_value:12.1f} {ratio:6.2f}x  {goal}")
@@ -339,4 +358,10 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not a measurement")
-    trio.run(main, QUICK if parser.parse_args().quick else FULL)
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="our worker with --auth-tokens and TLS on (the baseline without)",
+    )
+    options = parser.parse_args()
+    trio.run(main, QUICK if options.quick else FULL, options.secure)
