@@ -338,6 +338,10 @@ async def _measure(sizes: Sizes, security_args: tuple[str, ...]) -> None:
                     "<= 1.0x",
                 )
             )
+    if security_args:
+        print(
+            "ingress: with --auth-tokens and TLS (its h2c rows are h2 over TLS); the baselines in cleartext"
+        )
     print(f"{'workload':24} {'ingress':>12} {'hypercorn-trio':>15} {'uvicorn':>12}  ratios")
     for label, values in rows:
         ours_value = values["ingress"]
