@@ -49,11 +49,14 @@ def mutual_tls(tmp_path):
         subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
     key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    # Python 3.13 verifies strictly (VERIFY_X509_STRICT): a CA needs its key usage, a leaf the key ids.
+    ca = ["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]
     for name, subject in (("ca", "/CN=test-ca"), ("rogue", "/CN=rogue")):  # self-signed, one trusted
         openssl(
             "req",
             "-x509",
             *key,
+            *ca,
             "-days",
             "1",
             "-subj",
@@ -68,7 +71,9 @@ def mutual_tls(tmp_path):
         ("client", "/CN=router-1/O=acme", "extendedKeyUsage=clientAuth"),
     ):
         request, extensions = str(tmp_path / f"{name}.csr"), tmp_path / f"{name}.ext"
-        extensions.write_text(extension + "\n")
+        extensions.write_text(
+            f"{extension}\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+        )
         openssl("req", *key, "-subj", subject, "-keyout", paths[f"{name}_key"], "-out", request)
         openssl(
             "x509",
