@@ -11,6 +11,7 @@ so throughput ratios understate what a busy worker costs, and CPU per message sa
 
     python scripts/bench_nats.py            # full run
     python scripts/bench_nats.py --quick
+    python scripts/bench_nats.py --secure   # our worker with --auth-tokens (the baseline without)
 
 Goals (from the issue): round trips >= 0.5x the pure-asyncio responder, streamed messages/s >= 0.8x.
 """
@@ -57,15 +58,19 @@ async def baseline(url: str) -> None:
 # ---- the load (asyncio) -----------------------------------------------------------------------------
 
 
-async def load(url: str, namespace: str, mode: str, count: int) -> None:
-    """Round trips (``count`` per requester) or streams (``count`` tokens each), 32 at a time."""
+async def load(url: str, namespace: str, mode: str, count: int, token: str = "") -> None:
+    """Round trips (``count`` per requester) or streams (``count`` tokens each), 32 at a time; with
+    ``token``, every request carries it (``Meta-authorization``, docs/protocol-nats.md)."""
     import nats
 
     client = await nats.connect(url)
+    headers = {"Meta-authorization": f"Bearer {token}"} if token else None
 
     async def round_trips() -> int:
         for i in range(count):
-            await client.request(f"{namespace}.echo", json.dumps({"i": i}).encode(), timeout=10)
+            await client.request(
+                f"{namespace}.echo", json.dumps({"i": i}).encode(), timeout=10, headers=headers
+            )
         return count
 
     async def one_stream() -> int:
@@ -82,7 +87,7 @@ async def load(url: str, namespace: str, mode: str, count: int) -> None:
         inbox = client.new_inbox()
         subscription = await client.subscribe(inbox, cb=on_reply)
         request = json.dumps({"max_tokens": count}).encode()
-        await client.publish(f"{namespace}.generate", request, reply=inbox)
+        await client.publish(f"{namespace}.generate", request, reply=inbox, headers=headers)
         received_all = await asyncio.wait_for(done, timeout=60)
         await subscription.unsubscribe()
         return int(received_all)
@@ -110,7 +115,16 @@ def cpu_seconds(pid: int) -> float:
 # ---- orchestration (trio) -----------------------------------------------------------------------------
 
 
-async def run(quick: bool) -> None:
+async def run(quick: bool, secure: bool) -> None:
+    from contextlib import nullcontext
+
+    from _secure import secured
+
+    with secured() if secure else nullcontext() as security:
+        await _measure(quick, security.auth_args if security else (), security.token if security else "")
+
+
+async def _measure(quick: bool, auth_args: tuple[str, ...], token: str) -> None:
     import trio
 
     from runtime.testing import nats_server, spawn_process, worker_process
@@ -119,7 +133,7 @@ async def run(quick: bool) -> None:
     rates: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
     async with nats_server() as url:
-        ours_args = ("--nats", url, "--namespace", "bench", "--no-access-log")
+        ours_args = ("--nats", url, "--namespace", "bench", "--no-access-log", *auth_args)
         async with (
             worker_process(*ours_args) as ours,
             spawn_process([sys.executable, __file__, "--baseline", url]) as base,
@@ -128,7 +142,7 @@ async def run(quick: bool) -> None:
             for _ in range(3):
                 for mode, size in sizes.items():
                     for namespace, pid in responders.items():
-                        command = [sys.executable, __file__, "--load", url, namespace, mode, str(size)]
+                        command = [sys.executable, __file__, "--load", url, namespace, mode, str(size), token]
                         before = cpu_seconds(pid)
                         done = await trio.run_process(command, capture_stdout=True)
                         used = cpu_seconds(pid) - before
@@ -159,7 +173,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--baseline":
         asyncio.run(baseline(sys.argv[2]))
     elif len(sys.argv) > 2 and sys.argv[1] == "--load":
-        asyncio.run(load(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])))
+        asyncio.run(load(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), *sys.argv[6:7]))
     else:
         parser = argparse.ArgumentParser(
             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,6 +181,10 @@ if __name__ == "__main__":
         parser.add_argument(
             "--quick", action="store_true", help="small sizes: a smoke test, not a measurement"
         )
+        parser.add_argument(
+            "--secure", action="store_true", help="our worker with --auth-tokens (NATS keeps its own TLS)"
+        )
         import trio
 
-        trio.run(run, parser.parse_args().quick)
+        options = parser.parse_args()
+        trio.run(run, options.quick, options.secure)
