@@ -1,7 +1,7 @@
 """Who is calling: one check per request, in the core, for every transport (docs/security.md).
 
 A transport hands the core the request's metadata as it came (HTTP headers, TCP metadata entries, NATS
-``Ingress-Meta-*`` headers); ``credentials_from`` takes the credential out of it (``Authorization:
+``Meta-<name>`` headers); ``credentials_from`` takes the credential out of it (``Authorization:
 Bearer TOKEN``, else an ``X-Api-Key`` header), so that it never reaches the handler's ``ctx.metadata``,
 a log line or a metric. The worker's ``Authenticator`` turns it into a ``Principal`` (subject, tenant,
 scopes), which is all a handler sees (``ctx.principal``). Failures are UNAUTHENTICATED (no credential,
@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ._errors import PermissionDenied, Unauthenticated
 
-# Metadata keys that carry a credential (compared without case): taken out of the metadata before the
-# handler, the logs or anything else sees it.
+# The metadata keys that carry a credential (compared without case): both are taken out of the metadata
+# before the handler, the logs or anything else sees it.
 AUTHORIZATION = "authorization"
 API_KEY = "x-api-key"
-CREDENTIAL_KEYS = frozenset({AUTHORIZATION, API_KEY})
 # The one answer to a credential that is missing or not valid: it never says whether a token exists.
 MISSING = "this worker requires a credential: send Authorization: Bearer TOKEN (or X-Api-Key: TOKEN)"
 INVALID = "the credential is not valid"
@@ -175,13 +174,3 @@ def _weight(text: str, where: str) -> float:
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-
-
-class CheckFunction:
-    """A plain function ``(Credentials) -> Principal`` as an ``Authenticator`` (``@worker.authenticator``)."""
-
-    def __init__(self, check: Callable[[Credentials], Principal]) -> None:
-        self._check = check
-
-    def authenticate(self, credentials: Credentials) -> Principal:
-        return self._check(credentials)
