@@ -75,6 +75,8 @@ class Admission:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.tenant_limit = tenant_limit
+        # Holdings per tenant are kept only under a limit: without one the hot path skips them.
+        self._limited = not math.isinf(tenant_limit)
         self._running = 0
         # Per tenant: its waiters in arrival order, the slots it holds (kept only under a tenant
         # limit), and the virtual finish time of its newest waiter.
@@ -113,7 +115,7 @@ class Admission:
         await self._wait_in_queue(deadline, tenant, weight)
 
     def _may_start_now(self, tenant: str) -> bool:
-        if not self._queued and math.isinf(self.tenant_limit):
+        if not self._queued and not self._limited:
             return True  # the common case, kept cheap
         return self._below_limit(tenant) and self._next_waiter() is None
 
@@ -121,7 +123,7 @@ class Admission:
         return self._holding.get(tenant, 0) < self.tenant_limit
 
     def _hold(self, tenant: str, change: int) -> None:
-        if not math.isinf(self.tenant_limit):
+        if self._limited:
             holding = self._holding.get(tenant, 0) + change
             if holding:
                 self._holding[tenant] = holding
